@@ -1,0 +1,270 @@
+"""Sampling the K neighbour perturbations ``delta_k ~ Q_r(w)``.
+
+A perturbation is described by a noise *shape* (``gaussian``, ``ball``,
+``sphere``), a *scale* that says what the radius is relative to (``absolute``,
+``tensor``, ``filter``, ``elementwise``) and a *mask* that chooses the leaves
+that move. All K perturbations of all leaves come from one flat draw of
+standard normals, which keeps the number of traced random ops (and so compile
+time) independent of the number of leaves.
+
+The perturbations are constants: they are computed from
+``jax.lax.stop_gradient(params)`` so no gradient flows through the sampling
+(and none through the norms of relative scales, whose gradient at zero is
+undefined).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from collections.abc import Sequence
+from typing import Any
+from typing import NamedTuple
+from typing import Optional
+from typing import Union
+
+import jax
+import jax.numpy as jnp
+
+NOISES = ("gaussian", "ball", "sphere")
+SCALES = ("absolute", "tensor", "filter", "elementwise")
+
+# T(w)_i = |w_i| + floor, as in ASAM (Kwon et al., 2021), so zeros still move.
+ELEMENTWISE_FLOOR = 0.01
+
+MaskLike = Union[None, Any, Callable[[tuple, jax.Array], bool]]
+
+
+def _is_float(x: Any) -> bool:
+  return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)
+
+
+def check_choice(name: str, value: Any, allowed: Sequence[str]) -> None:
+  if not isinstance(value, str) or value not in allowed:
+    raise ValueError(f"{name}={value!r} is not supported: use one of {tuple(allowed)}.")
+
+
+def perturbed_leaf_mask(params: Any, mask: MaskLike = None) -> list[bool]:
+  """Returns, for each leaf of ``params`` in flatten order, whether it moves.
+
+  Args:
+    params: a pytree of arrays.
+    mask: ``None`` (every floating-point leaf), a pytree of bools with the
+      structure of ``params``, or a predicate ``(path, leaf) -> bool`` where
+      ``path`` is the tuple of keys from ``jax.tree_util.tree_flatten_with_path``.
+
+  Raises:
+    ValueError: if ``params`` has no floating-point leaf, if the mask's structure
+      differs from that of ``params``, or if the mask selects no floating leaf.
+  """
+  path_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  leaves = [leaf for _, leaf in path_leaves]
+  floats = [_is_float(leaf) for leaf in leaves]
+  if not any(floats):
+    raise ValueError(
+      "params has no floating-point leaves to perturb; NRS needs the model's "
+      "trainable float parameters (got leaf dtypes "
+      f"{sorted({str(getattr(leaf, 'dtype', type(leaf))) for leaf in leaves})})."
+    )
+  if mask is None:
+    selected = floats
+  elif callable(mask):
+    selected = [bool(mask(path, leaf)) and f for (path, leaf), f in zip(path_leaves, floats)]
+  else:
+    mask_leaves, mask_def = jax.tree_util.tree_flatten(mask)
+    if mask_def != treedef:
+      raise ValueError(
+        "mask must have the same tree structure as params (a pytree of bools) or "
+        f"be a predicate (path, leaf) -> bool; got mask structure {mask_def}, "
+        f"params structure {treedef}."
+      )
+    selected = [bool(m) and f for m, f in zip(mask_leaves, floats)]
+  if not any(selected):
+    raise ValueError(
+      "mask selects no floating-point leaf of params: nothing would be perturbed. "
+      "Select at least one float leaf, or use mask=None for all of them."
+    )
+  return selected
+
+
+def _filter_norms(w: jax.Array) -> jax.Array:
+  """Norm of each output unit (the last axis), broadcast to w's shape."""
+  if w.ndim <= 1:
+    return jnp.broadcast_to(jnp.linalg.norm(w), w.shape)
+  axes = tuple(range(w.ndim - 1))
+  return jnp.broadcast_to(jnp.sqrt(jnp.sum(jnp.square(w), axis=axes, keepdims=True)), w.shape)
+
+
+def _scale_factor(w: jax.Array, scale: str, noise: str) -> Union[float, jax.Array]:
+  """Per-element multiplier s(w) of the unit-radius noise (float32)."""
+  if scale == "absolute":
+    return 1.0
+  w = w.astype(jnp.promote_types(w.dtype, jnp.float32))
+  if scale == "tensor":
+    s = jnp.linalg.norm(w)
+    return s / math.sqrt(max(w.size, 1)) if noise == "gaussian" else s
+  if scale == "filter":
+    s = _filter_norms(w)
+    if noise == "gaussian":
+      fan = w.size if w.ndim <= 1 else w.size // w.shape[-1]
+      s = s / math.sqrt(max(fan, 1))
+    return s
+  if scale == "elementwise":
+    return jnp.abs(w) + ELEMENTWISE_FLOOR
+  raise ValueError(f"scale={scale!r} is not supported: use one of {SCALES}.")
+
+
+class Perturbations(NamedTuple):
+  """K sampled perturbations, aligned with the flattened params.
+
+  Attributes:
+    deltas: one entry per leaf of ``params`` in flatten order: an array of shape
+      ``(K, *leaf.shape)`` in the leaf's dtype, or ``None`` for a leaf that is
+      not perturbed.
+    treedef: the tree structure of ``params``.
+  """
+
+  deltas: list
+  treedef: Any
+
+  def as_tree(self, params: Any) -> Any:
+    """The perturbations as a pytree like ``params`` (zeros where not perturbed)."""
+    leaves = jax.tree_util.tree_leaves(params)
+    k = next(d.shape[0] for d in self.deltas if d is not None)
+    out = [
+      d if d is not None else jnp.zeros((k, *jnp.shape(x)), jnp.result_type(x))
+      for d, x in zip(self.deltas, leaves)
+    ]
+    return jax.tree_util.tree_unflatten(self.treedef, out)
+
+
+def sample_perturbations(
+  params: Any,
+  key: jax.Array,
+  *,
+  radius: Union[float, jax.Array],
+  num_neighbors: int = 1,
+  noise: str = "gaussian",
+  scale: str = "absolute",
+  mask: MaskLike = None,
+) -> Perturbations:
+  """Samples K independent perturbations ``delta_k ~ Q_r(w)`` of ``params``.
+
+  Noise shapes (``v`` is the unit-scale sample, ``N`` the number of perturbed
+  elements over all perturbed leaves together):
+
+  - ``gaussian``: ``v_i ~ N(0, radius^2)`` independently.
+  - ``ball``: ``v`` uniform in the L2 ball of radius ``radius`` in R^N.
+  - ``sphere``: ``v`` uniform on the sphere of radius ``radius`` in R^N.
+
+  The perturbation is ``delta = s(w) * v`` elementwise, where the scale is
+
+  - ``absolute``: ``s = 1``;
+  - ``tensor``: ``s = ||w_leaf||`` (divided by ``sqrt(leaf size)`` for gaussian,
+    so each leaf moves by about ``radius * ||w_leaf||``);
+  - ``filter``: ``s`` = the norm of the output unit (last axis) the element
+    belongs to (divided by ``sqrt(fan-in)`` for gaussian); 0-d and 1-d leaves
+    use the leaf norm;
+  - ``elementwise``: ``s = |w_i| + 0.01`` (the floor lets zeros move).
+
+  Args:
+    params: pytree of arrays (the centre ``w``).
+    key: a PRNG key (typed or raw).
+    radius: the radius ``r`` (a float or a traced scalar).
+    num_neighbors: K, a static Python int.
+    noise: ``"gaussian"``, ``"ball"`` or ``"sphere"``.
+    scale: ``"absolute"``, ``"tensor"``, ``"filter"`` or ``"elementwise"``.
+    mask: which leaves move, see :func:`perturbed_leaf_mask`.
+
+  Returns:
+    A :class:`Perturbations`; ``.as_tree(params)`` gives a pytree with a leading
+    K axis on every leaf.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> import nrs_jax
+    >>> params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+    >>> p = nrs_jax.sample_perturbations(
+    ...     params, jax.random.key(0), radius=0.1, num_neighbors=4, noise="sphere")
+    >>> tree = p.as_tree(params)
+    >>> tree["w"].shape
+    (4, 3, 2)
+    >>> norms = jnp.sqrt(tree["w"].reshape(4, -1).__pow__(2).sum(1)
+    ...                  + tree["b"].__pow__(2).sum(1))
+    >>> bool(jnp.allclose(norms, 0.1))
+    True
+  """
+  check_choice("noise", noise, NOISES)
+  check_choice("scale", scale, SCALES)
+  k = _static_num_neighbors(num_neighbors)
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  selected = perturbed_leaf_mask(params, mask)
+  sizes = [int(x.size) if s else 0 for x, s in zip(leaves, selected)]
+  total = sum(sizes)
+  key = _as_key(key)
+  key_dir, key_len = jax.random.split(key)
+  # One flat draw for all neighbours and leaves.
+  flat = jax.random.normal(key_dir, (k, total), jnp.float32)
+  radius = jnp.asarray(radius, jnp.float32)
+  if noise == "gaussian":
+    flat = radius * flat
+  else:
+    norm = jnp.sqrt(jnp.sum(jnp.square(flat), axis=1, keepdims=True))
+    length = radius
+    if noise == "ball":
+      u = jax.random.uniform(key_len, (k, 1), jnp.float32)
+      length = radius * jnp.exp(jnp.log(u) / total)
+    flat = flat * (length / norm)
+  deltas: list = []
+  offset = 0
+  for x, size in zip(leaves, sizes):
+    if size == 0:
+      deltas.append(None)
+      continue
+    v = flat[:, offset : offset + size].reshape((k, *x.shape))
+    offset += size
+    s = _scale_factor(jax.lax.stop_gradient(x), scale, noise)
+    d = jax.lax.stop_gradient(v * s)
+    deltas.append(d.astype(x.dtype))
+  return Perturbations(deltas, treedef)
+
+
+def _static_num_neighbors(num_neighbors: Any) -> int:
+  if isinstance(num_neighbors, jax.core.Tracer):
+    raise ValueError(
+      "num_neighbors must be a static Python int, got a traced value. With "
+      "optax.inject_hyperparams pass static_args=('num_neighbors',)."
+    )
+  if isinstance(num_neighbors, bool):
+    raise ValueError(f"num_neighbors={num_neighbors!r} must be an int >= 1.")
+  try:
+    k = int(num_neighbors)
+  except (TypeError, ValueError):
+    raise ValueError(f"num_neighbors={num_neighbors!r} must be an int >= 1.") from None
+  if k != num_neighbors or k < 1:
+    raise ValueError(f"num_neighbors={num_neighbors!r} must be an int >= 1.")
+  return k
+
+
+def _as_key(key: Any) -> jax.Array:
+  """Accepts a typed key, a raw uint32 key, or an integer seed."""
+  if isinstance(key, int) and not isinstance(key, bool):
+    return jax.random.key(key)
+  key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    return key
+  if key.dtype == jnp.uint32 and key.ndim >= 1:
+    return jax.random.wrap_key_data(key)
+  if jnp.issubdtype(key.dtype, jnp.integer) and key.ndim == 0:
+    return jax.random.key(key)
+  raise ValueError(
+    f"key must be a PRNG key (jax.random.key(seed)) or an int seed; got an array "
+    f"of dtype {key.dtype} and shape {key.shape}."
+  )
+
+
+def apply_perturbation(params: Any, deltas: Sequence[Optional[jax.Array]]) -> Any:
+  """``params + delta`` for one neighbour (deltas without the K axis)."""
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  out = [x if d is None else x + d for x, d in zip(leaves, deltas)]
+  return jax.tree_util.tree_unflatten(treedef, out)

@@ -1,0 +1,360 @@
+"""The NRS penalty and loss: the single implementation every entry point uses."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+from typing import Optional
+from typing import Union
+
+import jax
+import jax.numpy as jnp
+
+from nrs_jax import _divergence
+from nrs_jax import _neighbors
+
+AGGREGATIONS = ("mean", "max")
+STRATEGIES = ("auto", "vmap", "loop", "chunked")
+
+Scalar = Union[float, jax.Array]
+
+
+def _is_static_number(x: Any) -> bool:
+  if isinstance(x, jax.core.Tracer):
+    return False
+  try:
+    float(x)
+  except (TypeError, ValueError):
+    return False
+  return jnp.ndim(x) == 0
+
+
+def check_nonnegative(name: str, value: Any, *, allow_schedule: bool = False) -> None:
+  """Raises if a static scalar is negative or not finite; traced values pass."""
+  if callable(value):
+    if allow_schedule:
+      return
+    raise ValueError(f"{name} must be a finite scalar >= 0, not a callable.")
+  if isinstance(value, jax.core.Tracer):
+    return
+  try:
+    v = float(value)
+  except (TypeError, ValueError):
+    raise ValueError(f"{name}={value!r} must be a finite scalar >= 0.") from None
+  if not math.isfinite(v) or v < 0:
+    raise ValueError(f"{name}={value!r} must be a finite scalar >= 0.")
+
+
+def validate_options(
+  *,
+  radius: Any,
+  num_neighbors: Any,
+  noise: str,
+  scale: str,
+  divergence: Any,
+  aggregation: str,
+  strategy: str,
+  neighbor_chunk_size: Optional[int],
+) -> tuple[int, str]:
+  """Checks the static options; returns (K, resolved strategy or 'auto')."""
+  check_nonnegative("radius", radius)
+  k = _neighbors._static_num_neighbors(num_neighbors)
+  _neighbors.check_choice("noise", noise, _neighbors.NOISES)
+  _neighbors.check_choice("scale", scale, _neighbors.SCALES)
+  _divergence.get_divergence(divergence)
+  _neighbors.check_choice("aggregation", aggregation, AGGREGATIONS)
+  _neighbors.check_choice("strategy", strategy, STRATEGIES)
+  if neighbor_chunk_size is not None:
+    c = neighbor_chunk_size
+    if isinstance(c, bool) or not isinstance(c, int) or c <= 0 or k % c:
+      raise ValueError(
+        f"neighbor_chunk_size={c!r} must be a positive int that divides num_neighbors={k}, or None."
+      )
+    if strategy in ("vmap", "loop"):
+      raise ValueError(
+        f"neighbor_chunk_size={c} asks for chunked evaluation but strategy={strategy!r}; "
+        "use strategy='chunked' or 'auto' with a chunk size, or drop the chunk size."
+      )
+    return k, "chunked"
+  if strategy == "chunked":
+    raise ValueError(
+      "strategy='chunked' needs neighbor_chunk_size, a positive int dividing num_neighbors."
+    )
+  return k, strategy
+
+
+def resolve_strategy(strategy: str, k: int, params_leaves: list, selected: list[bool]) -> str:
+  """Picks the neighbour strategy for ``strategy='auto'``.
+
+  One neighbour: an unrolled loop (nothing to batch). On CPU, any perturbed
+  leaf with 3 or more dimensions (a convolution kernel) means an unrolled loop:
+  vmap over K kernels lowers to grouped convolutions, which XLA's CPU backend
+  runs 10-90x slower. Otherwise vmap.
+  """
+  if strategy != "auto":
+    return strategy
+  if k == 1:
+    return "loop"
+  has_conv = any(s and jnp.ndim(x) >= 3 for x, s in zip(params_leaves, selected))
+  if has_conv and jax.default_backend() == "cpu":
+    return "loop"
+  return "vmap"
+
+
+def _check_logits(logits: Any, what: str) -> jax.Array:
+  if not hasattr(logits, "dtype") or not jnp.issubdtype(logits.dtype, jnp.floating):
+    raise ValueError(
+      f"logits_fn must return floating-point logits of shape [..., num_classes]; "
+      f"{what} got {getattr(logits, 'dtype', type(logits))}."
+    )
+  if jnp.ndim(logits) == 0:
+    raise ValueError(
+      f"logits_fn must return logits of shape [..., num_classes], not a scalar "
+      f"({what}); did you pass a loss function instead of a logits function?"
+    )
+  return logits
+
+
+def nrs_penalty(
+  logits_fn: Callable[[Any], jax.Array],
+  params: Any,
+  key: jax.Array,
+  *,
+  radius: Scalar,
+  num_neighbors: int = 1,
+  noise: str = "gaussian",
+  scale: str = "absolute",
+  divergence: Union[str, Callable] = "kl",
+  aggregation: str = "mean",
+  mask: Any = None,
+  stop_gradient_center: bool = False,
+  strategy: str = "auto",
+  neighbor_chunk_size: Optional[int] = None,
+  center_logits: Optional[jax.Array] = None,
+) -> jax.Array:
+  r"""The NRS divergence between a model and K sampled neighbours.
+
+  ``A_k D_B(w, w + delta_k)`` with ``delta_k ~ Q_r(w)`` sampled from ``key``
+  (see :func:`sample_perturbations`) and treated as constants, ``D_B`` the
+  batch-mean divergence between output distributions and ``A`` the mean or the
+  max over the K neighbours. Differentiable in ``params`` through both the
+  centre and the neighbour outputs (unless ``stop_gradient_center``).
+
+  Args:
+    logits_fn: ``params -> logits`` of shape ``[..., num_classes]``; it closes
+      over the batch, the dropout rng and any non-trainable state.
+    params: the centre ``w``, any pytree.
+    key: PRNG key for the perturbations.
+    radius: neighbourhood radius ``r`` (>= 0; 0 gives exactly 0).
+    num_neighbors: K, a static int >= 1.
+    noise: ``"gaussian"`` (default), ``"ball"`` or ``"sphere"``.
+    scale: ``"absolute"`` (default), ``"tensor"``, ``"filter"``,
+      ``"elementwise"``.
+    divergence: ``"kl"`` (KL(p_w || p_w'), default), ``"reverse_kl"``,
+      ``"symmetric_kl"``, ``"js"`` or a callable ``(center_logits,
+      neighbor_logits) -> per-example divergence``.
+    aggregation: ``"mean"`` (default) or ``"max"`` over the K neighbours.
+    mask: leaves to perturb: ``None`` (all float leaves), a pytree of bools like
+      ``params`` or a predicate ``(path, leaf) -> bool``.
+    stop_gradient_center: treat the centre outputs as a fixed target.
+    strategy: how the K neighbours are evaluated: ``"vmap"``, ``"loop"``
+      (unrolled), ``"chunked"`` (vmap over chunks of ``neighbor_chunk_size``
+      inside ``lax.map`` with rematerialisation, which bounds memory), or
+      ``"auto"`` (loop for K=1 or for convolution kernels on CPU, else vmap;
+      chunked when ``neighbor_chunk_size`` is set). All give the same value and
+      gradient.
+    neighbor_chunk_size: neighbours per chunk; must divide ``num_neighbors``.
+    center_logits: the centre's logits if already computed (shares the centre
+      forward pass with the task loss).
+
+  Returns:
+    A float32 (or wider) scalar.
+
+  Raises:
+    ValueError: for an invalid option (at trace time).
+
+  .. note::
+    Memory: ``vmap`` holds K neighbours' activations at once (and keeps them for
+    the backward pass); use ``neighbor_chunk_size`` to bound it. Dropout:
+    ``logits_fn`` must close over one dropout rng so the centre and every
+    neighbour share a mask. BatchNorm: ``logits_fn`` should run in the centre's
+    mode and discard updated statistics; only the centre pass may update them.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> import nrs_jax
+    >>> x = jnp.ones((8, 3))
+    >>> params = {"w": jnp.ones((3, 4)) * 0.1}
+    >>> logits_fn = lambda p: x @ p["w"]
+    >>> pen = nrs_jax.nrs_penalty(logits_fn, params, jax.random.key(0),
+    ...                           radius=0.1, num_neighbors=2)
+    >>> bool(pen > 0)
+    True
+    >>> float(nrs_jax.nrs_penalty(logits_fn, params, jax.random.key(0), radius=0.0))
+    0.0
+
+  References:
+    Zhao and Zhang, Neighborhood Region Smoothing Regularization for Finding
+    Flat Minima In Deep Neural Networks, arXiv 2201.06064, 2022.
+  """
+  k, strategy = validate_options(
+    radius=radius,
+    num_neighbors=num_neighbors,
+    noise=noise,
+    scale=scale,
+    divergence=divergence,
+    aggregation=aggregation,
+    strategy=strategy,
+    neighbor_chunk_size=neighbor_chunk_size,
+  )
+  div_fn = _divergence.get_divergence(divergence)
+  selected = _neighbors.perturbed_leaf_mask(params, mask)
+  if center_logits is None:
+    center_logits = logits_fn(params)
+  center = _check_logits(center_logits, "the centre")
+  if stop_gradient_center:
+    center = jax.lax.stop_gradient(center)
+  out_dtype = jnp.promote_types(center.dtype, jnp.float32)
+  if _is_static_number(radius) and float(radius) == 0.0:
+    return jnp.zeros((), out_dtype)
+
+  perts = _neighbors.sample_perturbations(
+    params, key, radius=radius, num_neighbors=k, noise=noise, scale=scale, mask=mask
+  )
+  leaves = jax.tree_util.tree_leaves(params)
+  strategy = resolve_strategy(strategy, k, leaves, selected)
+
+  def one(deltas):
+    z = _check_logits(logits_fn(_neighbors.apply_perturbation(params, deltas)), "a neighbour")
+    if z.shape != center.shape:
+      raise ValueError(
+        f"logits_fn returned shape {z.shape} for a neighbour but {center.shape} for "
+        "the centre (or center_logits); they must match."
+      )
+    return jnp.mean(div_fn(center, z)).astype(out_dtype)
+
+  deltas = perts.deltas
+  if strategy == "loop":
+    divs = jnp.stack([one([None if d is None else d[i] for d in deltas]) for i in range(k)])
+  elif strategy == "vmap":
+    divs = jax.vmap(one)(deltas)
+  else:  # chunked
+    c = neighbor_chunk_size
+    chunked = [None if d is None else d.reshape((k // c, c, *d.shape[1:])) for d in deltas]
+    divs = jax.lax.map(jax.checkpoint(jax.vmap(one)), chunked).reshape(k)
+
+  value = jnp.mean(divs) if aggregation == "mean" else jnp.max(divs)
+  if not _is_static_number(radius):
+    value = jnp.where(radius == 0, jnp.zeros_like(value), value)
+  return value
+
+
+def make_nrs_loss(
+  apply_fn: Callable[[Any, Any], Any],
+  task_loss_fn: Callable[[jax.Array, Any], jax.Array],
+  *,
+  alpha: Scalar,
+  radius: Scalar,
+  num_neighbors: int = 1,
+  noise: str = "gaussian",
+  scale: str = "absolute",
+  divergence: Union[str, Callable] = "kl",
+  aggregation: str = "mean",
+  mask: Any = None,
+  stop_gradient_center: bool = False,
+  strategy: str = "auto",
+  neighbor_chunk_size: Optional[int] = None,
+  has_aux: bool = False,
+) -> Callable[[Any, Any, jax.Array], tuple[jax.Array, dict]]:
+  """Builds ``loss(params, batch, key) -> (task_loss + alpha * penalty, aux)``.
+
+  The centre forward pass is shared between the task loss and the penalty, so
+  a step costs one forward/backward for the centre plus one per neighbour.
+
+  Args:
+    apply_fn: ``(params, batch) -> logits``; with ``has_aux=True``,
+      ``(params, batch) -> (logits, model_aux)`` where ``model_aux`` (e.g.
+      updated BatchNorm statistics) is taken from the centre pass only.
+    task_loss_fn: ``(logits, batch) -> scalar``.
+    alpha: weight of the penalty (>= 0; 0 gives exactly the task loss).
+    radius, num_neighbors, noise, scale, divergence, aggregation, mask,
+      stop_gradient_center, strategy, neighbor_chunk_size: as in
+      :func:`nrs_penalty`.
+    has_aux: whether ``apply_fn`` returns ``(logits, model_aux)``.
+
+  Returns:
+    ``loss(params, batch, key) -> (total, aux)`` with ``aux`` a dict holding
+    ``task_loss``, ``nrs_penalty``, ``logits`` (and ``model_aux``). Use it with
+    ``jax.value_and_grad(loss, has_aux=True)``.
+
+  .. note::
+    BatchNorm: return the updated statistics as ``model_aux`` and apply only
+    those; neighbour passes never update them. Dropout: put the dropout rng in
+    ``batch`` (or close over it) so the centre and the neighbours share a mask.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import nrs_jax
+    >>> apply_fn = lambda p, b: b["x"] @ p["w"]
+    >>> task = lambda z, b: optax.softmax_cross_entropy_with_integer_labels(
+    ...     z, b["y"]).mean()
+    >>> loss = nrs_jax.make_nrs_loss(apply_fn, task, alpha=1.0, radius=0.05)
+    >>> batch = {"x": jnp.ones((4, 3)), "y": jnp.array([0, 1, 2, 3])}
+    >>> params = {"w": jnp.full((3, 4), 0.1)}
+    >>> (total, aux), grads = jax.value_and_grad(loss, has_aux=True)(
+    ...     params, batch, jax.random.key(0))
+    >>> sorted(aux)
+    ['logits', 'nrs_penalty', 'task_loss']
+
+  References:
+    Zhao and Zhang, Neighborhood Region Smoothing Regularization for Finding
+    Flat Minima In Deep Neural Networks, arXiv 2201.06064, 2022.
+  """
+  check_nonnegative("alpha", alpha)
+  validate_options(
+    radius=radius,
+    num_neighbors=num_neighbors,
+    noise=noise,
+    scale=scale,
+    divergence=divergence,
+    aggregation=aggregation,
+    strategy=strategy,
+    neighbor_chunk_size=neighbor_chunk_size,
+  )
+  skip = _is_static_number(alpha) and float(alpha) == 0.0
+
+  def logits_of(out):
+    return out[0] if has_aux else out
+
+  def loss(params, batch, key):
+    out = apply_fn(params, batch)
+    logits = logits_of(out)
+    task = task_loss_fn(logits, batch)
+    if skip:
+      penalty = jnp.zeros((), jnp.promote_types(jnp.result_type(task), jnp.float32))
+      total = task
+    else:
+      penalty = nrs_penalty(
+        lambda p: logits_of(apply_fn(p, batch)),
+        params,
+        key,
+        radius=radius,
+        num_neighbors=num_neighbors,
+        noise=noise,
+        scale=scale,
+        divergence=divergence,
+        aggregation=aggregation,
+        mask=mask,
+        stop_gradient_center=stop_gradient_center,
+        strategy=strategy,
+        neighbor_chunk_size=neighbor_chunk_size,
+        center_logits=logits,
+      )
+      total = task + alpha * penalty
+    aux = {"task_loss": task, "nrs_penalty": penalty, "logits": logits}
+    if has_aux:
+      aux["model_aux"] = out[1]
+    return total, aux
+
+  return loss

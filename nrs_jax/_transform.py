@@ -1,0 +1,176 @@
+"""``add_nrs_gradient``: NRS as an Optax gradient transformation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+from typing import NamedTuple
+from typing import Optional
+from typing import Union
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from nrs_jax import _neighbors
+from nrs_jax import _penalty
+
+
+class NRSState(NamedTuple):
+  """State of :func:`add_nrs_gradient`.
+
+  Attributes:
+    count: number of updates so far (int32), the argument of an ``alpha``
+      schedule.
+    key: raw PRNG key data (``jax.random.key_data``); split on every update, so
+      successive steps draw different neighbours and a seed reproduces a run.
+  """
+
+  count: jax.Array
+  key: jax.Array
+
+
+def add_nrs_gradient(
+  alpha: Union[float, jax.Array, optax.Schedule],
+  radius: Union[float, jax.Array],
+  num_neighbors: int = 1,
+  *,
+  key: Union[int, jax.Array] = 0,
+  noise: str = "gaussian",
+  scale: str = "absolute",
+  divergence: Union[str, Callable] = "kl",
+  aggregation: str = "mean",
+  mask: Any = None,
+  stop_gradient_center: bool = False,
+  strategy: str = "auto",
+  neighbor_chunk_size: Optional[int] = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Adds ``alpha * grad(nrs_penalty)`` to the incoming gradient.
+
+  Put it first in a chain, before the optimiser, as you would
+  ``optax.add_decayed_weights``::
+
+    tx = optax.chain(nrs_jax.add_nrs_gradient(1.0, 0.05), optax.sgd(0.1))
+    updates, state = tx.update(grads, state, params, logits_fn=logits_fn)
+
+  ``logits_fn(params) -> logits`` is an extra keyword argument of ``update``; it
+  closes over the batch (and dropout rng, BatchNorm statistics). Unknown extra
+  keyword arguments are ignored, so the transform composes with other
+  extra-args transforms in ``optax.chain``.
+
+  Args:
+    alpha: penalty weight >= 0, or an optax schedule of the step count.
+    radius: neighbourhood radius >= 0.
+    num_neighbors: K, a static int (with ``optax.inject_hyperparams`` list it
+      in ``static_args``).
+    key: an int seed or a PRNG key; a 0-d integer array counts as a seed.
+    noise, scale, divergence, aggregation, mask, stop_gradient_center,
+      strategy, neighbor_chunk_size: as in :func:`nrs_penalty`.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with state :class:`NRSState`.
+
+  Raises:
+    ValueError: at construction for invalid options; in ``update`` when
+      ``params`` or ``logits_fn`` is missing.
+
+  .. note::
+    The centre forward pass is recomputed here (the transform never sees the
+    task loss's logits). To share it, use :func:`make_nrs_loss` instead. Each
+    update costs about K extra forward/backward passes; see
+    :func:`nrs_penalty` for the memory of K neighbours, dropout and BatchNorm.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import nrs_jax
+    >>> x, y = jnp.ones((8, 3)), jnp.arange(8) % 4
+    >>> params = {"w": jnp.zeros((3, 4))}
+    >>> logits_fn = lambda p: x @ p["w"]
+    >>> loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(
+    ...     logits_fn(p), y).mean()
+    >>> tx = optax.chain(nrs_jax.add_nrs_gradient(alpha=1.0, radius=0.05),
+    ...                  optax.sgd(0.1))
+    >>> state = tx.init(params)
+    >>> grads = jax.grad(loss)(params)
+    >>> updates, state = tx.update(grads, state, params, logits_fn=logits_fn)
+    >>> params = optax.apply_updates(params, updates)
+    >>> int(state[0].count)
+    1
+
+  References:
+    Zhao and Zhang, Neighborhood Region Smoothing Regularization for Finding
+    Flat Minima In Deep Neural Networks, arXiv 2201.06064, 2022.
+  """
+  _penalty.check_nonnegative("alpha", alpha, allow_schedule=True)
+  _penalty.validate_options(
+    radius=radius,
+    num_neighbors=num_neighbors,
+    noise=noise,
+    scale=scale,
+    divergence=divergence,
+    aggregation=aggregation,
+    strategy=strategy,
+    neighbor_chunk_size=neighbor_chunk_size,
+  )
+  if mask is not None and not callable(mask):
+    # Structure is checked against params in init; a mask of non-bools is an error now.
+    for m in jax.tree_util.tree_leaves(mask):
+      if not isinstance(m, (bool, jnp.bool_)) and getattr(m, "dtype", None) != jnp.bool_:
+        raise ValueError(f"mask leaves must be bools; got {m!r}.")
+  base_key = _neighbors._as_key(key)
+  impl = jax.random.key_impl(base_key)
+  alpha_is_zero = _penalty._is_static_number(alpha) and float(alpha) == 0.0
+
+  def init_fn(params):
+    _neighbors.perturbed_leaf_mask(params, mask)
+    return NRSState(count=jnp.zeros([], jnp.int32), key=jax.random.key_data(base_key))
+
+  def update_fn(updates, state, params=None, *, logits_fn=None, **extra_args):
+    del extra_args
+    if params is None:
+      raise ValueError("add_nrs_gradient needs params: call tx.update(grads, state, params, ...).")
+    if logits_fn is None:
+      raise ValueError(
+        "add_nrs_gradient needs logits_fn, a function params -> logits that closes "
+        "over the batch: tx.update(grads, state, params, logits_fn=lambda p: "
+        "model.apply(p, x)) (with nnx: optimizer.update(model, grads, "
+        "logits_fn=...))."
+      )
+    next_key, step_key = jax.random.split(jax.random.wrap_key_data(state.key, impl=impl))
+    new_state = NRSState(
+      count=optax.safe_int32_increment(state.count), key=jax.random.key_data(next_key)
+    )
+    if alpha_is_zero:
+      return updates, new_state
+    a = alpha(state.count) if callable(alpha) else alpha
+
+    def penalty(p):
+      return _penalty.nrs_penalty(
+        logits_fn,
+        p,
+        step_key,
+        radius=radius,
+        num_neighbors=num_neighbors,
+        noise=noise,
+        scale=scale,
+        divergence=divergence,
+        aggregation=aggregation,
+        mask=mask,
+        stop_gradient_center=stop_gradient_center,
+        strategy=strategy,
+        neighbor_chunk_size=neighbor_chunk_size,
+      )
+
+    grads = jax.grad(penalty, allow_int=True)(params)
+
+    def add(u, g):
+      if u is None:
+        return None
+      if g.dtype == jax.dtypes.float0:
+        return u
+      return jnp.where(a == 0, u, u + (a * g).astype(u.dtype))
+
+    new_updates = jax.tree_util.tree_map(add, updates, grads, is_leaf=lambda x: x is None)
+    return new_updates, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

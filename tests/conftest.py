@@ -1,0 +1,36 @@
+"""Shared fixtures: tiny models and data, small enough for 2 CPU cores."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+
+def mlp_init(key, sizes=(5, 8, 3), dtype=jnp.float32, zero_bias=False):
+  params = {}
+  keys = jax.random.split(key, len(sizes) - 1)
+  for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+    w = jax.random.normal(keys[i], (a, b), dtype) / np.sqrt(a)
+    bias = jnp.zeros((b,), dtype) if zero_bias else 0.1 * jax.random.normal(keys[i], (b,), dtype)
+    params[f"layer{i}"] = {"w": w, "b": bias}
+  return params
+
+
+def mlp_apply(params, x):
+  n = len(params)
+  for i in range(n):
+    layer = params[f"layer{i}"]
+    x = x @ layer["w"] + layer["b"]
+    if i < n - 1:
+      x = jnp.tanh(x)
+  return x
+
+
+@pytest.fixture
+def tiny():
+  """A 5-8-3 MLP, a batch of 16 and its logits function."""
+  key = jax.random.key(0)
+  params = mlp_init(key)
+  x = jax.random.normal(jax.random.key(1), (16, 5))
+  y = jnp.arange(16) % 3
+  return params, x, y, (lambda p: mlp_apply(p, x))

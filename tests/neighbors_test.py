@@ -1,0 +1,176 @@
+"""Noise statistics for every shape and scale, masks, and no gradient through sampling."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+import nrs_jax
+from tests.conftest import mlp_apply
+from tests.conftest import mlp_init
+
+
+def _flat(tree):
+  return jnp.concatenate([x.reshape(x.shape[0], -1) for x in jax.tree_util.tree_leaves(tree)], 1)
+
+
+def _sample(params, **kw):
+  kw.setdefault("radius", 0.1)
+  kw.setdefault("num_neighbors", 1)
+  perts = jax.jit(
+    lambda p, k: nrs_jax.sample_perturbations(p, k, **kw).as_tree(p),
+  )(params, jax.random.key(kw.pop("seed", 0)))
+  return perts
+
+
+def test_gaussian_absolute_std():
+  params = {"a": jnp.zeros((200, 50)), "b": jnp.zeros(1000)}
+  d = _sample(params, radius=0.3, num_neighbors=4)
+  flat = np.asarray(_flat(d))
+  assert flat.shape == (4, 11000)
+  assert abs(flat.std() / 0.3 - 1) < 0.02
+  assert abs(flat.mean()) < 0.01
+  # Kolmogorov-Smirnov against N(0, 0.3^2)
+  assert stats.kstest(flat.ravel()[:5000] / 0.3, "norm").pvalue > 1e-3
+  # K neighbours are independent draws
+  assert abs(np.corrcoef(flat[0], flat[1])[0, 1]) < 0.05
+
+
+@pytest.mark.parametrize("scale", nrs_jax.SCALES)
+def test_sphere_norm_is_exactly_r_in_scaled_coordinates(scale):
+  params = mlp_init(jax.random.key(0), (6, 7, 3))
+  d = _sample(params, radius=0.2, num_neighbors=5, noise="sphere", scale=scale)
+  if scale == "absolute":
+    np.testing.assert_allclose(np.linalg.norm(_flat(d), axis=1), 0.2, rtol=1e-5)
+  # Undo the scale: the unit-scale sample lies on the sphere of radius r.
+  w = params["layer0"]["w"]
+  dw = d["layer0"]["w"]
+  if scale == "tensor":
+    v = dw / jnp.linalg.norm(w)
+  elif scale == "filter":
+    v = dw / jnp.linalg.norm(w, axis=0, keepdims=True)
+  elif scale == "elementwise":
+    v = dw / (jnp.abs(w) + 0.01)
+  else:
+    v = dw
+  # The leaf's share of the norm is below r, and the total unit-scale norm is r.
+  assert bool(jnp.all(jnp.linalg.norm(v.reshape(5, -1), axis=1) <= 0.2 + 1e-6))
+
+
+def test_ball_radius_distribution():
+  # Uniform in the ball in R^N: P(||v|| <= t r) = t^N, so (||v||/r)^N ~ U(0, 1).
+  params = {"w": jnp.zeros((3,))}
+  d = _sample(params, radius=2.0, num_neighbors=4000, noise="ball")
+  norms = np.linalg.norm(np.asarray(d["w"]), axis=1)
+  assert norms.max() <= 2.0 + 1e-6
+  assert stats.kstest((norms / 2.0) ** 3, "uniform").pvalue > 1e-3
+  # Directions are uniform: the mean direction is near 0.
+  dirs = np.asarray(d["w"]) / norms[:, None]
+  assert np.linalg.norm(dirs.mean(0)) < 0.05
+
+
+def test_tensor_scale_gaussian_std_per_leaf():
+  params = {"big": jnp.full((100, 100), 3.0), "small": jnp.full((50, 40), 0.01)}
+  d = _sample(params, radius=0.1, num_neighbors=2, scale="tensor")
+  for name, leaf in params.items():
+    sigma = 0.1 * float(jnp.linalg.norm(leaf)) / np.sqrt(leaf.size)
+    assert abs(float(jnp.std(d[name])) / sigma - 1) < 0.05, name
+
+
+def test_filter_scale_gaussian_std_per_unit():
+  w = jnp.tile(jnp.array([0.1, 1.0, 10.0]), (400, 1))  # [fan_in=400, out=3]
+  d = _sample({"w": w}, radius=0.1, num_neighbors=8, scale="filter")["w"]
+  stds = np.asarray(jnp.std(d, axis=(0, 1)))
+  expected = 0.1 * np.linalg.norm(np.asarray(w), axis=0) / np.sqrt(400)
+  np.testing.assert_allclose(stds, expected, rtol=0.05)
+
+
+def test_elementwise_scale_std_and_floor():
+  w = jnp.concatenate([jnp.zeros(4000), jnp.full(4000, 2.0)])
+  d = _sample({"w": w}, radius=0.1, num_neighbors=4, scale="elementwise")["w"]
+  np.testing.assert_allclose(float(jnp.std(d[:, :4000])), 0.1 * 0.01, rtol=0.05)
+  np.testing.assert_allclose(float(jnp.std(d[:, 4000:])), 0.1 * 2.01, rtol=0.05)
+
+
+def test_mask_pytree_and_predicate_leave_unselected_leaves_untouched():
+  params = mlp_init(jax.random.key(0))
+  mask = jax.tree_util.tree_map(lambda x: x.ndim == 2, params)
+  d = _sample(params, mask=mask, num_neighbors=2)
+  pred = lambda path, leaf: path[-1].key == "w"
+  d2 = _sample(params, mask=pred, num_neighbors=2)
+  for tree in (d, d2):
+    for layer in tree.values():
+      assert bool(jnp.all(layer["b"] == 0))
+      assert bool(jnp.all(layer["w"] != 0))
+  perts = nrs_jax.sample_perturbations(params, jax.random.key(0), radius=0.1, mask=mask)
+  assert sum(x is None for x in perts.deltas) == 2
+
+
+def test_non_float_leaves_are_never_perturbed():
+  params = {"w": jnp.ones((3,)), "step": jnp.array(3, jnp.int32)}
+  d = _sample(params)
+  assert d["step"].dtype == jnp.int32 and bool(jnp.all(d["step"] == 0))
+
+
+def test_dtype_follows_leaf():
+  params = {"w": jnp.ones((3, 2), jnp.bfloat16)}
+  assert _sample(params)["w"].dtype == jnp.bfloat16
+
+
+def test_keys_and_seeds():
+  params = {"w": jnp.zeros((10,))}
+  a = _sample(params, seed=0)["w"]
+  b = _sample(params, seed=0)["w"]
+  c = _sample(params, seed=1)["w"]
+  assert bool(jnp.all(a == b)) and not bool(jnp.all(a == c))
+  raw = nrs_jax.sample_perturbations(params, jax.random.PRNGKey(0), radius=0.1).deltas[0]
+  assert raw.shape == (1, 10)
+
+
+@pytest.mark.parametrize("scale", nrs_jax.SCALES)
+@pytest.mark.parametrize("noise", nrs_jax.NOISES)
+def test_no_gradient_through_sampling_and_no_nan_at_zero_bias(noise, scale):
+  params = mlp_init(jax.random.key(0), zero_bias=True)
+  x = jax.random.normal(jax.random.key(1), (8, 5))
+
+  def f(p):
+    perts = nrs_jax.sample_perturbations(
+      p, jax.random.key(2), radius=0.1, num_neighbors=2, noise=noise, scale=scale
+    )
+    return jnp.sum(perts.as_tree(p)["layer0"]["w"]) + jnp.sum(
+      jax.vmap(lambda t: mlp_apply(t, x))(
+        jax.tree_util.tree_map(lambda a, b: a + b, p, perts.as_tree(p))
+      )
+    )
+
+  g = jax.jit(jax.grad(f))(params)
+  assert all(bool(jnp.all(jnp.isfinite(v))) for v in jax.tree_util.tree_leaves(g))
+  # d/dw sum(delta) is 0: the delta is a constant; the rest is the forward grad.
+  perts = nrs_jax.sample_perturbations(
+    params, jax.random.key(2), radius=0.1, num_neighbors=2, noise=noise, scale=scale
+  ).as_tree(params)
+  g_ref = jax.grad(
+    lambda p: jnp.sum(
+      jax.vmap(lambda t: mlp_apply(t, x))(jax.tree_util.tree_map(lambda a, b: a + b, p, perts))
+    )
+  )(params)
+  for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g_ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_inputs():
+  params = {"w": jnp.ones(3)}
+  key = jax.random.key(0)
+  with pytest.raises(ValueError, match="noise='uniform'"):
+    nrs_jax.sample_perturbations(params, key, radius=0.1, noise="uniform")
+  with pytest.raises(ValueError, match="scale='layer'"):
+    nrs_jax.sample_perturbations(params, key, radius=0.1, scale="layer")
+  with pytest.raises(ValueError, match="no floating-point leaves"):
+    nrs_jax.sample_perturbations({"i": jnp.ones(3, jnp.int32)}, key, radius=0.1)
+  with pytest.raises(ValueError, match="same tree structure"):
+    nrs_jax.sample_perturbations(params, key, radius=0.1, mask={"v": True})
+  with pytest.raises(ValueError, match="selects no floating-point leaf"):
+    nrs_jax.sample_perturbations(params, key, radius=0.1, mask={"w": False})
+  with pytest.raises(ValueError, match="key must be a PRNG key"):
+    nrs_jax.sample_perturbations(params, jnp.ones(3), radius=0.1)

@@ -1,0 +1,323 @@
+"""nrs_penalty and make_nrs_loss against brute force, finite differences and exact limits."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from scipy import special
+
+import nrs_jax
+from tests.conftest import mlp_apply
+from tests.conftest import mlp_init
+
+KEY = jax.random.key(42)
+
+
+def _leaves(t):
+  return jax.tree_util.tree_leaves(t)
+
+
+def _assert_trees_close(a, b, rtol=1e-5, atol=1e-7):
+  for x, y in zip(_leaves(a), _leaves(b)):
+    np.testing.assert_allclose(x, y, rtol=rtol, atol=atol)
+
+
+def _brute_force_divergences(params, x, key, *, radius, k, **kw):
+  """Independent reference: numpy logits of each neighbour and scipy's rel_entr."""
+  perts = nrs_jax.sample_perturbations(params, key, radius=radius, num_neighbors=k, **kw)
+  tree = jax.tree_util.tree_map(np.asarray, perts.as_tree(params))
+  p_np = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
+
+  def np_apply(p):
+    h = np.asarray(x, np.float64)
+    n = len(p)
+    for i in range(n):
+      h = h @ p[f"layer{i}"]["w"] + p[f"layer{i}"]["b"]
+      if i < n - 1:
+        h = np.tanh(h)
+    return h
+
+  p_c = special.softmax(np_apply(p_np), -1)
+  out = []
+  for i in range(k):
+    pi = jax.tree_util.tree_map(lambda a, d: a + d[i], p_np, tree)
+    q = special.softmax(np_apply(pi), -1)
+    out.append(special.rel_entr(p_c, q).sum(-1).mean())
+  return np.array(out)
+
+
+@pytest.mark.parametrize("aggregation", nrs_jax.AGGREGATIONS)
+@pytest.mark.parametrize("noise", nrs_jax.NOISES)
+def test_value_matches_numpy_brute_force(tiny, aggregation, noise):
+  params, x, _, logits_fn = tiny
+  divs = _brute_force_divergences(params, x, KEY, radius=0.3, k=4, noise=noise)
+  ref = divs.mean() if aggregation == "mean" else divs.max()
+  got = jax.jit(
+    lambda p: nrs_jax.nrs_penalty(
+      logits_fn, p, KEY, radius=0.3, num_neighbors=4, noise=noise, aggregation=aggregation
+    )
+  )(params)
+  np.testing.assert_allclose(got, ref, rtol=1e-4)
+
+
+STRATEGY_CASES = [(d, "mean", False) for d in nrs_jax.DIVERGENCES] + [
+  ("kl", "max", False),
+  ("kl", "mean", True),
+  ("js", "max", True),
+]
+
+
+@pytest.mark.parametrize("divergence,aggregation,stop_gradient_center", STRATEGY_CASES)
+def test_strategies_agree_on_value_and_gradient(
+  tiny, divergence, aggregation, stop_gradient_center
+):
+  params, _, _, logits_fn = tiny
+  variants = (
+    {"strategy": "loop"},
+    {"strategy": "vmap"},
+    {"neighbor_chunk_size": 2},
+    {"strategy": "chunked", "neighbor_chunk_size": 1},
+    {"strategy": "auto"},
+  )
+
+  def all_variants(p):
+    out = []
+    for kw in variants:
+      f = lambda q, kw=kw: nrs_jax.nrs_penalty(
+        logits_fn,
+        q,
+        KEY,
+        radius=0.2,
+        num_neighbors=4,
+        divergence=divergence,
+        aggregation=aggregation,
+        stop_gradient_center=stop_gradient_center,
+        scale="tensor",
+        **kw,
+      )
+      out.append(jax.value_and_grad(f)(p))
+    return out
+
+  results = jax.jit(all_variants)(params)
+  v_loop, g_loop = results[0]
+  assert float(v_loop) > 0
+  for v, g in results[1:]:
+    np.testing.assert_allclose(v, v_loop, rtol=1e-5)
+    _assert_trees_close(g, g_loop, rtol=1e-4, atol=1e-7)
+  # And without jit.
+  v_eager = nrs_jax.nrs_penalty(
+    logits_fn,
+    params,
+    KEY,
+    radius=0.2,
+    num_neighbors=4,
+    divergence=divergence,
+    aggregation=aggregation,
+    scale="tensor",
+    strategy="vmap",
+  )
+  np.testing.assert_allclose(v_eager, v_loop, rtol=1e-5)
+
+
+def test_gradient_matches_central_finite_differences_float64():
+  with jax.enable_x64(True):
+    params = mlp_init(jax.random.key(0), (4, 6, 3), dtype=jnp.float64)
+    x = jax.random.normal(jax.random.key(1), (10, 4), jnp.float64)
+    key = jax.random.key(7)
+    f = lambda p: nrs_jax.nrs_penalty(
+      lambda q: mlp_apply(q, x), p, key, radius=0.3, num_neighbors=3, scale="tensor"
+    )
+    g = jax.jit(jax.grad(f))(params)
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    g_flat, _ = jax.flatten_util.ravel_pytree(g)
+    eps = 1e-6
+    fd = np.zeros(flat.size)
+    f_flat = jax.jit(lambda v: f(unravel(v)))
+    for i in range(flat.size):
+      e = jnp.zeros_like(flat).at[i].set(eps)
+      # The perturbation is a constant: hold it fixed under the finite difference.
+      fd[i] = (
+        f_fixed(f, params, unravel, flat + e, key) - f_fixed(f, params, unravel, flat - e, key)
+      ) / (2 * eps)
+    del f_flat
+    np.testing.assert_allclose(g_flat, fd, rtol=1e-5, atol=1e-9)
+
+
+def f_fixed(f, params, unravel, v, key):
+  """Penalty at v with the deltas sampled at the centre params (constants)."""
+  return float(_fixed_penalty(unravel(v), params, key))
+
+
+@functools.partial(jax.jit, static_argnums=())
+def _fixed_penalty(p, p0, key):
+  x = jax.random.normal(jax.random.key(1), (10, 4), jnp.float64)
+  perts = nrs_jax.sample_perturbations(p0, key, radius=0.3, num_neighbors=3, scale="tensor")
+  tree = perts.as_tree(p0)
+  center = mlp_apply(p, x)
+  divs = [
+    nrs_jax.output_divergence(
+      center, mlp_apply(jax.tree_util.tree_map(lambda a, d: a + d[i], p, tree), x)
+    )
+    for i in range(3)
+  ]
+  return jnp.mean(jnp.stack(divs))
+
+
+def test_max_picks_largest_neighbour_and_its_gradient(tiny):
+  params, x, _, logits_fn = tiny
+  divs = _brute_force_divergences(params, x, KEY, radius=0.5, k=6)
+  f = lambda p: nrs_jax.nrs_penalty(
+    logits_fn, p, KEY, radius=0.5, num_neighbors=6, aggregation="max", strategy="vmap"
+  )
+  v, g = jax.jit(jax.value_and_grad(f))(params)
+  np.testing.assert_allclose(v, divs.max(), rtol=1e-4)
+  # Gradient = gradient of the arg-max neighbour alone.
+  k_star = int(np.argmax(divs))
+  tree = nrs_jax.sample_perturbations(params, KEY, radius=0.5, num_neighbors=6).as_tree(params)
+  one = lambda p: nrs_jax.output_divergence(
+    logits_fn(p), logits_fn(jax.tree_util.tree_map(lambda a, d: a + d[k_star], p, tree))
+  )
+  _assert_trees_close(g, jax.grad(one)(params), rtol=1e-4, atol=1e-7)
+
+
+def test_stop_gradient_center_treats_centre_as_target(tiny):
+  params, _, _, logits_fn = tiny
+  tree = nrs_jax.sample_perturbations(params, KEY, radius=0.2).as_tree(params)
+  target = jax.lax.stop_gradient(logits_fn(params))
+  ref = jax.grad(
+    lambda p: nrs_jax.output_divergence(
+      target, logits_fn(jax.tree_util.tree_map(lambda a, d: a + d[0], p, tree))
+    )
+  )(params)
+  got = jax.grad(
+    lambda p: nrs_jax.nrs_penalty(logits_fn, p, KEY, radius=0.2, stop_gradient_center=True)
+  )(params)
+  _assert_trees_close(got, ref, rtol=1e-5)
+
+
+def test_radius_zero_gives_exactly_zero_static_and_traced(tiny):
+  params, _, _, logits_fn = tiny
+  f = lambda p, r: nrs_jax.nrs_penalty(logits_fn, p, KEY, radius=r, num_neighbors=3)
+  assert float(f(params, 0.0)) == 0.0
+  v, g = jax.jit(jax.value_and_grad(f))(params, jnp.float32(0.0))
+  assert float(v) == 0.0
+  assert all(bool(jnp.all(x == 0)) for x in _leaves(g))
+
+
+def _task(logits, batch):
+  return optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]).mean()
+
+
+def _apply(p, batch):
+  return mlp_apply(p, batch[0])
+
+
+@pytest.mark.parametrize("which", ["alpha", "radius"])
+def test_make_nrs_loss_reduces_exactly_to_task_loss(tiny, which):
+  params, x, y, _ = tiny
+  kw = {"alpha": 0.0, "radius": 0.1} if which == "alpha" else {"alpha": 1.0, "radius": 0.0}
+  loss = nrs_jax.make_nrs_loss(_apply, _task, num_neighbors=2, **kw)
+  (v, aux), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(params, (x, y), KEY)
+  v_ref, g_ref = jax.jit(jax.value_and_grad(lambda p: _task(_apply(p, (x, y)), (x, y))))(params)
+  assert float(v) == float(v_ref)
+  assert float(aux["nrs_penalty"]) == 0.0
+  for a, b in zip(_leaves(g), _leaves(g_ref)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_make_nrs_loss_is_task_plus_alpha_penalty_and_shares_centre(tiny):
+  params, x, y, logits_fn = tiny
+  calls = []
+
+  def apply_counting(p, batch):
+    calls.append(1)
+    return _apply(p, batch)
+
+  loss = nrs_jax.make_nrs_loss(
+    apply_counting, _task, alpha=0.7, radius=0.2, num_neighbors=2, strategy="vmap"
+  )
+  (v, aux), g = jax.value_and_grad(loss, has_aux=True)(params, (x, y), KEY)
+  # One centre call, one traced call for the vmapped neighbours.
+  assert len(calls) == 2
+  pen = nrs_jax.nrs_penalty(logits_fn, params, KEY, radius=0.2, num_neighbors=2)
+  task = _task(logits_fn(params), (x, y))
+  np.testing.assert_allclose(aux["nrs_penalty"], pen, rtol=1e-6)
+  np.testing.assert_allclose(aux["task_loss"], task, rtol=1e-6)
+  np.testing.assert_allclose(v, task + 0.7 * pen, rtol=1e-6)
+  g_ref = jax.grad(
+    lambda p: (
+      _task(logits_fn(p), (x, y))
+      + 0.7 * nrs_jax.nrs_penalty(logits_fn, p, KEY, radius=0.2, num_neighbors=2)
+    )
+  )(params)
+  _assert_trees_close(g, g_ref, rtol=1e-5)
+
+
+def test_make_nrs_loss_has_aux_takes_state_from_centre_only(tiny):
+  params, x, y, _ = tiny
+
+  def apply_with_state(p, batch):
+    logits = _apply(p, batch)
+    return logits, {"mean_logit": jnp.mean(logits)}
+
+  loss = nrs_jax.make_nrs_loss(apply_with_state, _task, alpha=1.0, radius=0.3, has_aux=True)
+  (_, aux) = jax.jit(loss)(params, (x, y), KEY)
+  np.testing.assert_allclose(aux["model_aux"]["mean_logit"], jnp.mean(_apply(params, (x, y))))
+
+
+def test_penalty_is_nonnegative_and_grows_with_radius(tiny):
+  params, _, _, logits_fn = tiny
+  vals = [
+    float(nrs_jax.nrs_penalty(logits_fn, params, KEY, radius=r, num_neighbors=8))
+    for r in (0.01, 0.05, 0.2)
+  ]
+  assert 0 < vals[0] < vals[1] < vals[2]
+  # Second order in the radius: 5x the radius gives ~25x the penalty.
+  assert 15 < vals[1] / vals[0] < 35
+
+
+BAD = [
+  ({"radius": -0.1}, "radius=-0.1"),
+  ({"radius": float("nan")}, "radius=nan"),
+  ({"radius": float("inf")}, "radius=inf"),
+  ({"num_neighbors": 0}, "num_neighbors=0"),
+  ({"num_neighbors": 2.5}, "num_neighbors=2.5"),
+  ({"noise": "laplace"}, "noise='laplace'"),
+  ({"scale": "layer"}, "scale='layer'"),
+  ({"divergence": "hellinger"}, "divergence='hellinger'"),
+  ({"aggregation": "min"}, "aggregation='min'"),
+  ({"strategy": "pmap"}, "strategy='pmap'"),
+  ({"num_neighbors": 4, "neighbor_chunk_size": 3}, "neighbor_chunk_size=3"),
+  ({"num_neighbors": 4, "neighbor_chunk_size": 0}, "neighbor_chunk_size=0"),
+  ({"num_neighbors": 4, "neighbor_chunk_size": 2, "strategy": "loop"}, "strategy='loop'"),
+  ({"num_neighbors": 4, "strategy": "chunked"}, "needs neighbor_chunk_size"),
+  ({"mask": {"w": True}}, "same tree structure"),
+]
+
+
+@pytest.mark.parametrize("kw,match", BAD)
+def test_bad_options_raise_naming_the_argument(tiny, kw, match):
+  params, _, _, logits_fn = tiny
+  kw = {"radius": 0.1, **kw}
+  with pytest.raises(ValueError, match=match.replace("(", r"\(").replace("[", r"\[")):
+    nrs_jax.nrs_penalty(logits_fn, params, KEY, **kw)
+
+
+def test_bad_logits_fn_outputs(tiny):
+  params, x, _, _ = tiny
+  with pytest.raises(ValueError, match="not a scalar"):
+    nrs_jax.nrs_penalty(lambda p: jnp.sum(mlp_apply(p, x)), params, KEY, radius=0.1)
+  with pytest.raises(ValueError, match="floating-point logits"):
+    nrs_jax.nrs_penalty(lambda p: jnp.argmax(mlp_apply(p, x), -1)[:, None], params, KEY, radius=0.1)
+  with pytest.raises(ValueError, match="no floating-point leaves"):
+    nrs_jax.nrs_penalty(lambda p: x, {"i": jnp.ones(2, jnp.int32)}, KEY, radius=0.1)
+
+
+def test_make_nrs_loss_rejects_bad_alpha():
+  with pytest.raises(ValueError, match="alpha=-1"):
+    nrs_jax.make_nrs_loss(_apply, _task, alpha=-1.0, radius=0.1)
+  with pytest.raises(ValueError, match="alpha must be a finite scalar"):
+    nrs_jax.make_nrs_loss(_apply, _task, alpha=optax.constant_schedule(1.0), radius=0.1)

@@ -1,0 +1,294 @@
+"""add_nrs_gradient: the optax battery, keys, NNX, and learning on a small problem."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import nrs_jax
+from tests.conftest import mlp_apply
+from tests.conftest import mlp_init
+
+ALPHA, RADIUS = 0.5, 0.2
+
+
+def _setup():
+  params = mlp_init(jax.random.key(0))
+  x = jax.random.normal(jax.random.key(1), (16, 5))
+  y = jnp.arange(16) % 3
+  logits_fn = lambda p: mlp_apply(p, x)
+  loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(logits_fn(p), y).mean()
+  return params, logits_fn, loss
+
+
+def _penalty_grad(params, logits_fn, key, **kw):
+  return jax.grad(
+    lambda p: nrs_jax.nrs_penalty(logits_fn, p, key, radius=RADIUS, num_neighbors=2, **kw)
+  )(params)
+
+
+def test_update_adds_alpha_times_penalty_gradient_with_split_key():
+  params, logits_fn, loss = _setup()
+  tx = nrs_jax.add_nrs_gradient(ALPHA, RADIUS, 2, key=3)
+  state = tx.init(params)
+  grads = jax.grad(loss)(params)
+  updates, new_state = jax.jit(lambda g, s, p: tx.update(g, s, p, logits_fn=logits_fn))(
+    grads, state, params
+  )
+  _, step_key = jax.random.split(jax.random.key(3))
+  g_pen = _penalty_grad(params, logits_fn, step_key)
+  expected = jax.tree_util.tree_map(lambda a, b: a + ALPHA * b, grads, g_pen)
+  for a, b in zip(jax.tree_util.tree_leaves(updates), jax.tree_util.tree_leaves(expected)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  assert int(new_state.count) == 1
+  assert isinstance(new_state, nrs_jax.NRSState)
+
+
+def test_successive_steps_draw_different_neighbours_and_seed_reproduces():
+  params, logits_fn, loss = _setup()
+  zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+
+  def run(seed, steps=3):
+    tx = nrs_jax.add_nrs_gradient(1.0, RADIUS, key=seed)
+    state = tx.init(params)
+    out = []
+    for _ in range(steps):
+      u, state = tx.update(zeros, state, params, logits_fn=logits_fn)
+      out.append(jax.flatten_util.ravel_pytree(u)[0])
+    return out
+
+  a, b, c = run(0), run(0), run(1)
+  assert not np.allclose(a[0], a[1]) and not np.allclose(a[1], a[2])
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x, y)
+  assert not np.allclose(a[0], c[0])
+  # A typed key and a raw key work as seeds too.
+  for key in (jax.random.key(0), jax.random.PRNGKey(0), jnp.asarray(0)):
+    tx = nrs_jax.add_nrs_gradient(1.0, RADIUS, key=key)
+    u, _ = tx.update(zeros, tx.init(params), params, logits_fn=logits_fn)
+    np.testing.assert_allclose(jax.flatten_util.ravel_pytree(u)[0], a[0], rtol=1e-6)
+
+
+def test_alpha_zero_is_exactly_identity_and_schedule_is_used():
+  params, logits_fn, loss = _setup()
+  grads = jax.grad(loss)(params)
+  for alpha in (0.0, optax.constant_schedule(0.0)):
+    tx = nrs_jax.add_nrs_gradient(alpha, RADIUS)
+    u, _ = jax.jit(lambda g, s, p, tx=tx: tx.update(g, s, p, logits_fn=logits_fn))(
+      grads, tx.init(params), params
+    )
+    for a, b in zip(jax.tree_util.tree_leaves(u), jax.tree_util.tree_leaves(grads)):
+      np.testing.assert_array_equal(a, b)
+  # A schedule is evaluated at the step count: 0 at step 0, then 2.
+  sched = lambda count: jnp.where(count >= 1, 2.0, 0.0)
+  tx = nrs_jax.add_nrs_gradient(sched, RADIUS, key=5)
+  state = tx.init(params)
+  u0, state = tx.update(grads, state, params, logits_fn=logits_fn)
+  u1, state = tx.update(grads, state, params, logits_fn=logits_fn)
+  np.testing.assert_array_equal(
+    jax.flatten_util.ravel_pytree(u0)[0], jax.flatten_util.ravel_pytree(grads)[0]
+  )
+  assert not np.allclose(
+    jax.flatten_util.ravel_pytree(u1)[0], jax.flatten_util.ravel_pytree(grads)[0]
+  )
+
+
+def test_radius_zero_is_exactly_identity():
+  params, logits_fn, loss = _setup()
+  grads = jax.grad(loss)(params)
+  tx = nrs_jax.add_nrs_gradient(1.0, 0.0, 3)
+  u, _ = jax.jit(lambda g, s, p: tx.update(g, s, p, logits_fn=logits_fn))(
+    grads, tx.init(params), params
+  )
+  for a, b in zip(jax.tree_util.tree_leaves(u), jax.tree_util.tree_leaves(grads)):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("opt", ["sgd", "adamw"])
+def test_inside_chain_with_sgd_and_adamw(opt):
+  params, logits_fn, loss = _setup()
+  inner = optax.sgd(0.1, momentum=0.9) if opt == "sgd" else optax.adamw(1e-2, weight_decay=1e-4)
+  tx = optax.chain(nrs_jax.add_nrs_gradient(ALPHA, RADIUS, 2), inner)
+  state = tx.init(params)
+
+  @jax.jit
+  def step(p, s):
+    g = jax.grad(loss)(p)
+    u, s = tx.update(g, s, p, logits_fn=logits_fn, unrelated_extra_arg=123)
+    return optax.apply_updates(p, u), s
+
+  l0 = float(loss(params))
+  for _ in range(20):
+    params, state = step(params, state)
+  assert float(loss(params)) < l0
+
+
+def test_inject_hyperparams_alpha_and_radius_injectable():
+  params, logits_fn, loss = _setup()
+  tx = optax.inject_hyperparams(nrs_jax.add_nrs_gradient, static_args=("num_neighbors",))(
+    alpha=ALPHA, radius=RADIUS, num_neighbors=2, key=3
+  )
+  state = tx.init(params)
+  assert set(state.hyperparams) >= {"alpha", "radius"}
+  grads = jax.grad(loss)(params)
+  step = jax.jit(lambda g, s, p: tx.update(g, s, p, logits_fn=logits_fn))
+  u, state2 = step(grads, state, params)
+  ref_tx = nrs_jax.add_nrs_gradient(ALPHA, RADIUS, 2, key=3)
+  u_ref, _ = ref_tx.update(grads, ref_tx.init(params), params, logits_fn=logits_fn)
+  np.testing.assert_allclose(
+    jax.flatten_util.ravel_pytree(u)[0],
+    jax.flatten_util.ravel_pytree(u_ref)[0],
+    rtol=1e-5,
+    atol=1e-7,
+  )
+  # Changing the injected alpha to 0 (no recompilation) gives exactly the gradient.
+  state.hyperparams["alpha"] = jnp.zeros_like(state.hyperparams["alpha"])
+  u0, _ = step(grads, state, params)
+  np.testing.assert_array_equal(
+    jax.flatten_util.ravel_pytree(u0)[0], jax.flatten_util.ravel_pytree(grads)[0]
+  )
+  # num_neighbors must be static.
+  bad = optax.inject_hyperparams(nrs_jax.add_nrs_gradient)(
+    alpha=ALPHA, radius=RADIUS, num_neighbors=2
+  )
+  s_bad = bad.init(params)
+  with pytest.raises(ValueError, match="static_args=\\('num_neighbors',\\)"):
+    jax.jit(lambda g, s, p: bad.update(g, s, p, logits_fn=logits_fn))(grads, s_bad, params)
+
+
+def test_multisteps_accumulates():
+  params, logits_fn, loss = _setup()
+  tx = optax.MultiSteps(optax.chain(nrs_jax.add_nrs_gradient(ALPHA, RADIUS), optax.sgd(0.1)), 2)
+  state = tx.init(params)
+  grads = jax.grad(loss)(params)
+  step = jax.jit(lambda g, s, p: tx.update(g, s, p, logits_fn=logits_fn))
+  u1, state = step(grads, state, params)
+  assert all(bool(jnp.all(x == 0)) for x in jax.tree_util.tree_leaves(u1))
+  u2, state = step(grads, state, params)
+  assert any(bool(jnp.any(x != 0)) for x in jax.tree_util.tree_leaves(u2))
+
+
+def test_apply_if_finite_skips_nan_step():
+  params, logits_fn, loss = _setup()
+  tx = optax.apply_if_finite(
+    optax.chain(nrs_jax.add_nrs_gradient(ALPHA, RADIUS), optax.sgd(0.1)), 3
+  )
+  state = tx.init(params)
+  nan_grads = jax.tree_util.tree_map(lambda x: jnp.full_like(x, jnp.nan), params)
+  u, state = jax.jit(lambda g, s, p: tx.update(g, s, p, logits_fn=logits_fn))(
+    nan_grads, state, params
+  )
+  new_params = optax.apply_updates(params, u)
+  for a, b in zip(jax.tree_util.tree_leaves(new_params), jax.tree_util.tree_leaves(params)):
+    np.testing.assert_array_equal(a, b)
+  assert int(state.notfinite_count) == 1
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_dtype_and_shape_stable(dtype):
+  params = jax.tree_util.tree_map(lambda x: x.astype(dtype), mlp_init(jax.random.key(0)))
+  x = jnp.ones((4, 5), dtype)
+  tx = nrs_jax.add_nrs_gradient(ALPHA, RADIUS)
+  state = tx.init(params)
+  step = jax.jit(lambda g, s, p: tx.update(g, s, p, logits_fn=lambda q: mlp_apply(q, x)))
+  u, new_state = step(params, state, params)
+  for a, b in zip(jax.tree_util.tree_leaves(u), jax.tree_util.tree_leaves(params)):
+    assert a.dtype == b.dtype and a.shape == b.shape
+    assert bool(jnp.all(jnp.isfinite(a.astype(jnp.float32))))
+  assert jax.tree_util.tree_structure(new_state) == jax.tree_util.tree_structure(state)
+  for a, b in zip(jax.tree_util.tree_leaves(new_state), jax.tree_util.tree_leaves(state)):
+    assert a.dtype == b.dtype and a.shape == b.shape
+
+
+def test_missing_params_or_logits_fn_and_bad_construction():
+  params, logits_fn, loss = _setup()
+  tx = nrs_jax.add_nrs_gradient(ALPHA, RADIUS)
+  state = tx.init(params)
+  with pytest.raises(ValueError, match="needs logits_fn.*logits_fn=lambda p"):
+    tx.update(params, state, params)
+  with pytest.raises(ValueError, match="needs params"):
+    tx.update(params, state, logits_fn=logits_fn)
+  with pytest.raises(ValueError, match="alpha=-0.5"):
+    nrs_jax.add_nrs_gradient(-0.5, RADIUS)
+  with pytest.raises(ValueError, match="radius=-1"):
+    nrs_jax.add_nrs_gradient(1.0, -1.0)
+  with pytest.raises(ValueError, match="num_neighbors=0"):
+    nrs_jax.add_nrs_gradient(1.0, 0.1, 0)
+  with pytest.raises(ValueError, match="strategy='fast'"):
+    nrs_jax.add_nrs_gradient(1.0, 0.1, strategy="fast")
+  with pytest.raises(ValueError, match="neighbor_chunk_size=3"):
+    nrs_jax.add_nrs_gradient(1.0, 0.1, 4, neighbor_chunk_size=3)
+  with pytest.raises(ValueError, match="same tree structure"):
+    nrs_jax.add_nrs_gradient(1.0, 0.1, mask={"w": True}).init(params)
+  with pytest.raises(ValueError, match="no floating-point leaves"):
+    nrs_jax.add_nrs_gradient(1.0, 0.1).init({"i": jnp.ones(2, jnp.int32)})
+
+
+def test_nnx_optimizer_update_with_logits_fn():
+  from flax import nnx
+
+  class MLP(nnx.Module):
+    def __init__(self, rngs):
+      self.l1 = nnx.Linear(5, 8, rngs=rngs)
+      self.l2 = nnx.Linear(8, 3, rngs=rngs)
+
+    def __call__(self, x):
+      return self.l2(jnp.tanh(self.l1(x)))
+
+  model = MLP(nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (16, 5))
+  y = jnp.arange(16) % 3
+  tx = optax.chain(nrs_jax.add_nrs_gradient(1.0, 0.1, 2), optax.sgd(0.1))
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  loss = lambda m: optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
+
+  @nnx.jit
+  def step(model, optimizer):
+    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+    logits_fn = lambda p: nnx.merge(graphdef, p, rest)(x)
+    grads = nnx.grad(loss)(model)
+    optimizer.update(model, grads, logits_fn=logits_fn)
+
+  l0 = float(loss(model))
+  for _ in range(10):
+    step(model, optimizer)
+  assert float(loss(model)) < l0
+  assert int(optimizer.opt_state[0].count) == 10
+
+
+def test_learning_reaches_baseline_accuracy_with_lower_divergence():
+  """Two-moons-like problem: NRS matches SGD's accuracy and ends flatter in output space."""
+  rng = np.random.default_rng(0)
+  n = 512
+  t = rng.uniform(0, np.pi, n)
+  lab = rng.integers(0, 2, n)
+  xs = np.stack([np.cos(t) + lab * 1.0, np.sin(t) * (1 - 2 * lab) + lab * 0.3], 1)
+  xs = xs + 0.15 * rng.normal(size=xs.shape)
+  x = jnp.asarray(xs, jnp.float32)
+  y = jnp.asarray(lab)
+  params0 = mlp_init(jax.random.key(0), (2, 64, 64, 2))
+  logits_fn = lambda p: mlp_apply(p, x)
+  loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(logits_fn(p), y).mean()
+
+  def train(tx, steps=300):
+    params, state = params0, tx.init(params0)
+
+    @jax.jit
+    def step(p, s):
+      u, s = tx.update(jax.grad(loss)(p), s, p, logits_fn=logits_fn)
+      return optax.apply_updates(p, u), s
+
+    for _ in range(steps):
+      params, state = step(params, state)
+    return params
+
+  p_sgd = train(optax.sgd(0.2, momentum=0.9))
+  p_nrs = train(optax.chain(nrs_jax.add_nrs_gradient(1.0, 0.2, 2), optax.sgd(0.2, momentum=0.9)))
+  acc = lambda p: float(jnp.mean(jnp.argmax(logits_fn(p), -1) == y))
+  div = lambda p: float(
+    nrs_jax.nrs_penalty(logits_fn, p, jax.random.key(99), radius=0.2, num_neighbors=16)
+  )
+  assert acc(p_sgd) > 0.9
+  assert acc(p_nrs) >= acc(p_sgd) - 0.02
+  assert div(p_nrs) < 0.7 * div(p_sgd), (div(p_nrs), div(p_sgd))
