@@ -1,5 +1,6 @@
 """nrs_jax: Neighborhood Region Smoothing (Zhao and Zhang, 2022) for JAX and Optax."""
 
+from nrs_jax import flatness
 from nrs_jax._divergence import DIVERGENCES
 from nrs_jax._divergence import get_divergence
 from nrs_jax._divergence import js
@@ -29,6 +30,7 @@ __all__ = (
   "SCALES",
   "STRATEGIES",
   "add_nrs_gradient",
+  "flatness",
   "get_divergence",
   "js",
   "kl",

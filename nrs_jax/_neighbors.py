@@ -127,6 +127,10 @@ class Perturbations(NamedTuple):
   deltas: list
   treedef: Any
 
+  def neighbor(self, i: int) -> list:
+    """The deltas of neighbour ``i`` (no K axis), for :func:`apply_perturbation`."""
+    return [None if d is None else d[i] for d in self.deltas]
+
   def as_tree(self, params: Any) -> Any:
     """The perturbations as a pytree like ``params`` (zeros where not perturbed)."""
     leaves = jax.tree_util.tree_leaves(params)

@@ -236,7 +236,7 @@ def nrs_penalty(
 
   deltas = perts.deltas
   if strategy == "loop":
-    divs = jnp.stack([one([None if d is None else d[i] for d in deltas]) for i in range(k)])
+    divs = jnp.stack([one(perts.neighbor(i)) for i in range(k)])
   elif strategy == "vmap":
     divs = jax.vmap(one)(deltas)
   else:  # chunked
