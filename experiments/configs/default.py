@@ -1,0 +1,43 @@
+"""The embedded demo: SGD vs SAM vs NRS on mnist1d with an MLP (no download).
+
+Launch (what `make demo` runs; about 5-8 minutes on 2 CPU cores):
+
+  python -m experiments.main --config experiments/configs/default.py --workdir workdir/demo
+
+Hardware: any CPU. Writes <workdir>/summary.json, accuracy.png, hessian.png and
+one sub-directory per method (metrics.jsonl, checkpoints, final_state.npz).
+"""
+
+import ml_collections
+
+from experiments.methods import method_defaults
+
+
+def get_config():
+  config = ml_collections.ConfigDict()
+  config.dataset = "mnist1d"
+  config.data_dir = ""
+  config.validation_fraction = 0.1
+  config.label_noise = 0.0
+  config.max_examples = 0
+  config.model = "mlp"
+  config.model_kwargs = dict(hidden=(256, 256))
+  config.method = "nrs"
+  config.compare_methods = ("sgd", "sam", "nrs")
+  config.seed = 0
+  config.batch_size = 128
+  config.num_epochs = 200
+  config.num_steps = 0  # > 0 overrides num_epochs
+  config.learning_rate = 0.2
+  config.momentum = 0.9
+  config.weight_decay = 5e-4
+  config.warmup_steps = 0
+  for name, d in method_defaults().items():
+    setattr(config, name, d)
+  config.eval_every_epochs = 20
+  config.checkpoint_every_steps = 1000
+  config.progress = True
+  config.hessian = dict(
+    num_examples=1024, batch_size=512, num_iters=30, num_samples=30, every_evals=2
+  )
+  return config

@@ -1,0 +1,195 @@
+"""Training methods as step builders: sgd, nrs, sam, asam, rwp.
+
+A step builder turns ``apply_fn(params, batch_stats, x, train, dropout_key) ->
+(logits, new_batch_stats)`` and an optax ``tx`` into a pure
+``step(params, batch_stats, opt_state, batch, key) -> (params, batch_stats,
+opt_state, metrics)``. Every method updates BatchNorm statistics from the
+centre (unperturbed) pass only and uses one dropout key for all its passes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import nrs_jax
+
+METHODS = ("sgd", "nrs", "sam", "asam", "rwp")
+
+
+def cross_entropy(logits, labels):
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def _accuracy(logits, labels):
+  return jnp.mean(jnp.argmax(logits, -1) == labels)
+
+
+def _global_norm(tree):
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree_util.tree_leaves(tree)))
+
+
+def _grad_at(apply_fn, params, bs, batch, dkey):
+  def loss_fn(p):
+    logits, new_bs = apply_fn(p, bs, batch["x"], True, dkey)
+    return cross_entropy(logits, batch["y"]), (logits, new_bs)
+
+  return jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+
+def _finish(tx, params, opt_state, grads, update_kwargs=None):
+  updates, opt_state = tx.update(grads, opt_state, params, **(update_kwargs or {}))
+  return optax.apply_updates(params, updates), opt_state
+
+
+def base_optimizer(config, total_steps: int) -> optax.GradientTransformation:
+  """SGD with momentum, coupled weight decay and a (warmup +) cosine schedule."""
+  warmup = min(int(config.get("warmup_steps", 0)), max(total_steps - 1, 0))
+  if warmup:
+    lr = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, warmup, total_steps)
+  else:
+    lr = optax.cosine_decay_schedule(config.learning_rate, total_steps)
+  return optax.chain(
+    optax.add_decayed_weights(config.weight_decay),
+    optax.sgd(lr, momentum=config.momentum or None, nesterov=config.get("nesterov", False)),
+  )
+
+
+def make_optimizer(config, total_steps: int) -> optax.GradientTransformation:
+  base = base_optimizer(config, total_steps)
+  if config.method == "nrs" and config.nrs.get("implementation", "loss") == "transform":
+    return optax.chain(nrs_jax.add_nrs_gradient(key=config.seed, **_nrs_options(config)), base)
+  return base
+
+
+def _nrs_options(config) -> dict:
+  opts = dict(config.nrs)
+  opts.pop("implementation", None)
+  return opts
+
+
+def make_step(method: str, apply_fn: Callable, tx, config) -> Callable:
+  if method not in METHODS:
+    raise ValueError(f"method={method!r} is not known: choose one of {METHODS}.")
+  return {"sgd": _sgd, "nrs": _nrs, "sam": _sam, "asam": _asam, "rwp": _rwp}[method](
+    apply_fn, tx, config
+  )
+
+
+def _sgd(apply_fn, tx, config):
+  def step(params, bs, opt_state, batch, key):
+    (loss, (logits, new_bs)), g = _grad_at(apply_fn, params, bs, batch, key)
+    params, opt_state = _finish(tx, params, opt_state, g)
+    return params, new_bs, opt_state, {"loss": loss, "accuracy": _accuracy(logits, batch["y"])}
+
+  return step
+
+
+def _nrs(apply_fn, tx, config):
+  opts = _nrs_options(config)
+  if config.nrs.get("implementation", "loss") == "transform":
+
+    def step(params, bs, opt_state, batch, key):
+      (loss, (logits, new_bs)), g = _grad_at(apply_fn, params, bs, batch, key)
+      logits_fn = lambda p: apply_fn(p, bs, batch["x"], True, key)[0]
+      params, opt_state = _finish(tx, params, opt_state, g, {"logits_fn": logits_fn})
+      return params, new_bs, opt_state, {"loss": loss, "accuracy": _accuracy(logits, batch["y"])}
+
+    return step
+
+  alpha = opts.pop("alpha")
+
+  def step(params, bs, opt_state, batch, key):
+    dkey, nkey = jax.random.split(key)
+    loss_fn = nrs_jax.make_nrs_loss(
+      lambda p, b: apply_fn(p, bs, b["x"], True, dkey),
+      lambda logits, b: cross_entropy(logits, b["y"]),
+      alpha=alpha,
+      has_aux=True,
+      **opts,
+    )
+    (_, aux), g = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, nkey)
+    params, opt_state = _finish(tx, params, opt_state, g)
+    metrics = {
+      "loss": aux["task_loss"],
+      "accuracy": _accuracy(aux["logits"], batch["y"]),
+      "nrs_penalty": aux["nrs_penalty"],
+    }
+    return params, aux["model_aux"], opt_state, metrics
+
+  return step
+
+
+def _ascent_step(apply_fn, tx, perturb):
+  """Two-pass SAM-style step: gradient at w + e(w, g), BN statistics from the centre."""
+
+  def step(params, bs, opt_state, batch, key):
+    (loss, (logits, new_bs)), g = _grad_at(apply_fn, params, bs, batch, key)
+    e = perturb(params, g)
+    shifted = jax.tree_util.tree_map(lambda p, d: p + d, params, e)
+    _, g2 = _grad_at(apply_fn, shifted, bs, batch, key)
+    params, opt_state = _finish(tx, params, opt_state, g2)
+    return params, new_bs, opt_state, {"loss": loss, "accuracy": _accuracy(logits, batch["y"])}
+
+  return step
+
+
+def _sam(apply_fn, tx, config):
+  """SAM (Foret et al., 2021): e = rho * g / ||g||."""
+  rho = config.sam.rho
+
+  def perturb(params, g):
+    n = _global_norm(g)
+    return jax.tree_util.tree_map(lambda x: rho * x / jnp.maximum(n, 1e-12), g)
+
+  return _ascent_step(apply_fn, tx, perturb)
+
+
+def _asam(apply_fn, tx, config):
+  """Adaptive SAM (Kwon et al., 2021): e = rho * T^2 g / ||T g||, T = |w| + eta."""
+  rho, eta = config.asam.rho, config.asam.eta
+
+  def perturb(params, g):
+    t = jax.tree_util.tree_map(lambda w: jnp.abs(w) + eta, params)
+    tg = jax.tree_util.tree_map(jnp.multiply, t, g)
+    n = _global_norm(tg)
+    return jax.tree_util.tree_map(lambda ti, x: rho * ti * x / jnp.maximum(n, 1e-12), t, tg)
+
+  return _ascent_step(apply_fn, tx, perturb)
+
+
+def _rwp(apply_fn, tx, config):
+  """Random weight perturbation: g = (1 - mix) g(w) + mix g(w + delta), delta random.
+
+  delta is drawn with nrs_jax.sample_perturbations (gaussian, the configured
+  scale); mix = 1 is plain RWP (Bisla et al., 2022), mix < 1 the mixed-loss form
+  of Li et al. (2022).
+  """
+  opts = dict(config.rwp)
+  mix = opts.pop("mix")
+
+  def step(params, bs, opt_state, batch, key):
+    dkey, pkey = jax.random.split(key)
+    (loss, (logits, new_bs)), g = _grad_at(apply_fn, params, bs, batch, dkey)
+    perts = nrs_jax.sample_perturbations(params, pkey, num_neighbors=1, **opts)
+    shifted = jax.tree_util.tree_map(lambda p, d: p + d[0], params, perts.as_tree(params))
+    _, g2 = _grad_at(apply_fn, shifted, bs, batch, dkey)
+    g = jax.tree_util.tree_map(lambda a, b: (1 - mix) * a + mix * b, g, g2)
+    params, opt_state = _finish(tx, params, opt_state, g)
+    return params, new_bs, opt_state, {"loss": loss, "accuracy": _accuracy(logits, batch["y"])}
+
+  return step
+
+
+def method_defaults() -> dict[str, Any]:
+  """Per-method hyperparameters: one sub-dict per method in every config."""
+  return {
+    "nrs": dict(alpha=1.0, radius=0.05, num_neighbors=1, noise="gaussian", scale="absolute"),
+    "sam": dict(rho=0.2),
+    "asam": dict(rho=1.0, eta=0.01),
+    "rwp": dict(radius=0.05, scale="filter", mix=0.5),
+  }

@@ -1,0 +1,319 @@
+"""Flax NNX models (and one Linen model) used by the harness.
+
+Every NNX model is called as ``model(x, train=bool, dropout_key=key_or_None)``:
+``train`` switches BatchNorm to batch statistics and enables dropout, whose mask
+comes from ``dropout_key`` (so the centre and the NRS neighbours, called with the
+same key, share it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+from typing import Any
+from typing import Optional
+
+import flax.linen as linen
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def _split(key: Optional[jax.Array], n: int) -> list:
+  return [None] * n if key is None else list(jax.random.split(key, n))
+
+
+class MLP(nnx.Module):
+  """Dense ReLU network; optional dropout after each hidden layer."""
+
+  def __init__(self, in_features, num_classes, hidden=(256, 256), dropout=0.0, *, rngs):
+    sizes = [in_features, *hidden]
+    self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])])
+    self.head = nnx.Linear(sizes[-1], num_classes, rngs=rngs)
+    self.dropout = nnx.Dropout(dropout) if dropout else None
+
+  def __call__(self, x, *, train=False, dropout_key=None):
+    x = x.reshape(x.shape[0], -1)
+    keys = _split(dropout_key, len(self.layers))
+    for layer, k in zip(self.layers, keys):
+      x = jax.nn.relu(layer(x))
+      if self.dropout is not None:
+        x = self.dropout(x, deterministic=not train, rngs=k)
+    return self.head(x)
+
+
+class BNMLP(nnx.Module):
+  """Dense network with BatchNorm after each hidden layer (a small BN model)."""
+
+  def __init__(self, in_features, num_classes, hidden=(128, 128), *, rngs):
+    sizes = [in_features, *hidden]
+    self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])])
+    self.norms = nnx.List([nnx.BatchNorm(b, momentum=0.9, rngs=rngs) for b in hidden])
+    self.head = nnx.Linear(sizes[-1], num_classes, rngs=rngs)
+
+  def __call__(self, x, *, train=False, dropout_key=None):
+    del dropout_key
+    x = x.reshape(x.shape[0], -1)
+    for layer, norm in zip(self.layers, self.norms):
+      x = jax.nn.relu(norm(layer(x), use_running_average=not train))
+    return self.head(x)
+
+
+class CNN1D(nnx.Module):
+  """1-D CNN for mnist1d (inputs ``[batch, length]`` or ``[batch, length, 1]``)."""
+
+  def __init__(self, in_features, num_classes, channels=(32, 32, 32), *, rngs):
+    chans = [1, *channels]
+    self.convs = nnx.List(
+      [
+        nnx.Conv(a, b, kernel_size=(5,), strides=(2,) if i else (1,), rngs=rngs)
+        for i, (a, b) in enumerate(zip(chans[:-1], chans[1:]))
+      ]
+    )
+    length = in_features
+    for i in range(len(channels)):
+      length = length if i == 0 else -(-length // 2)
+    self.head = nnx.Linear(length * channels[-1], num_classes, rngs=rngs)
+
+  def __call__(self, x, *, train=False, dropout_key=None):
+    del train, dropout_key
+    if x.ndim == 2:
+      x = x[..., None]
+    for conv in self.convs:
+      x = jax.nn.relu(conv(x))
+    return self.head(x.reshape(x.shape[0], -1))
+
+
+class _BasicBlock(nnx.Module):
+  def __init__(self, cin, cout, stride, *, rngs):
+    self.conv1 = nnx.Conv(cin, cout, (3, 3), strides=stride, padding=1, use_bias=False, rngs=rngs)
+    self.bn1 = nnx.BatchNorm(cout, momentum=0.9, rngs=rngs)
+    self.conv2 = nnx.Conv(cout, cout, (3, 3), padding=1, use_bias=False, rngs=rngs)
+    self.bn2 = nnx.BatchNorm(cout, momentum=0.9, rngs=rngs)
+    if stride != 1 or cin != cout:
+      self.proj = nnx.Conv(cin, cout, (1, 1), strides=stride, use_bias=False, rngs=rngs)
+      self.proj_bn = nnx.BatchNorm(cout, momentum=0.9, rngs=rngs)
+    else:
+      self.proj = self.proj_bn = None
+
+  def __call__(self, x, ura):
+    y = jax.nn.relu(self.bn1(self.conv1(x), use_running_average=ura))
+    y = self.bn2(self.conv2(y), use_running_average=ura)
+    sc = x if self.proj is None else self.proj_bn(self.proj(x), use_running_average=ura)
+    return jax.nn.relu(y + sc)
+
+
+class _Bottleneck(nnx.Module):
+  def __init__(self, cin, width, stride, *, rngs):
+    cout = 4 * width
+    self.conv1 = nnx.Conv(cin, width, (1, 1), use_bias=False, rngs=rngs)
+    self.bn1 = nnx.BatchNorm(width, momentum=0.9, rngs=rngs)
+    self.conv2 = nnx.Conv(
+      width, width, (3, 3), strides=stride, padding=1, use_bias=False, rngs=rngs
+    )
+    self.bn2 = nnx.BatchNorm(width, momentum=0.9, rngs=rngs)
+    self.conv3 = nnx.Conv(width, cout, (1, 1), use_bias=False, rngs=rngs)
+    self.bn3 = nnx.BatchNorm(cout, momentum=0.9, scale_init=nnx.initializers.zeros, rngs=rngs)
+    if stride != 1 or cin != cout:
+      self.proj = nnx.Conv(cin, cout, (1, 1), strides=stride, use_bias=False, rngs=rngs)
+      self.proj_bn = nnx.BatchNorm(cout, momentum=0.9, rngs=rngs)
+    else:
+      self.proj = self.proj_bn = None
+
+  def __call__(self, x, ura):
+    y = jax.nn.relu(self.bn1(self.conv1(x), use_running_average=ura))
+    y = jax.nn.relu(self.bn2(self.conv2(y), use_running_average=ura))
+    y = self.bn3(self.conv3(y), use_running_average=ura)
+    sc = x if self.proj is None else self.proj_bn(self.proj(x), use_running_average=ura)
+    return jax.nn.relu(y + sc)
+
+
+class ResNet(nnx.Module):
+  """ResNet-18/34 (basic blocks) or -50 (bottlenecks); ``cifar_stem`` = 3x3 conv, no pool."""
+
+  def __init__(
+    self,
+    num_classes,
+    stage_sizes: Sequence[int] = (2, 2, 2, 2),
+    bottleneck=False,
+    width=64,
+    cifar_stem=True,
+    in_channels=3,
+    *,
+    rngs,
+  ):
+    self.cifar_stem = cifar_stem
+    if cifar_stem:
+      self.stem = nnx.Conv(in_channels, width, (3, 3), padding=1, use_bias=False, rngs=rngs)
+    else:
+      self.stem = nnx.Conv(
+        in_channels, width, (7, 7), strides=2, padding=3, use_bias=False, rngs=rngs
+      )
+    self.stem_bn = nnx.BatchNorm(width, momentum=0.9, rngs=rngs)
+    blocks = []
+    cin = width
+    for i, n in enumerate(stage_sizes):
+      w = width * 2**i
+      for j in range(n):
+        stride = 2 if i > 0 and j == 0 else 1
+        if bottleneck:
+          blocks.append(_Bottleneck(cin, w, stride, rngs=rngs))
+          cin = 4 * w
+        else:
+          blocks.append(_BasicBlock(cin, w, stride, rngs=rngs))
+          cin = w
+    self.blocks = nnx.List(blocks)
+    self.head = nnx.Linear(cin, num_classes, rngs=rngs)
+
+  def __call__(self, x, *, train=False, dropout_key=None):
+    del dropout_key
+    ura = not train
+    x = jax.nn.relu(self.stem_bn(self.stem(x), use_running_average=ura))
+    if not self.cifar_stem:
+      x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+    for block in self.blocks:
+      x = block(x, ura)
+    return self.head(jnp.mean(x, axis=(1, 2)))
+
+
+class _WideBlock(nnx.Module):
+  def __init__(self, cin, cout, stride, dropout, *, rngs):
+    self.bn1 = nnx.BatchNorm(cin, momentum=0.9, rngs=rngs)
+    self.conv1 = nnx.Conv(cin, cout, (3, 3), strides=stride, padding=1, use_bias=False, rngs=rngs)
+    self.bn2 = nnx.BatchNorm(cout, momentum=0.9, rngs=rngs)
+    self.conv2 = nnx.Conv(cout, cout, (3, 3), padding=1, use_bias=False, rngs=rngs)
+    self.dropout = nnx.Dropout(dropout) if dropout else None
+    self.proj = (
+      nnx.Conv(cin, cout, (1, 1), strides=stride, use_bias=False, rngs=rngs)
+      if stride != 1 or cin != cout
+      else None
+    )
+
+  def __call__(self, x, ura, key):
+    o = jax.nn.relu(self.bn1(x, use_running_average=ura))
+    y = self.conv1(o)
+    y = jax.nn.relu(self.bn2(y, use_running_average=ura))
+    if self.dropout is not None:
+      y = self.dropout(y, deterministic=ura, rngs=key)
+    y = self.conv2(y)
+    return y + (x if self.proj is None else self.proj(o))
+
+
+class WideResNet(nnx.Module):
+  """Pre-activation WideResNet-depth-k (Zagoruyko and Komodakis, 2016), BatchNorm, dropout."""
+
+  def __init__(self, num_classes, depth=28, widen=10, dropout=0.3, in_channels=3, *, rngs):
+    if (depth - 4) % 6:
+      raise ValueError(f"depth={depth} must be 6n+4 for a WideResNet.")
+    n = (depth - 4) // 6
+    widths = [16, 16 * widen, 32 * widen, 64 * widen]
+    self.stem = nnx.Conv(in_channels, widths[0], (3, 3), padding=1, use_bias=False, rngs=rngs)
+    blocks, cin = [], widths[0]
+    for i in range(3):
+      for j in range(n):
+        blocks.append(_WideBlock(cin, widths[i + 1], 2 if i and not j else 1, dropout, rngs=rngs))
+        cin = widths[i + 1]
+    self.blocks = nnx.List(blocks)
+    self.bn = nnx.BatchNorm(cin, momentum=0.9, rngs=rngs)
+    self.head = nnx.Linear(cin, num_classes, rngs=rngs)
+
+  def __call__(self, x, *, train=False, dropout_key=None):
+    ura = not train
+    x = self.stem(x)
+    for block, k in zip(self.blocks, _split(dropout_key, len(self.blocks))):
+      x = block(x, ura, k)
+    x = jax.nn.relu(self.bn(x, use_running_average=ura))
+    return self.head(jnp.mean(x, axis=(1, 2)))
+
+
+class VGG(nnx.Module):
+  """VGG-16 with BatchNorm for 32x32 inputs (a single linear head)."""
+
+  CFG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+
+  def __init__(self, num_classes, cfg=CFG16, in_channels=3, *, rngs):
+    layers, cin = [], in_channels
+    for v in cfg:
+      if v == "M":
+        layers.append("M")
+      else:
+        layers.append(
+          nnx.List(
+            [
+              nnx.Conv(cin, v, (3, 3), padding=1, use_bias=False, rngs=rngs),
+              nnx.BatchNorm(v, momentum=0.9, rngs=rngs),
+            ]
+          )
+        )
+        cin = v
+    self.layers = nnx.List([x for x in layers if not isinstance(x, str)])
+    self.pools = tuple(i for i, x in enumerate(layers) if isinstance(x, str))
+    self.head = nnx.Linear(cin, num_classes, rngs=rngs)
+
+  def __call__(self, x, *, train=False, dropout_key=None):
+    del dropout_key
+    convs = iter(self.layers)
+    n = len(self.layers) + len(self.pools)
+    for i in range(n):
+      if i in self.pools:
+        x = nnx.max_pool(x, (2, 2), strides=(2, 2))
+      else:
+        conv, bn = next(convs)
+        x = jax.nn.relu(bn(conv(x), use_running_average=not train))
+    return self.head(jnp.mean(x, axis=(1, 2)))
+
+
+class LinenMLP(linen.Module):
+  """The MLP in Linen, for the Linen path (``nrs_jax.integrations.linen``)."""
+
+  num_classes: int
+  hidden: Sequence[int] = (256, 256)
+
+  @linen.compact
+  def __call__(self, x, *, train=False):
+    del train
+    x = x.reshape(x.shape[0], -1)
+    for h in self.hidden:
+      x = linen.relu(linen.Dense(h)(x))
+    return linen.Dense(self.num_classes)(x)
+
+
+def _resnet18(in_shape, num_classes, rngs, **kw):
+  return ResNet(num_classes, (2, 2, 2, 2), in_channels=in_shape[-1], rngs=rngs, **kw)
+
+
+def _resnet50(in_shape, num_classes, rngs, **kw):
+  kw.setdefault("cifar_stem", False)
+  return ResNet(
+    num_classes, (3, 4, 6, 3), bottleneck=True, in_channels=in_shape[-1], rngs=rngs, **kw
+  )
+
+
+def _flat(in_shape):
+  n = 1
+  for s in in_shape:
+    n *= s
+  return n
+
+
+MODELS = {
+  "mlp": lambda in_shape, nc, rngs, **kw: MLP(_flat(in_shape), nc, rngs=rngs, **kw),
+  "bn_mlp": lambda in_shape, nc, rngs, **kw: BNMLP(_flat(in_shape), nc, rngs=rngs, **kw),
+  "cnn1d": lambda in_shape, nc, rngs, **kw: CNN1D(in_shape[0], nc, rngs=rngs, **kw),
+  "resnet18": _resnet18,
+  "resnet50": _resnet50,
+  "wrn28_10": lambda in_shape, nc, rngs, **kw: WideResNet(
+    nc, **{"depth": 28, "widen": 10, **kw}, in_channels=in_shape[-1], rngs=rngs
+  ),
+  "vgg16_bn": lambda in_shape, nc, rngs, **kw: VGG(nc, in_channels=in_shape[-1], rngs=rngs, **kw),
+}
+LINEN_MODELS = {"linen_mlp": partial(LinenMLP)}
+
+
+def create_model(name: str, in_shape: Sequence[int], num_classes: int, seed: int, **kwargs: Any):
+  """Builds an NNX model by name; raises with the valid names otherwise."""
+  if name not in MODELS:
+    raise ValueError(
+      f"model={name!r} is not known: choose one of {sorted(MODELS) + sorted(LINEN_MODELS)}."
+    )
+  return MODELS[name](tuple(in_shape), num_classes, nnx.Rngs(seed), **kwargs)

@@ -1,0 +1,239 @@
+"""The experiments harness: every config for a step or two, resume after SIGKILL, BN and dropout."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import input_pipeline
+from experiments import methods
+from experiments import train
+from experiments.configs import cifar10_resnet18
+from experiments.configs import cifar100_wrn28_10
+from experiments.configs import default
+from experiments.configs import digits
+from experiments.configs import imagenet_resnet50
+from experiments.configs import mnist1d_cnn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _shrink(config, steps=2, **overrides):
+  with config.unlocked():
+    config.num_steps = steps
+    config.batch_size = min(config.batch_size, 8)
+    config.eval_every_epochs = 10_000
+    config.progress = False
+    config.hessian = dict(num_examples=16, batch_size=8, num_iters=3, num_samples=2, every_evals=0)
+    for k, v in overrides.items():
+      setattr(config, k, v)
+  return config
+
+
+@pytest.mark.parametrize(
+  "get_config,method",
+  [
+    (default.get_config, "sgd"),
+    (default.get_config, "nrs"),
+    (default.get_config, "sam"),
+    (default.get_config, "asam"),
+    (default.get_config, "rwp"),
+    (mnist1d_cnn.get_config, "nrs"),
+    (digits.get_config, "nrs"),
+  ],
+)
+def test_offline_configs_run(get_config, method, tmp_path):
+  config = _shrink(get_config(), method=method)
+  rec = train.train_and_evaluate(config, str(tmp_path))
+  assert rec["step"] == 2
+  assert 0 <= rec["test_accuracy"] <= 1
+  assert np.isfinite(rec["hessian/lambda_max"]) and np.isfinite(rec["hessian/trace"])
+  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  assert json.loads(lines[-1])["step"] == 2
+  if method == "nrs":
+    assert rec["train/nrs_penalty"] > 0
+
+
+def test_nrs_transform_path_and_linen_path(tmp_path):
+  config = _shrink(default.get_config(), method="nrs")
+  with config.unlocked():
+    config.nrs.implementation = "transform"
+  rec = train.train_and_evaluate(config, str(tmp_path / "transform"))
+  assert rec["step"] == 2
+  config = _shrink(default.get_config(), method="nrs", model="linen_mlp")
+  with config.unlocked():
+    config.nrs.implementation = "transform"
+  rec = train.train_and_evaluate(config, str(tmp_path / "linen"))
+  assert rec["step"] == 2 and 0 <= rec["test_accuracy"] <= 1
+
+
+@pytest.mark.parametrize(
+  "get_config,overrides",
+  [
+    (cifar10_resnet18.get_config, {}),
+    (cifar100_wrn28_10.get_config, {"model_kwargs": dict(depth=10, widen=1, dropout=0.3)}),
+    (imagenet_resnet50.get_config, {"model_kwargs": dict(width=8)}),
+  ],
+)
+def test_tfds_configs_under_mock_data(get_config, overrides, tmp_path):
+  import tensorflow_datasets as tfds
+
+  config = _shrink(get_config(), steps=1, data_dir=str(tmp_path / "nodata"), **overrides)
+  with config.unlocked():
+    config.batch_size = 4
+    config.hessian.num_iters = 0
+  with tfds.testing.mock_data(num_examples=8):
+    rec = train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert rec["step"] == 1 and np.isfinite(rec["train_loss"])
+
+
+def test_missing_tfds_data_is_one_clear_error(tmp_path):
+  config = _shrink(cifar10_resnet18.get_config(), data_dir=str(tmp_path / "empty"))
+  with pytest.raises(input_pipeline.DataNotFoundError, match="tfds build cifar10"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+@pytest.mark.parametrize(
+  "field,value,match",
+  [
+    ("method", "adam", r"method='adam' is not known: choose one of \('sgd', 'nrs'"),
+    ("model", "transformer", r"model='transformer' is not known: choose one of \['bn_mlp'"),
+    ("dataset", "mnist", r"dataset='mnist' is not known: choose one of \['cifar10'"),
+  ],
+)
+def test_unknown_names_list_the_choices(field, value, match, tmp_path):
+  config = _shrink(default.get_config(), **{field: value})
+  with pytest.raises(ValueError, match=match):
+    train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_compare_writes_summary_table_and_plots(tmp_path, capsys):
+  config = _shrink(default.get_config())
+  summary = train.compare(config, str(tmp_path))
+  data = json.loads((tmp_path / "summary.json").read_text())
+  assert set(data) == {"sgd", "sam", "nrs"} == set(summary)
+  for row in data.values():
+    assert set(row) >= {
+      "test_accuracy",
+      "train_loss",
+      "hessian_top_eigenvalue",
+      "hessian_trace",
+      "wall_seconds",
+    }
+    assert all(isinstance(v, float) for v in row.values())
+  assert (tmp_path / "accuracy.png").stat().st_size > 1000
+  assert (tmp_path / "hessian.png").stat().st_size > 1000
+  assert "| nrs    |" in capsys.readouterr().out
+
+
+def _bn_setup(dropout=0.0, model="bn_mlp"):
+  config = default.get_config()
+  with config.unlocked():
+    config.model = model
+    config.model_kwargs = (
+      dict(hidden=(16, 16)) if model == "bn_mlp" else dict(hidden=(32,), dropout=dropout)
+    )
+    config.nrs = dict(alpha=1.0, radius=0.3, num_neighbors=3, noise="gaussian", scale="absolute")
+  ds = input_pipeline.load("digits", seed=0)
+  model_ = train.Model(config, ds)
+  batch = {"x": jnp.asarray(ds.train.x[:32]), "y": jnp.asarray(ds.train.y[:32])}
+  return config, model_, batch
+
+
+@pytest.mark.parametrize("implementation", ["loss", "transform"])
+def test_nrs_step_running_stats_equal_the_centre_pass_alone(implementation):
+  config, model, batch = _bn_setup()
+  with config.unlocked():
+    config.nrs.implementation = implementation
+  tx = methods.make_optimizer(config, 10)
+  step = methods.make_step("nrs", model.apply, tx, config)
+  key = jax.random.key(3)
+  _, new_bs, _, metrics = jax.jit(step)(
+    model.params, model.batch_stats, tx.init(model.params), batch, key
+  )
+  assert float(metrics["nrs_penalty" if implementation == "loss" else "loss"]) > 0
+  dkey = jax.random.split(key)[0] if implementation == "loss" else key
+  _, centre_bs = jax.jit(model.apply, static_argnums=3)(
+    model.params, model.batch_stats, batch["x"], True, dkey
+  )
+  for a, b in zip(jax.tree_util.tree_leaves(new_bs), jax.tree_util.tree_leaves(centre_bs)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  # A neighbour's pass would give clearly different statistics.
+  shifted = jax.tree_util.tree_map(lambda p: p + 0.3, model.params)
+  _, neighbour_bs = model.apply(shifted, model.batch_stats, batch["x"], True, dkey)
+  gaps = [
+    np.max(np.abs(np.asarray(a) - np.asarray(b)))
+    for a, b in zip(jax.tree_util.tree_leaves(neighbour_bs), jax.tree_util.tree_leaves(centre_bs))
+  ]
+  assert max(gaps) > 1e-3
+  # And the statistics did move (train mode), so the check is not vacuous.
+  moved = [
+    not np.allclose(a, b)
+    for a, b in zip(jax.tree_util.tree_leaves(new_bs), jax.tree_util.tree_leaves(model.batch_stats))
+  ]
+  assert any(moved)
+
+
+def test_centre_and_neighbours_share_one_dropout_mask():
+  config, model, batch = _bn_setup(dropout=0.5, model="mlp")
+  with config.unlocked():
+    config.nrs = dict(alpha=1.0, radius=1e-4, num_neighbors=2, noise="gaussian", scale="absolute")
+  tx = methods.make_optimizer(config, 10)
+  step = jax.jit(methods.make_step("nrs", model.apply, tx, config))
+  _, _, _, m = step(
+    model.params, model.batch_stats, tx.init(model.params), batch, jax.random.key(0)
+  )
+  # Shared mask: the divergence is second order in the tiny radius. Different
+  # masks would give an O(1) divergence, as this direct check shows.
+  z1, _ = model.apply(model.params, model.batch_stats, batch["x"], True, jax.random.key(1))
+  z2, _ = model.apply(model.params, model.batch_stats, batch["x"], True, jax.random.key(2))
+  import nrs_jax
+
+  different_masks = float(nrs_jax.output_divergence(z1, z2))
+  assert different_masks > 1e-3
+  assert float(m["nrs_penalty"]) < 1e-5 * different_masks
+
+
+def _run_main(workdir, extra=(), wait=True):
+  cmd = [
+    sys.executable, "-m", "experiments.main", "--config", "experiments/configs/digits.py",
+    "--workdir", str(workdir), "--config.num_steps=400", "--config.checkpoint_every_steps=40",
+    "--config.eval_every_epochs=100", "--config.progress=False", "--config.hessian.num_iters=0",
+    *extra,
+  ]  # fmt: skip
+  env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+  p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  if wait:
+    out = p.communicate(timeout=600)[0].decode()
+    assert p.returncode == 0, out
+  return p
+
+
+def test_sigkill_then_restart_is_bit_identical_to_uninterrupted(tmp_path):
+  ref = tmp_path / "ref"
+  _run_main(ref)
+  run = tmp_path / "killed"
+  p = _run_main(run, wait=False)
+  ckpt = run / "checkpoints"
+  deadline = time.time() + 300
+  while time.time() < deadline:
+    if ckpt.exists() and any(d.name.isdigit() for d in ckpt.iterdir()):
+      break
+    time.sleep(0.02)
+  p.send_signal(signal.SIGKILL)
+  p.wait()
+  assert not (run / "final_state.npz").exists(), "the run ended before it could be killed"
+  steps = sorted(int(d.name) for d in ckpt.iterdir() if d.name.isdigit())
+  assert steps and steps[-1] < 400
+  _run_main(run)
+  a, b = np.load(ref / "final_state.npz"), np.load(run / "final_state.npz")
+  assert sorted(a.files) == sorted(b.files)
+  for k in a.files:
+    np.testing.assert_array_equal(a[k], b[k])
