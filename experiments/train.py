@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from functools import partial
 from typing import Any
 
 import jax
@@ -81,6 +82,58 @@ def _hessian(model, params, bs, ds, config, key):
   }
 
 
+def make_mesh(config):
+  """A 1-D ``data`` mesh over all devices, or None for plain single-device runs."""
+  mode = config.get("sharding", "none")
+  if mode not in ("none", "replicated", "fsdp"):
+    raise ValueError(
+      f"sharding={mode!r} is not known: choose one of ('none', 'replicated', 'fsdp')."
+    )
+  if mode == "none":
+    return None
+  from jax.sharding import Mesh
+
+  return Mesh(np.asarray(jax.devices()), ("data",))
+
+
+def state_shardings(state, mesh, mode):
+  """Replicated params, or FSDP-style: each leaf's largest divisible axis over ``data``."""
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  n = mesh.devices.size
+
+  def one(x):
+    if mode == "fsdp" and jnp.ndim(x) >= 1:
+      axes = sorted(range(jnp.ndim(x)), key=lambda a: -jnp.shape(x)[a])
+      for a in axes:
+        if jnp.shape(x)[a] % n == 0:
+          spec = [None] * jnp.ndim(x)
+          spec[a] = "data"
+          return NamedSharding(mesh, P(*spec))
+    return NamedSharding(mesh, P())
+
+  return jax.tree_util.tree_map(one, state)
+
+
+def global_batch(batch, mesh):
+  """Places a host batch: sharded on ``data`` (each process gives its slice)."""
+  x, y = jnp.asarray(batch["x"]), jnp.asarray(batch["y"])
+  if mesh is None:
+    return {"x": x, "y": y}
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  n_proc, idx = jax.process_count(), jax.process_index()
+  per = len(batch["y"]) // n_proc
+  out = {}
+  for k, v in batch.items():
+    local = np.asarray(v[idx * per : (idx + 1) * per])
+    sharding = NamedSharding(mesh, P("data", *([None] * (local.ndim - 1))))
+    out[k] = jax.make_array_from_process_local_data(sharding, local, (len(v), *local.shape[1:]))
+  return out
+
+
 def _flatten_state(state) -> dict:
   return {f"{i:05d}": np.asarray(x) for i, x in enumerate(jax.tree_util.tree_leaves(state))}
 
@@ -97,6 +150,14 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   ``final_state.npz``; returns the final metrics.
   """
   os.makedirs(workdir, exist_ok=True)
+  if config.get("distributed", False):
+    jax.distributed.initialize()  # multi-host: coordinator and ids from the environment
+  mesh = make_mesh(config)
+  if mesh is not None and config.batch_size % mesh.devices.size:
+    raise ValueError(
+      f"batch_size={config.batch_size} must be divisible by the {mesh.devices.size} devices "
+      "of the data mesh (global-batch semantics)."
+    )
   if config.method not in methods.METHODS:
     raise ValueError(f"method={config.method!r} is not known: choose one of {methods.METHODS}.")
   ds = input_pipeline.load(
@@ -121,7 +182,13 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   }
   base_key = jax.random.key(config.seed)
 
-  @jax.jit
+  jit_kwargs = {}
+  if mesh is not None:
+    shardings = state_shardings(state, mesh, config.sharding)
+    state = jax.device_put(state, shardings)
+    jit_kwargs = {"out_shardings": (shardings, None)}
+
+  @partial(jax.jit, **jit_kwargs)
   def train_step(state, batch):
     key = jax.random.fold_in(base_key, state["step"])
     params, bs, opt_state, metrics = step_fn(
@@ -143,6 +210,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     restored = mngr.restore(latest, args=ocp.args.StandardRestore())
     state = _unflatten_state(state, restored["state"])
     state = jax.tree_util.tree_map(jnp.asarray, state)
+    if mesh is not None:
+      state = jax.device_put(state, shardings)
     wall_offset = float(restored["wall"])
     start = int(state["step"])
     logging.info("Resumed from step %d", start)
@@ -177,7 +246,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   record = {}
   for step in range(start, total_steps):
     batch = input_pipeline.train_batch(ds, step, config.batch_size, config.seed)
-    state, m = train_step(state, {"x": jnp.asarray(batch["x"]), "y": jnp.asarray(batch["y"])})
+    state, m = train_step(state, global_batch(batch, mesh))
     pending.append(m)
     done = step + 1
     if bar is not None:

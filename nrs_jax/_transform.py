@@ -22,8 +22,11 @@ class NRSState(NamedTuple):
   Attributes:
     count: number of updates so far (int32), the argument of an ``alpha``
       schedule.
-    key: raw PRNG key data (``jax.random.key_data``); split on every update, so
-      successive steps draw different neighbours and a seed reproduces a run.
+    key: raw PRNG key data (``jax.random.key_data``) of the base key. The
+      neighbours of update ``t`` are drawn from ``fold_in(key, t //
+      resample_every)``: successive steps draw different neighbours, a seed
+      reproduces a run, and the key needs no update (so it is identical on
+      every replica and inside any wrapper that masks state updates).
   """
 
   count: jax.Array
@@ -44,6 +47,7 @@ def add_nrs_gradient(
   stop_gradient_center: bool = False,
   strategy: str = "auto",
   neighbor_chunk_size: Optional[int] = None,
+  resample_every: int = 1,
 ) -> optax.GradientTransformationExtraArgs:
   """Adds ``alpha * grad(nrs_penalty)`` to the incoming gradient.
 
@@ -66,6 +70,11 @@ def add_nrs_gradient(
     key: an int seed or a PRNG key; a 0-d integer array counts as a seed.
     noise, scale, divergence, aggregation, mask, stop_gradient_center,
       strategy, neighbor_chunk_size: as in :func:`nrs_penalty`.
+    resample_every: draw new neighbours every this many updates (static int).
+      For gradient accumulation over k micro-batches, put this transform
+      *outside* ``optax.MultiSteps`` with ``resample_every=k``: every
+      micro-batch then sees the same neighbours and the accumulated update
+      equals the large batch's (mean aggregation).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state :class:`NRSState`.
@@ -79,6 +88,10 @@ def add_nrs_gradient(
     task loss's logits). To share it, use :func:`make_nrs_loss` instead. Each
     update costs about K extra forward/backward passes; see
     :func:`nrs_penalty` for the memory of K neighbours, dropout and BatchNorm.
+    Inside ``optax.MultiSteps`` the inner chain runs on every micro-step but
+    only the last one's result is kept, so the penalty would cover only the
+    last micro-batch: chain it before ``MultiSteps(...).gradient_transformation()``
+    instead (see ``resample_every``).
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax
@@ -117,6 +130,11 @@ def add_nrs_gradient(
     for m in jax.tree_util.tree_leaves(mask):
       if not isinstance(m, (bool, jnp.bool_)) and getattr(m, "dtype", None) != jnp.bool_:
         raise ValueError(f"mask leaves must be bools; got {m!r}.")
+  if not isinstance(resample_every, jax.core.Tracer):  # traced under inject_hyperparams
+    if isinstance(resample_every, bool) or jnp.ndim(resample_every) != 0:
+      raise ValueError(f"resample_every={resample_every!r} must be an int >= 1.")
+    if not jnp.issubdtype(jnp.result_type(resample_every), jnp.integer) or resample_every < 1:
+      raise ValueError(f"resample_every={resample_every!r} must be an int >= 1.")
   base_key = _neighbors._as_key(key)
   impl = jax.random.key_impl(base_key)
   alpha_is_zero = _penalty._is_static_number(alpha) and float(alpha) == 0.0
@@ -136,10 +154,9 @@ def add_nrs_gradient(
         "model.apply(p, x)) (with nnx: optimizer.update(model, grads, "
         "logits_fn=...))."
       )
-    next_key, step_key = jax.random.split(jax.random.wrap_key_data(state.key, impl=impl))
-    new_state = NRSState(
-      count=optax.safe_int32_increment(state.count), key=jax.random.key_data(next_key)
-    )
+    base = jax.random.wrap_key_data(state.key, impl=impl)
+    step_key = jax.random.fold_in(base, state.count // resample_every)
+    new_state = NRSState(count=optax.safe_int32_increment(state.count), key=state.key)
     if alpha_is_zero:
       return updates, new_state
     a = alpha(state.count) if callable(alpha) else alpha

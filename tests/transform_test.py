@@ -36,7 +36,7 @@ def test_update_adds_alpha_times_penalty_gradient_with_split_key():
   updates, new_state = jax.jit(lambda g, s, p: tx.update(g, s, p, logits_fn=logits_fn))(
     grads, state, params
   )
-  _, step_key = jax.random.split(jax.random.key(3))
+  step_key = jax.random.fold_in(jax.random.key(3), 0)
   g_pen = _penalty_grad(params, logits_fn, step_key)
   expected = jax.tree_util.tree_map(lambda a, b: a + ALPHA * b, grads, g_pen)
   for a, b in zip(jax.tree_util.tree_leaves(updates), jax.tree_util.tree_leaves(expected)):
@@ -292,3 +292,60 @@ def test_learning_reaches_baseline_accuracy_with_lower_divergence():
   assert acc(p_sgd) > 0.9
   assert acc(p_nrs) >= acc(p_sgd) - 0.02
   assert div(p_nrs) < 0.7 * div(p_sgd), (div(p_nrs), div(p_sgd))
+
+
+def test_gradient_accumulation_outside_multisteps_equals_large_batch():
+  """chain(add_nrs_gradient(resample_every=k), MultiSteps(sgd, k)) == one large batch."""
+  params = mlp_init(jax.random.key(0))
+  x = jax.random.normal(jax.random.key(1), (32, 5))
+  y = jnp.arange(32) % 3
+  lf = lambda xb: lambda p: mlp_apply(p, xb)
+  loss = lambda p, xb, yb: optax.softmax_cross_entropy_with_integer_labels(
+    mlp_apply(p, xb), yb
+  ).mean()
+  k = 4
+  big = optax.chain(nrs_jax.add_nrs_gradient(ALPHA, RADIUS, 2, key=1), optax.sgd(0.1))
+  u_big, _ = big.update(jax.grad(loss)(params, x, y), big.init(params), params, logits_fn=lf(x))
+  acc = optax.chain(
+    nrs_jax.add_nrs_gradient(ALPHA, RADIUS, 2, key=1, resample_every=k),
+    optax.MultiSteps(optax.sgd(0.1), k).gradient_transformation(),
+  )
+  state = acc.init(params)
+  step = jax.jit(lambda g, s, xb: acc.update(g, s, params, logits_fn=lf(xb)))
+  for i in range(k):
+    xb, yb = x[i * 8 : (i + 1) * 8], y[i * 8 : (i + 1) * 8]
+    u, state = step(jax.grad(loss)(params, xb, yb), state, xb)
+  np.testing.assert_allclose(
+    jax.flatten_util.ravel_pytree(u)[0],
+    jax.flatten_util.ravel_pytree(u_big)[0],
+    rtol=1e-4,
+    atol=1e-7,
+  )
+  with pytest.raises(ValueError, match="resample_every=0"):
+    nrs_jax.add_nrs_gradient(ALPHA, RADIUS, resample_every=0)
+
+
+def test_bfloat16_compute_is_finite_and_close_to_float32():
+  """Params in float32, compute in bfloat16, divergence accumulated in float32."""
+  params = mlp_init(jax.random.key(0), (5, 64, 10))
+  x = jax.random.normal(jax.random.key(1), (64, 5))
+
+  def logits_fn(p, dtype):
+    cast = jax.tree_util.tree_map(lambda a: a.astype(dtype), p)
+    return mlp_apply(cast, x.astype(dtype))
+
+  def value_and_grad(dtype):
+    f = lambda p: nrs_jax.nrs_penalty(
+      lambda q: logits_fn(q, dtype), p, jax.random.key(2), radius=0.1, num_neighbors=4
+    )
+    return jax.jit(jax.value_and_grad(f))(params)
+
+  v32, g32 = value_and_grad(jnp.float32)
+  v16, g16 = value_and_grad(jnp.bfloat16)
+  assert v16.dtype == jnp.float32
+  assert bool(jnp.isfinite(v16))
+  np.testing.assert_allclose(v16, v32, rtol=0.1)
+  a, b = jax.flatten_util.ravel_pytree(g16)[0], jax.flatten_util.ravel_pytree(g32)[0]
+  assert a.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(a)))
+  cos = float(a @ b / (jnp.linalg.norm(a) * jnp.linalg.norm(b)))
+  assert cos > 0.95, cos

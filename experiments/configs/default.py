@@ -37,6 +37,10 @@ def get_config():
   config.eval_every_epochs = 20
   config.checkpoint_every_steps = 1000
   config.progress = True
+  # Devices: "none" (default device), "replicated" (batch sharded over a `data`
+  # mesh of all devices, params replicated) or "fsdp" (params sharded too).
+  config.sharding = "none"
+  config.distributed = False  # True: jax.distributed.initialize() for multi-host
   config.hessian = dict(
     num_examples=1024, batch_size=512, num_iters=30, num_samples=30, every_evals=2
   )

@@ -1,0 +1,77 @@
+"""8 simulated CPU devices (in a subprocess, so other tests keep one device)."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SCRIPT = r"""
+import json, sys, tempfile
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import nrs_jax
+from experiments import train
+from experiments.configs import digits
+
+assert jax.device_count() == 8, jax.devices()
+out = {}
+finals = {}
+for mode in ("none", "replicated", "fsdp"):
+  config = digits.get_config()
+  with config.unlocked():
+    config.sharding = mode
+    config.num_steps = 6
+    config.batch_size = 64
+    config.eval_every_epochs = 1000
+    config.progress = False
+    config.hessian.num_iters = 0
+    config.nrs = dict(alpha=1.0, radius=0.1, num_neighbors=2, noise="gaussian", scale="filter")
+  wd = tempfile.mkdtemp()
+  rec = train.train_and_evaluate(config, wd)
+  out[mode] = {"train_loss": rec["train_loss"], "train/loss": rec["train/loss"]}
+  finals[mode] = dict(np.load(wd + "/final_state.npz"))
+diffs = {}
+for mode in ("replicated", "fsdp"):
+  diffs[mode] = max(float(np.max(np.abs(finals[mode][k] - finals["none"][k]))) for k in finals["none"])
+out["max_param_diff"] = diffs
+
+# Neighbours identical across devices: sample under FSDP-sharded params, then
+# every device's copy of the replicated result equals the single-device sample.
+mesh = Mesh(np.asarray(jax.devices()), ("data",))
+params = {"w": jax.random.normal(jax.random.key(0), (16, 24)), "b": jnp.zeros(24)}
+ref = nrs_jax.sample_perturbations(params, jax.random.key(5), radius=0.1, num_neighbors=3, scale="filter").as_tree(params)
+sharded = jax.device_put(params, {"w": NamedSharding(mesh, P("data", None)), "b": NamedSharding(mesh, P())})
+f = jax.jit(lambda p: nrs_jax.sample_perturbations(p, jax.random.key(5), radius=0.1, num_neighbors=3, scale="filter").as_tree(p),
+            out_shardings=NamedSharding(mesh, P()))
+got = f(sharded)
+# Bit-identical on every device; equal to the single-device draw up to the
+# rounding of the (sharded) filter-norm reduction.
+same = all(
+  np.array_equal(np.asarray(shard.data), np.asarray(got[k].addressable_shards[0].data))
+  for k in ref for shard in got[k].addressable_shards
+)
+close = all(np.allclose(np.asarray(got[k]), np.asarray(ref[k]), rtol=1e-6, atol=1e-7) for k in ref)
+out["neighbours_identical"] = bool(same and close) and len(got["w"].addressable_shards) == 8
+print("RESULT" + json.dumps(out))
+"""
+
+
+def test_eight_devices_replicated_and_fsdp_match_one_device():
+  env = {
+    **os.environ,
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+    "JAX_PLATFORMS": "cpu",
+  }
+  p = subprocess.run(
+    [sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+  )
+  assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+  line = [x for x in p.stdout.splitlines() if x.startswith("RESULT")][-1]
+  out = json.loads(line[len("RESULT") :])
+  assert out["neighbours_identical"]
+  for mode in ("replicated", "fsdp"):
+    assert out["max_param_diff"][mode] < 1e-5, out
+    assert abs(out[mode]["train_loss"] - out["none"]["train_loss"]) < 1e-5, out
+    assert abs(out[mode]["train/loss"] - out["none"]["train/loss"]) < 1e-5, out
