@@ -198,39 +198,56 @@ def sample_perturbations(
     >>> bool(jnp.allclose(norms, 0.1))
     True
   """
-  check_choice("noise", noise, NOISES)
-  check_choice("scale", scale, SCALES)
   k = _static_num_neighbors(num_neighbors)
-  leaves, treedef = jax.tree_util.tree_flatten(params)
-  selected = perturbed_leaf_mask(params, mask)
-  sizes = [int(x.size) if s else 0 for x, s in zip(leaves, selected)]
-  total = sum(sizes)
-  key = _as_key(key)
-  key_dir, key_len = jax.random.split(key)
-  # One flat draw for all neighbours and leaves.
-  flat = jax.random.normal(key_dir, (k, total), jnp.float32)
-  radius = jnp.asarray(radius, jnp.float32)
-  if noise == "gaussian":
-    flat = radius * flat
-  else:
-    norm = jnp.sqrt(jnp.sum(jnp.square(flat), axis=1, keepdims=True))
+  sampler = make_sampler(params, radius=radius, noise=noise, scale=scale, mask=mask)
+  return Perturbations(sampler(jax.random.split(_as_key(key), k)), sampler.treedef)
+
+
+class _Sampler:
+  """Draws the perturbations of given neighbour keys; see sample_perturbations."""
+
+  def __init__(self, params, *, radius, noise, scale, mask):
+    check_choice("noise", noise, NOISES)
+    check_choice("scale", scale, SCALES)
+    self.leaves, self.treedef = jax.tree_util.tree_flatten(params)
+    selected = perturbed_leaf_mask(params, mask)
+    self.sizes = [int(x.size) if s else 0 for x, s in zip(self.leaves, selected)]
+    self.total = sum(self.sizes)
+    self.radius, self.noise, self.scale = radius, noise, scale
+
+  def _flat(self, key):
+    """One neighbour's unit-scale sample, flat over all perturbed leaves (float32)."""
+    key_dir, key_len = jax.random.split(key)
+    v = jax.random.normal(key_dir, (self.total,), jnp.float32)
+    radius = jnp.asarray(self.radius, jnp.float32)
+    if self.noise == "gaussian":
+      return radius * v
     length = radius
-    if noise == "ball":
-      u = jax.random.uniform(key_len, (k, 1), jnp.float32)
-      length = radius * jnp.exp(jnp.log(u) / total)
-    flat = flat * (length / norm)
-  deltas: list = []
-  offset = 0
-  for x, size in zip(leaves, sizes):
-    if size == 0:
-      deltas.append(None)
-      continue
-    v = flat[:, offset : offset + size].reshape((k, *x.shape))
-    offset += size
-    s = _scale_factor(jax.lax.stop_gradient(x), scale, noise)
-    d = jax.lax.stop_gradient(v * s)
-    deltas.append(d.astype(x.dtype))
-  return Perturbations(deltas, treedef)
+    if self.noise == "ball":
+      u = jax.random.uniform(key_len, (), jnp.float32)
+      length = radius * jnp.exp(jnp.log(u) / self.total)
+    return v * (length / jnp.sqrt(jnp.sum(jnp.square(v))))
+
+  def __call__(self, keys: jax.Array) -> list:
+    """Deltas (one entry per leaf; None if not perturbed) with a leading len(keys) axis."""
+    flat = jax.vmap(self._flat)(keys)
+    n = keys.shape[0]
+    deltas: list = []
+    offset = 0
+    for x, size in zip(self.leaves, self.sizes):
+      if size == 0:
+        deltas.append(None)
+        continue
+      v = flat[:, offset : offset + size].reshape((n, *x.shape))
+      offset += size
+      s = _scale_factor(jax.lax.stop_gradient(x), self.scale, self.noise)
+      deltas.append(jax.lax.stop_gradient(v * s).astype(x.dtype))
+    return deltas
+
+
+def make_sampler(params: Any, *, radius, noise="gaussian", scale="absolute", mask=None) -> _Sampler:
+  """A function ``keys [n] -> deltas`` drawing neighbour ``i`` from ``keys[i]``."""
+  return _Sampler(params, radius=radius, noise=noise, scale=scale, mask=mask)
 
 
 def _static_num_neighbors(num_neighbors: Any) -> int:

@@ -87,18 +87,20 @@ def validate_options(
 def resolve_strategy(strategy: str, k: int, params_leaves: list, selected: list[bool]) -> str:
   """Picks the neighbour strategy for ``strategy='auto'``.
 
-  One neighbour: an unrolled loop (nothing to batch). On CPU, any perturbed
-  leaf with 3 or more dimensions (a convolution kernel) means an unrolled loop:
-  vmap over K kernels lowers to grouped convolutions, which XLA's CPU backend
-  runs 10-90x slower. Otherwise vmap.
+  Measured on a 2-core CPU (experiments/benchmark.py): an unrolled loop beats
+  vmap there for dense and convolutional models alike (vmap over K conv kernels
+  lowers to grouped convolutions, 3-10x slower on XLA:CPU), so CPU gets a loop,
+  except for K > 8 dense-only models, where the loop's compile time grows
+  with K. Accelerators get vmap, which batches the K neighbours into larger
+  kernels. One neighbour is always a loop (nothing to batch).
   """
   if strategy != "auto":
     return strategy
   if k == 1:
     return "loop"
-  has_conv = any(s and jnp.ndim(x) >= 3 for x, s in zip(params_leaves, selected))
-  if has_conv and jax.default_backend() == "cpu":
-    return "loop"
+  if jax.default_backend() == "cpu":
+    has_conv = any(s and jnp.ndim(x) >= 3 for x, s in zip(params_leaves, selected))
+    return "loop" if has_conv or k <= 8 else "vmap"
   return "vmap"
 
 
@@ -159,11 +161,13 @@ def nrs_penalty(
       ``params`` or a predicate ``(path, leaf) -> bool``.
     stop_gradient_center: treat the centre outputs as a fixed target.
     strategy: how the K neighbours are evaluated: ``"vmap"``, ``"loop"``
-      (unrolled), ``"chunked"`` (vmap over chunks of ``neighbor_chunk_size``
-      inside ``lax.map`` with rematerialisation, which bounds memory), or
-      ``"auto"`` (loop for K=1 or for convolution kernels on CPU, else vmap;
-      chunked when ``neighbor_chunk_size`` is set). All give the same value and
-      gradient.
+      (unrolled), ``"chunked"`` (``lax.map`` over chunks of
+      ``neighbor_chunk_size`` vmapped neighbours, each chunk drawing its own
+      perturbations under ``jax.checkpoint``: memory holds one chunk at a time,
+      at the price of recomputing its forward pass; on CPU, conv nets run slowly
+      this way, as XLA:CPU is slow at conv gradients inside loops),
+      or ``"auto"`` (see :func:`resolve_strategy`; chunked when
+      ``neighbor_chunk_size`` is set). All give the same value and gradient.
     neighbor_chunk_size: neighbours per chunk; must divide ``num_neighbors``.
     center_logits: the centre's logits if already computed (shares the centre
       forward pass with the task loss).
@@ -219,11 +223,9 @@ def nrs_penalty(
   if _is_static_number(radius) and float(radius) == 0.0:
     return jnp.zeros((), out_dtype)
 
-  perts = _neighbors.sample_perturbations(
-    params, key, radius=radius, num_neighbors=k, noise=noise, scale=scale, mask=mask
-  )
+  sampler = _neighbors.make_sampler(params, radius=radius, noise=noise, scale=scale, mask=mask)
+  keys = jax.random.split(_neighbors._as_key(key), k)
   leaves = jax.tree_util.tree_leaves(params)
-  strategy = resolve_strategy(strategy, k, leaves, selected)
 
   def one(deltas):
     z = _check_logits(logits_fn(_neighbors.apply_perturbation(params, deltas)), "a neighbour")
@@ -234,15 +236,21 @@ def nrs_penalty(
       )
     return jnp.mean(div_fn(center, z)).astype(out_dtype)
 
-  deltas = perts.deltas
-  if strategy == "loop":
-    divs = jnp.stack([one(perts.neighbor(i)) for i in range(k)])
-  elif strategy == "vmap":
-    divs = jax.vmap(one)(deltas)
-  else:  # chunked
+  def evaluate(deltas, n, how):
+    if how == "loop":
+      return jnp.stack([one([None if d is None else d[i] for d in deltas]) for i in range(n)])
+    return jax.vmap(one)(deltas)
+
+  if strategy == "chunked":
+    # lax.map over chunks: each chunk draws its own neighbours and is
+    # rematerialised in the backward pass, so one chunk's perturbations and
+    # activations are alive at a time. Inside a chunk the neighbours are vmapped.
     c = neighbor_chunk_size
-    chunked = [None if d is None else d.reshape((k // c, c, *d.shape[1:])) for d in deltas]
-    divs = jax.lax.map(jax.checkpoint(jax.vmap(one)), chunked).reshape(k)
+    chunk = jax.checkpoint(lambda ks: evaluate(sampler(ks), c, "vmap"))
+    divs = jax.lax.map(chunk, keys.reshape((k // c, c))).reshape(k)
+  else:
+    strategy = resolve_strategy(strategy, k, leaves, selected)
+    divs = evaluate(sampler(keys), k, strategy)
 
   value = jnp.mean(divs) if aggregation == "mean" else jnp.max(divs)
   if not _is_static_number(radius):

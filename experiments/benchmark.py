@@ -1,0 +1,194 @@
+"""Step-time, compile-time and memory ratios of NRS vs SGD and SAM, measured side by side.
+
+  python -m experiments.benchmark                    # MLP, CNN, ResNet-18 (CIFAR shape, batch 128)
+  python -m experiments.benchmark --models=mlp --repeats=5 --out=benchmark.json
+
+Every number is a median over ``--repeats`` timed calls after warm-up, all in one
+process, reported as ratios to the SGD step and to the SAM step (two-pass
+ascent step, as optax.contrib.sam's opaque mode computes). Absolute seconds
+depend on the machine; ratios are what to compare.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app
+from absl import flags
+
+import nrs_jax
+from experiments import input_pipeline
+from experiments import methods
+from experiments import train
+from experiments.configs import default
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("models", ["mlp", "cnn", "resnet18"], "Models to benchmark.")
+flags.DEFINE_list("ks", ["1", "2", "4", "8"], "Numbers of neighbours.")
+flags.DEFINE_integer("repeats", 0, "Timed calls per row (0: per-model default).")
+flags.DEFINE_string("out", "benchmark.json", "Where to write the results.")
+
+MODELS = {
+  # name: (config model, model_kwargs, input shape, batch, default repeats)
+  "mlp": ("mlp", dict(hidden=(256, 256)), (40,), 128, 30),
+  "cnn": ("cnn1d", dict(channels=(64, 64, 64)), (40,), 128, 20),
+  "resnet18": ("resnet18", dict(), (32, 32, 3), 128, 3),
+}
+
+
+def _config(model, kwargs, method, nrs=None):
+  config = default.get_config()
+  with config.unlocked():
+    config.model, config.model_kwargs, config.method = model, kwargs, method
+    if nrs:
+      config.nrs = ml_collections.ConfigDict({**config.nrs.to_dict(), **nrs})
+  return config
+
+
+def _median_time(fn, args, repeats):
+  out = fn(*args)
+  jax.block_until_ready(out)
+  out = fn(*args)
+  jax.block_until_ready(out)
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t)
+  return statistics.median(times)
+
+
+def bench_model(name, ks, repeats):
+  model_name, kwargs, shape, batch_size, default_repeats = MODELS[name]
+  repeats = repeats or default_repeats
+  rng = np.random.default_rng(0)
+  ds = input_pipeline.Dataset(
+    name, None, None, None, 10, shape
+  )  # only the shapes are used to build the model
+  batch = {
+    "x": jnp.asarray(rng.normal(size=(batch_size, *shape)), jnp.float32),
+    "y": jnp.asarray(rng.integers(0, 10, batch_size)),
+  }
+  key = jax.random.key(0)
+  rows = {}
+
+  def run(label, method, nrs=None):
+    config = _config(model_name, kwargs, method, nrs)
+    model = train.Model(config, ds)
+    tx = methods.make_optimizer(config, 1000)
+    step = methods.make_step(method, model.apply, tx, config)
+    args = (model.params, model.batch_stats, tx.init(model.params), batch, key)
+    t0 = time.perf_counter()
+    lowered = jax.jit(step).lower(*args)
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    temp = int(getattr(mem, "temp_size_in_bytes", 0)) if mem is not None else 0
+    secs = _median_time(compiled, args, repeats)
+    rows[label] = {"seconds": secs, "compile_seconds": compile_s, "temp_bytes": temp}
+    print(f"  {name:9s} {label:28s} {secs * 1e3:9.2f} ms  compile {compile_s:6.2f} s", flush=True)
+    return model
+
+  run("sgd", "sgd")
+  model = run("sam", "sam")
+  for k in ks:
+    strategies = ["auto", "loop", "vmap"] + (["chunked"] if k >= 2 else [])
+    if name == "resnet18":
+      strategies = ["auto"] + (["vmap"] if k == 2 else []) + (["chunked"] if k == 8 else [])
+    for s in strategies:
+      nrs = {"num_neighbors": k, "strategy": s}
+      if s == "chunked":
+        nrs["neighbor_chunk_size"] = max(k // 4, 1) if k >= 4 else 1
+      run(f"nrs_k{k}_{s}", "nrs", nrs)
+    run(f"nrs_k{k}_transform", "nrs", {"num_neighbors": k, "implementation": "transform"})
+
+  # Sampling alone, as a share of the NRS K=1 step.
+  params = model.params
+  sample = jax.jit(
+    lambda p, k: nrs_jax.sample_perturbations(p, k, radius=0.05, num_neighbors=1).deltas
+  )
+  rows["sampling_k1"] = {"seconds": _median_time(sample, (params, key), repeats)}
+  return rows
+
+
+def summarize(name, rows, ks):
+  sgd, sam = rows["sgd"]["seconds"], rows["sam"]["seconds"]
+  out = {}
+  for label, r in rows.items():
+    if "compile_seconds" in r:
+      out[label] = {
+        "vs_sgd": r["seconds"] / sgd,
+        "vs_sam": r["seconds"] / sam,
+        "compile_vs_sgd": r["compile_seconds"] / rows["sgd"]["compile_seconds"],
+        "temp_mb": r["temp_bytes"] / 2**20,
+      }
+  checks = {}
+  for k in ks:
+    auto = rows[f"nrs_k{k}_auto"]["seconds"]
+    checks[f"default_k{k}_vs_floor"] = auto / (0.5 * (1 + k) * sam)  # target <= 1
+    checks[f"transform_k{k}_vs_fused"] = rows[f"nrs_k{k}_transform"]["seconds"] / auto  # <= 1.15
+  checks["k1_fused_vs_sam"] = rows["nrs_k1_auto"]["seconds"] / sam  # <= 1.05
+  checks["sampling_share_k1"] = rows["sampling_k1"]["seconds"] / rows["nrs_k1_auto"]["seconds"]
+  checks["compile_k1_vs_sgd"] = (
+    rows["nrs_k1_auto"]["compile_seconds"] / rows["sgd"]["compile_seconds"]
+  )
+  if "nrs_k8_chunked" in rows and rows["nrs_k1_auto"]["temp_bytes"]:
+    checks["chunked_k8_temp_vs_k1"] = (
+      rows["nrs_k8_chunked"]["temp_bytes"] / rows["nrs_k1_auto"]["temp_bytes"]
+    )
+  return out, checks
+
+
+def main(argv):
+  del argv
+  ks = [int(k) for k in FLAGS.ks]
+  result = {
+    "machine": {
+      "backend": jax.default_backend(),
+      "devices": [str(d) for d in jax.devices()],
+      "cpu_count": __import__("os").cpu_count(),
+      "platform": platform.platform(),
+      "jax": jax.__version__,
+    },
+    "models": {},
+  }
+  for name in FLAGS.models:
+    print(f"[{name}]", flush=True)
+    rows = bench_model(name, ks, FLAGS.repeats)
+    ratios, checks = summarize(name, rows, ks)
+    result["models"][name] = {"raw": rows, "ratios": ratios, "checks": checks}
+  with open(FLAGS.out, "w") as f:
+    json.dump(result, f, indent=2)
+  print()
+  print(markdown_table(result))
+
+
+def markdown_table(result) -> str:
+  lines = [
+    "| model | row | x SGD | x SAM | compile x SGD | temp MiB |",
+    "|---|---|---|---|---|---|",
+  ]
+  for name, m in result["models"].items():
+    for label, r in m["ratios"].items():
+      lines.append(
+        f"| {name} | {label} | {r['vs_sgd']:.2f} | {r['vs_sam']:.2f} | "
+        f"{r['compile_vs_sgd']:.2f} | {r['temp_mb']:.1f} |"
+      )
+  lines.append("")
+  lines.append("| model | check | value |")
+  lines.append("|---|---|---|")
+  for name, m in result["models"].items():
+    for label, v in m["checks"].items():
+      lines.append(f"| {name} | {label} | {v:.2f} |")
+  return "\n".join(lines)
+
+
+if __name__ == "__main__":
+  app.run(main)
