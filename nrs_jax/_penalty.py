@@ -134,6 +134,8 @@ def nrs_penalty(
   strategy: str = "auto",
   neighbor_chunk_size: Optional[int] = None,
   center_logits: Optional[jax.Array] = None,
+  axis_name: Optional[str] = None,
+  per_replica_neighbors: bool = False,
 ) -> jax.Array:
   r"""The NRS divergence between a model and K sampled neighbours.
 
@@ -171,6 +173,17 @@ def nrs_penalty(
     neighbor_chunk_size: neighbours per chunk; must divide ``num_neighbors``.
     center_logits: the centre's logits if already computed (shares the centre
       forward pass with the task loss).
+    axis_name: for ``pmap`` / ``shard_map`` users whose batch is split over a
+      named axis: each neighbour's divergence is averaged over the axis
+      (``lax.pmean``) before aggregation, so the value is the global-batch
+      penalty on every replica (equal local batch sizes) and ``max`` picks the
+      globally worst neighbour. Gradients follow JAX's collective autodiff: each
+      replica's gradient is its local contribution, so ``pmean`` the gradients
+      over the axis exactly as for the task loss. Not needed under ``jax.jit``
+      with shardings, where the batch is already global.
+    per_replica_neighbors: with ``axis_name``, fold the replica index into the
+      key so each replica draws its own neighbours (default: every replica
+      uses the same neighbours, drawn from the shared key).
 
   Returns:
     A float32 (or wider) scalar.
@@ -224,7 +237,12 @@ def nrs_penalty(
     return jnp.zeros((), out_dtype)
 
   sampler = _neighbors.make_sampler(params, radius=radius, noise=noise, scale=scale, mask=mask)
-  keys = jax.random.split(_neighbors._as_key(key), k)
+  key = _neighbors._as_key(key)
+  if per_replica_neighbors:
+    if axis_name is None:
+      raise ValueError("per_replica_neighbors=True needs axis_name, the mapped axis.")
+    key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+  keys = jax.random.split(key, k)
   leaves = jax.tree_util.tree_leaves(params)
 
   def one(deltas):
@@ -252,6 +270,8 @@ def nrs_penalty(
     strategy = resolve_strategy(strategy, k, leaves, selected)
     divs = evaluate(sampler(keys), k, strategy)
 
+  if axis_name is not None:
+    divs = jax.lax.pmean(divs, axis_name)
   value = jnp.mean(divs) if aggregation == "mean" else jnp.max(divs)
   if not _is_static_number(radius):
     value = jnp.where(radius == 0, jnp.zeros_like(value), value)

@@ -48,6 +48,8 @@ def add_nrs_gradient(
   strategy: str = "auto",
   neighbor_chunk_size: Optional[int] = None,
   resample_every: int = 1,
+  axis_name: Optional[str] = None,
+  per_replica_neighbors: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Adds ``alpha * grad(nrs_penalty)`` to the incoming gradient.
 
@@ -75,6 +77,10 @@ def add_nrs_gradient(
       *outside* ``optax.MultiSteps`` with ``resample_every=k``: every
       micro-batch then sees the same neighbours and the accumulated update
       equals the large batch's (mean aggregation).
+    axis_name: under ``pmap`` / ``shard_map`` with the batch split over this
+      axis: the penalty gradient is the global-batch one (``pmean`` over the
+      axis), so pass the task gradients already ``pmean``-ed.
+    per_replica_neighbors: see :func:`nrs_penalty`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state :class:`NRSState`.
@@ -176,9 +182,15 @@ def add_nrs_gradient(
         stop_gradient_center=stop_gradient_center,
         strategy=strategy,
         neighbor_chunk_size=neighbor_chunk_size,
+        axis_name=axis_name,
+        per_replica_neighbors=per_replica_neighbors,
       )
 
     grads = jax.grad(penalty, allow_int=True)(params)
+    if axis_name is not None:
+      grads = jax.tree_util.tree_map(
+        lambda g: g if g.dtype == jax.dtypes.float0 else jax.lax.pmean(g, axis_name), grads
+      )
 
     def add(u, g):
       if u is None:

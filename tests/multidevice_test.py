@@ -54,6 +54,33 @@ same = all(
 )
 close = all(np.allclose(np.asarray(got[k]), np.asarray(ref[k]), rtol=1e-6, atol=1e-7) for k in ref)
 out["neighbours_identical"] = bool(same and close) and len(got["w"].addressable_shards) == 8
+
+# axis_name under pmap: the value is the global-batch penalty on every replica,
+# and pmean-ed gradients equal the global-batch gradient, for mean and max.
+def apply(p, xb):
+  return jnp.tanh(xb @ p["w1"]) @ p["w2"]
+
+mp = {"w1": jax.random.normal(jax.random.key(1), (5, 16)) / 2, "w2": jax.random.normal(jax.random.key(2), (16, 4))}
+x = jax.random.normal(jax.random.key(3), (32, 5))
+xs = x.reshape(8, 4, 5)
+key = jax.random.key(9)
+axis = {}
+for agg in ("mean", "max"):
+  kw = dict(radius=0.3, num_neighbors=4, aggregation=agg, strategy="vmap")
+  def local(p, xb, per_replica=False):
+    f = lambda q: nrs_jax.nrs_penalty(lambda r: apply(r, xb), q, key, axis_name="d", per_replica_neighbors=per_replica, **kw)
+    v, g = jax.value_and_grad(f)(p)
+    return v, jax.lax.pmean(g, "d")
+  v, g = jax.pmap(local, axis_name="d", in_axes=(None, 0))(mp, xs)
+  rv, rg = jax.value_and_grad(lambda q: nrs_jax.nrs_penalty(lambda r: apply(r, x), q, key, **kw))(mp)
+  axis[agg] = {
+    "value_err": float(np.max(np.abs(np.asarray(v) - float(rv)))) / float(rv),
+    "grad_err": max(float(np.max(np.abs(np.asarray(g[k]) - np.asarray(rg[k])[None]))) / float(np.max(np.abs(rg[k]))) for k in rg),
+  }
+  vp, _ = jax.pmap(lambda p, xb: local(p, xb, True), axis_name="d", in_axes=(None, 0))(mp, xs)
+  axis[agg]["per_replica_same_on_all"] = bool(np.all(np.asarray(vp) == np.asarray(vp)[0]))
+  axis[agg]["per_replica_differs"] = bool(abs(float(vp[0]) - float(rv)) > 1e-6 * float(rv))
+out["axis_name"] = axis
 print("RESULT" + json.dumps(out))
 """
 
@@ -71,6 +98,10 @@ def test_eight_devices_replicated_and_fsdp_match_one_device():
   line = [x for x in p.stdout.splitlines() if x.startswith("RESULT")][-1]
   out = json.loads(line[len("RESULT") :])
   assert out["neighbours_identical"]
+  for agg in ("mean", "max"):
+    a = out["axis_name"][agg]
+    assert a["value_err"] < 1e-5 and a["grad_err"] < 1e-4, out["axis_name"]
+    assert a["per_replica_same_on_all"] and a["per_replica_differs"], out["axis_name"]
   for mode in ("replicated", "fsdp"):
     assert out["max_param_diff"][mode] < 1e-5, out
     assert abs(out[mode]["train_loss"] - out["none"]["train_loss"]) < 1e-5, out

@@ -295,6 +295,7 @@ BAD = [
   ({"num_neighbors": 4, "neighbor_chunk_size": 2, "strategy": "loop"}, "strategy='loop'"),
   ({"num_neighbors": 4, "strategy": "chunked"}, "needs neighbor_chunk_size"),
   ({"mask": {"w": True}}, "same tree structure"),
+  ({"per_replica_neighbors": True}, "per_replica_neighbors=True needs axis_name"),
 ]
 
 
