@@ -230,6 +230,15 @@ ABLATIONS = [
 ]
 
 
+def _ablation_key(ov):
+  """Drops overrides equal to the default NRS settings, so equal runs share a directory."""
+  from experiments.methods import method_defaults
+
+  defaults = {f"nrs.{k}": v for k, v in method_defaults()["nrs"].items()}
+  defaults.update({"nrs.divergence": "kl", "nrs.aggregation": "mean"})
+  return _key({k: v for k, v in ov.items() if defaults.get(k) != v})
+
+
 def run_ablations(workdir, quick, workers, seeds):
   base = os.path.join(workdir, "mnist1d_mlp", "ablations")
   jobs = []
@@ -237,14 +246,17 @@ def run_ablations(workdir, quick, workers, seeds):
     for ov in variants[:2] if quick else variants:
       ov = {k: float(v) if isinstance(v, np.floating) else v for k, v in ov.items()}
       for s in seeds:
-        jobs.append((os.path.join(base, _key(ov), f"seed{s}"), "mnist1d_mlp", "nrs", ov, s, quick))
+        jobs.append(
+          (os.path.join(base, _ablation_key(ov), f"seed{s}"), "mnist1d_mlp", "nrs", ov, s, quick)
+        )
+  jobs = list({j[0]: j for j in jobs}.values())
   run_all(jobs, workers)
   out = {}
   for name, variants in ABLATIONS:
     rows = []
     for ov in variants[:2] if quick else variants:
       ov = {k: float(v) if isinstance(v, np.floating) else v for k, v in ov.items()}
-      recs = [read(os.path.join(base, _key(ov), f"seed{s}"))[-1] for s in seeds]
+      recs = [read(os.path.join(base, _ablation_key(ov), f"seed{s}"))[-1] for s in seeds]
       rows.append((ov, recs))
     out[name] = rows
   return out
