@@ -84,23 +84,32 @@ class CNN1D(nnx.Module):
     return self.head(x.reshape(x.shape[0], -1))
 
 
+class _Shortcut(nnx.Module):
+  """Identity, or a strided 1x1 conv + BatchNorm when the shape changes."""
+
+  def __init__(self, cin, cout, stride, *, rngs):
+    if stride != 1 or cin != cout:
+      self.proj = nnx.Conv(cin, cout, (1, 1), strides=stride, use_bias=False, rngs=rngs)
+      self.bn = nnx.BatchNorm(cout, momentum=0.9, rngs=rngs)
+    else:
+      self.proj = self.bn = None
+
+  def __call__(self, x, ura):
+    return x if self.proj is None else self.bn(self.proj(x), use_running_average=ura)
+
+
 class _BasicBlock(nnx.Module):
   def __init__(self, cin, cout, stride, *, rngs):
     self.conv1 = nnx.Conv(cin, cout, (3, 3), strides=stride, padding=1, use_bias=False, rngs=rngs)
     self.bn1 = nnx.BatchNorm(cout, momentum=0.9, rngs=rngs)
     self.conv2 = nnx.Conv(cout, cout, (3, 3), padding=1, use_bias=False, rngs=rngs)
     self.bn2 = nnx.BatchNorm(cout, momentum=0.9, rngs=rngs)
-    if stride != 1 or cin != cout:
-      self.proj = nnx.Conv(cin, cout, (1, 1), strides=stride, use_bias=False, rngs=rngs)
-      self.proj_bn = nnx.BatchNorm(cout, momentum=0.9, rngs=rngs)
-    else:
-      self.proj = self.proj_bn = None
+    self.shortcut = _Shortcut(cin, cout, stride, rngs=rngs)
 
   def __call__(self, x, ura):
     y = jax.nn.relu(self.bn1(self.conv1(x), use_running_average=ura))
     y = self.bn2(self.conv2(y), use_running_average=ura)
-    sc = x if self.proj is None else self.proj_bn(self.proj(x), use_running_average=ura)
-    return jax.nn.relu(y + sc)
+    return jax.nn.relu(y + self.shortcut(x, ura))
 
 
 class _Bottleneck(nnx.Module):
@@ -114,18 +123,13 @@ class _Bottleneck(nnx.Module):
     self.bn2 = nnx.BatchNorm(width, momentum=0.9, rngs=rngs)
     self.conv3 = nnx.Conv(width, cout, (1, 1), use_bias=False, rngs=rngs)
     self.bn3 = nnx.BatchNorm(cout, momentum=0.9, scale_init=nnx.initializers.zeros, rngs=rngs)
-    if stride != 1 or cin != cout:
-      self.proj = nnx.Conv(cin, cout, (1, 1), strides=stride, use_bias=False, rngs=rngs)
-      self.proj_bn = nnx.BatchNorm(cout, momentum=0.9, rngs=rngs)
-    else:
-      self.proj = self.proj_bn = None
+    self.shortcut = _Shortcut(cin, cout, stride, rngs=rngs)
 
   def __call__(self, x, ura):
     y = jax.nn.relu(self.bn1(self.conv1(x), use_running_average=ura))
     y = jax.nn.relu(self.bn2(self.conv2(y), use_running_average=ura))
     y = self.bn3(self.conv3(y), use_running_average=ura)
-    sc = x if self.proj is None else self.proj_bn(self.proj(x), use_running_average=ura)
-    return jax.nn.relu(y + sc)
+    return jax.nn.relu(y + self.shortcut(x, ura))
 
 
 class ResNet(nnx.Module):

@@ -343,11 +343,17 @@ def layerwise_hessian(
   for i, name in enumerate(dict.fromkeys(n for n in names if n is not None)):
     flags = [n == name for n in names]
     mask = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), flags)
-    k1, k2 = jax.random.split(jax.random.fold_in(key, i))
-    eig = top_hessian_eigenvalues(loss_fn, params, data, k1, num_iters=num_iters, mask=mask)
-    tr = hessian_trace(loss_fn, params, data, k2, num_samples=num_samples, mask=mask)
-    out[f"hessian/{name}/lambda_max"] = eig.eigenvalues[0]
-    out[f"hessian/{name}/trace"] = tr.trace
+    m = hessian_metrics(
+      loss_fn,
+      params,
+      data,
+      jax.random.fold_in(key, i),
+      num_iters=num_iters,
+      num_samples=num_samples,
+      mask=mask,
+    )
+    out[f"hessian/{name}/lambda_max"] = m["hessian/lambda_max"]
+    out[f"hessian/{name}/trace"] = m["hessian/trace"]
   return out
 
 
