@@ -34,6 +34,7 @@ flags.DEFINE_list("models", ["mlp", "cnn", "resnet18"], "Models to benchmark.")
 flags.DEFINE_list("ks", ["1", "2", "4", "8"], "Numbers of neighbours.")
 flags.DEFINE_integer("repeats", 0, "Timed calls per row (0: per-model default).")
 flags.DEFINE_string("out", "benchmark.json", "Where to write the results.")
+flags.DEFINE_bool("hessian", True, "Also time HVPs and Lanczos (flatness toolkit).")
 
 MODELS = {
   # name: (config model, model_kwargs, input shape, batch, default repeats)
@@ -164,6 +165,9 @@ def main(argv):
     rows = bench_model(name, ks, FLAGS.repeats)
     ratios, checks = summarize(name, rows, ks)
     result["models"][name] = {"raw": rows, "ratios": ratios, "checks": checks}
+  if FLAGS.hessian:
+    print("[hessian]", flush=True)
+    result["hessian"] = bench_hessian()
   with open(FLAGS.out, "w") as f:
     json.dump(result, f, indent=2)
   print()
@@ -187,8 +191,58 @@ def markdown_table(result) -> str:
   for name, m in result["models"].items():
     for label, v in m["checks"].items():
       lines.append(f"| {name} | {label} | {v:.2f} |")
+  if "hessian" in result:
+    lines += ["", "| model | params | HVP / grad | k=5 Lanczos / grad |", "|---|---|---|---|"]
+    for name, r in result["hessian"].items():
+      lz = (
+        f"{r['lanczos_k5_vs_grad']:.0f} ({r['lanczos_iters']} iters)"
+        if "lanczos_k5_vs_grad" in r
+        else ""
+      )
+      lines.append(f"| {name} | {r['params']} | {r['hvp_vs_grad']:.2f} | {lz} |")
   return "\n".join(lines)
 
 
 if __name__ == "__main__":
   app.run(main)
+
+
+def bench_hessian(repeats: int = 10) -> dict:
+  """HVP time over gradient time (MLP, small CNN) and k=5 Lanczos on a ~100k MLP."""
+  from flax import nnx
+
+  from experiments.models import create_model
+  from nrs_jax import flatness
+
+  out = {}
+  rng = np.random.default_rng(0)
+  for name, model_name, kwargs, shape in (
+    ("mlp", "mlp", dict(hidden=(256, 256)), (40,)),
+    ("cnn", "cnn1d", dict(channels=(64, 64, 64)), (40,)),
+    ("mlp_100k", "mlp", dict(hidden=(384, 192)), (64,)),
+  ):
+    model = create_model(model_name, shape, 10, 0, **kwargs)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    x = jnp.asarray(rng.normal(size=(128, *shape)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 10, 128))
+
+    def loss(p, b):
+      logits = nnx.merge(graphdef, p, rest, copy=True)(b[0])
+      return methods.cross_entropy(logits, b[1])
+
+    grad = jax.jit(jax.grad(loss))
+    hvp = jax.jit(lambda p, v, b: flatness.hvp(loss, p, v, b))
+    t_grad = _median_time(grad, (params, (x, y)), repeats)
+    t_hvp = _median_time(hvp, (params, params, (x, y)), repeats)
+    n = sum(int(a.size) for a in jax.tree_util.tree_leaves(params))
+    row = {"params": n, "hvp_vs_grad": t_hvp / t_grad}
+    if name == "mlp_100k":
+      t = time.perf_counter()
+      r = flatness.top_hessian_eigenvalues(
+        loss, params, (x, y), jax.random.key(0), k=5, num_iters=60
+      )
+      row["lanczos_k5_vs_grad"] = (time.perf_counter() - t) / t_grad
+      row["lanczos_iters"] = r.num_iters
+    out[name] = row
+    print(f"  {name}: {row}", flush=True)
+  return out

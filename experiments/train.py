@@ -281,7 +281,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       with open(metrics_path, "a") as f:
         f.write(json.dumps(record) + "\n")
       if bar is not None:
-        post = {"loss": f"{tl:.3f}", "val": f"{va:.3f}"}
+        post = {"loss": f"{tl:.3f}", "acc": f"{ta:.3f}", "val": f"{va:.3f}"}
         if "nrs_penalty" in train_metrics:
           post["pen"] = f"{train_metrics['nrs_penalty']:.2e}"
         bar.set_postfix(post)
