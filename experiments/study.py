@@ -207,7 +207,13 @@ def study(workdir, quick, tasks, ablations, workers):
   abl = {}
   if ablations:
     abl = run_ablations(workdir, quick, workers, seeds[:2] if not quick else seeds[:1])
-  return results, abl, time.time() - t0
+  # Wall time accumulates over the invocations of a resumed study.
+  path = os.path.join(workdir, "study_time.json")
+  total = json.load(open(path))["seconds"] if os.path.exists(path) else 0.0
+  total += time.time() - t0
+  with open(path, "w") as f:
+    json.dump({"seconds": total}, f)
+  return results, abl, total
 
 
 ABLATIONS = [
@@ -301,7 +307,7 @@ def plots(results, outdir):
   return paths
 
 
-def report(results, abl, seconds, path, command):
+def report(results, abl, seconds, path, command, reading=None):
   import jax
 
   lines = ["# NRS evidence study", ""]
@@ -385,7 +391,8 @@ def main(argv):
   )
   if FLAGS.tasks:
     cmd += " --tasks=" + ",".join(FLAGS.tasks)
-  report(results, abl, secs, FLAGS.report, cmd)
+  reading = None if FLAGS.quick else os.path.join(os.path.dirname(__file__), "results_reading.md")
+  report(results, abl, secs, FLAGS.report, cmd, reading)
   print(open(FLAGS.report).read())
 
 
