@@ -205,10 +205,6 @@ def markdown_table(result) -> str:
   return "\n".join(lines)
 
 
-if __name__ == "__main__":
-  app.run(main)
-
-
 def bench_hessian(repeats: int = 10) -> dict:
   """HVP time over gradient time (MLP, small CNN) and k=5 Lanczos on a ~100k MLP."""
   from flax import nnx
@@ -248,3 +244,7 @@ def bench_hessian(repeats: int = 10) -> dict:
     out[name] = row
     print(f"  {name}: {row}", flush=True)
   return out
+
+
+if __name__ == "__main__":
+  app.run(main)

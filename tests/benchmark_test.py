@@ -1,0 +1,24 @@
+"""The benchmark script runs end to end in a tiny setting (no timing is asserted)."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_benchmark_runs_and_writes_json(tmp_path):
+  out = tmp_path / "b.json"
+  cmd = [
+    sys.executable, "-m", "experiments.benchmark", "--models=mlp", "--ks=1",
+    "--repeats=1", f"--out={out}",
+  ]  # fmt: skip
+  p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert p.returncode == 0, p.stderr[-3000:]
+  result = json.loads(out.read_text())
+  m = result["models"]["mlp"]
+  assert {"sgd", "sam", "nrs_k1_auto", "nrs_k1_transform"} <= set(m["ratios"])
+  assert m["checks"]["k1_fused_vs_sam"] > 0
+  assert result["hessian"]["mlp_100k"]["lanczos_iters"] >= 5
+  assert "| mlp | nrs_k1_auto |" in p.stdout
