@@ -374,6 +374,8 @@ def report(results, abl, seconds, path, command, reading=None):
     lines.append(
       f"Ablations use {len(next(iter(abl.values()))[0][1])} seeds each: read them as trends."
     )
+  if reading and os.path.exists(reading):
+    lines += ["", open(reading).read().rstrip()]
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   with open(path, "w") as f:
     f.write("\n".join(lines) + "\n")
