@@ -236,6 +236,11 @@ ABLATIONS = [
 ]
 
 
+def _plain(ov):
+  """numpy scalars -> Python floats (for JSON and directory names)."""
+  return {k: float(v) if isinstance(v, np.floating) else v for k, v in ov.items()}
+
+
 def _ablation_key(ov):
   """Drops overrides equal to the default NRS settings, so equal runs share a directory."""
   from experiments.methods import method_defaults
@@ -250,7 +255,7 @@ def run_ablations(workdir, quick, workers, seeds):
   jobs = []
   for _, variants in ABLATIONS:
     for ov in variants[:2] if quick else variants:
-      ov = {k: float(v) if isinstance(v, np.floating) else v for k, v in ov.items()}
+      ov = _plain(ov)
       for s in seeds:
         jobs.append(
           (os.path.join(base, _ablation_key(ov), f"seed{s}"), "mnist1d_mlp", "nrs", ov, s, quick)
@@ -261,7 +266,7 @@ def run_ablations(workdir, quick, workers, seeds):
   for name, variants in ABLATIONS:
     rows = []
     for ov in variants[:2] if quick else variants:
-      ov = {k: float(v) if isinstance(v, np.floating) else v for k, v in ov.items()}
+      ov = _plain(ov)
       recs = [read(os.path.join(base, _ablation_key(ov), f"seed{s}"))[-1] for s in seeds]
       rows.append((ov, recs))
     out[name] = rows

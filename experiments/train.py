@@ -51,15 +51,21 @@ class Model:
     self.apply = apply
 
 
-def _eval_metrics(apply, params, bs, split, batch_size):
-  @jax.jit
-  def one(x, y):
-    logits, _ = apply(params, bs, x, False, None)
-    return methods.cross_entropy(logits, y) * len(y), jnp.sum(jnp.argmax(logits, -1) == y)
+def make_eval_step(apply):
+  """One jitted (params, batch_stats, x, y) -> (summed loss, correct), compiled once per run."""
 
+  @jax.jit
+  def step(params, bs, x, y):
+    logits, _ = apply(params, bs, x, False, None)
+    return methods.cross_entropy(logits, y) * y.shape[0], jnp.sum(jnp.argmax(logits, -1) == y)
+
+  return step
+
+
+def _eval_metrics(eval_step, params, bs, split, batch_size):
   tot_l, tot_c, n = 0.0, 0, 0
   for b in input_pipeline.eval_batches(split, batch_size):
-    loss, c = one(jnp.asarray(b["x"]), jnp.asarray(b["y"]))
+    loss, c = eval_step(params, bs, jnp.asarray(b["x"]), jnp.asarray(b["y"]))
     tot_l, tot_c, n = tot_l + float(loss), tot_c + int(c), n + len(b["y"])
   return tot_l / max(n, 1), tot_c / max(n, 1)
 
@@ -232,6 +238,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       force=force,
     )
 
+  eval_step = make_eval_step(model.apply)
   eval_every = config.eval_every_epochs * steps_per_epoch
   hess_every = config.hessian.get("every_evals", 0)
   t0 = time.time()
@@ -261,9 +268,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
           "(config.learning_rate) or the NRS alpha/radius; the last good checkpoint is kept."
         )
       p, bs = state["params"], state["batch_stats"]
-      tl, ta = _eval_metrics(model.apply, p, bs, ds.train, 1000)
-      _, va = _eval_metrics(model.apply, p, bs, ds.validation, 1000)
-      _, te = _eval_metrics(model.apply, p, bs, ds.test, 1000)
+      tl, ta = _eval_metrics(eval_step, p, bs, ds.train, 1000)
+      _, va = _eval_metrics(eval_step, p, bs, ds.validation, 1000)
+      _, te = _eval_metrics(eval_step, p, bs, ds.test, 1000)
       record = {
         "step": done,
         "epoch": done / steps_per_epoch,

@@ -129,7 +129,7 @@ class Perturbations(NamedTuple):
 
   def neighbor(self, i: int) -> list:
     """The deltas of neighbour ``i`` (no K axis), for :func:`apply_perturbation`."""
-    return [None if d is None else d[i] for d in self.deltas]
+    return neighbor_deltas(self.deltas, i)
 
   def as_tree(self, params: Any) -> Any:
     """The perturbations as a pytree like ``params`` (zeros where not perturbed)."""
@@ -282,6 +282,11 @@ def _as_key(key: Any) -> jax.Array:
     f"key must be a PRNG key (jax.random.key(seed)) or an int seed; got an array "
     f"of dtype {key.dtype} and shape {key.shape}."
   )
+
+
+def neighbor_deltas(deltas: Sequence[Optional[jax.Array]], i: int) -> list:
+  """Neighbour ``i``'s entry of per-leaf deltas with a leading K axis (None stays None)."""
+  return [None if d is None else d[i] for d in deltas]
 
 
 def apply_perturbation(params: Any, deltas: Sequence[Optional[jax.Array]]) -> Any:

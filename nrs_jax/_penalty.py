@@ -256,7 +256,7 @@ def nrs_penalty(
 
   def evaluate(deltas, n, how):
     if how == "loop":
-      return jnp.stack([one([None if d is None else d[i] for d in deltas]) for i in range(n)])
+      return jnp.stack([one(_neighbors.neighbor_deltas(deltas, i)) for i in range(n)])
     return jax.vmap(one)(deltas)
 
   if strategy == "chunked":
