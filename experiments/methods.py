@@ -95,8 +95,10 @@ def _nrs(apply_fn, tx, config):
 
     def step(params, bs, opt_state, batch, key):
       (loss, (logits, new_bs)), g = _grad_at(apply_fn, params, bs, batch, key)
-      logits_fn = lambda p: apply_fn(p, bs, batch["x"], True, key)[0]
-      params, opt_state = _finish(tx, params, opt_state, g, {"logits_fn": logits_fn})
+      extra = {"logits_fn": lambda p: apply_fn(p, bs, batch["x"], True, key)[0]}
+      if opts.get("stop_gradient_center", False):
+        extra["center_logits"] = logits  # a fixed target: share the centre pass
+      params, opt_state = _finish(tx, params, opt_state, g, extra)
       return params, new_bs, opt_state, {"loss": loss, "accuracy": _accuracy(logits, batch["y"])}
 
     return step

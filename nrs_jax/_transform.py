@@ -60,9 +60,12 @@ def add_nrs_gradient(
     updates, state = tx.update(grads, state, params, logits_fn=logits_fn)
 
   ``logits_fn(params) -> logits`` is an extra keyword argument of ``update``; it
-  closes over the batch (and dropout rng, BatchNorm statistics). Unknown extra
-  keyword arguments are ignored, so the transform composes with other
-  extra-args transforms in ``optax.chain``.
+  closes over the batch (and dropout rng, BatchNorm statistics). With
+  ``stop_gradient_center=True`` you may also pass ``center_logits=``, the
+  logits your task-loss pass already computed at ``params``: the centre is then
+  not recomputed and an update costs exactly the K neighbour passes, the same
+  work as :func:`make_nrs_loss`. Unknown extra keyword arguments are ignored, so
+  the transform composes with other extra-args transforms in ``optax.chain``.
 
   Args:
     alpha: penalty weight >= 0, or an optax schedule of the step count.
@@ -87,11 +90,16 @@ def add_nrs_gradient(
 
   Raises:
     ValueError: at construction for invalid options; in ``update`` when
-      ``params`` or ``logits_fn`` is missing.
+      ``params`` or ``logits_fn`` is missing, or ``center_logits`` is given with
+      a differentiable centre.
 
   .. note::
-    The centre forward pass is recomputed here (the transform never sees the
-    task loss's logits). To share it, use :func:`make_nrs_loss` instead. Each
+    With the default differentiable centre, the centre forward and backward
+    pass is recomputed here: the penalty's centre term needs a backward pass
+    with its own cotangent, and a gradient transformation receives the task
+    gradient already computed. That is one extra pass, (2 + K) / (1 + K) times
+    the work of :func:`make_nrs_loss`, which shares it. With
+    ``stop_gradient_center=True`` and ``center_logits=`` nothing is recomputed. Each
     update costs about K extra forward/backward passes; see
     :func:`nrs_penalty` for the memory of K neighbours, dropout and BatchNorm.
     Inside ``optax.MultiSteps`` the inner chain runs on every micro-step but
@@ -149,7 +157,7 @@ def add_nrs_gradient(
     _neighbors.perturbed_leaf_mask(params, mask)
     return NRSState(count=jnp.zeros([], jnp.int32), key=jax.random.key_data(base_key))
 
-  def update_fn(updates, state, params=None, *, logits_fn=None, **extra_args):
+  def update_fn(updates, state, params=None, *, logits_fn=None, center_logits=None, **extra_args):
     del extra_args
     if params is None:
       raise ValueError("add_nrs_gradient needs params: call tx.update(grads, state, params, ...).")
@@ -159,6 +167,13 @@ def add_nrs_gradient(
         "over the batch: tx.update(grads, state, params, logits_fn=lambda p: "
         "model.apply(p, x)) (with nnx: optimizer.update(model, grads, "
         "logits_fn=...))."
+      )
+    if center_logits is not None and not stop_gradient_center:
+      raise ValueError(
+        "center_logits can only be used with stop_gradient_center=True: with a "
+        "differentiable centre the penalty's gradient needs the centre's own backward "
+        "pass, which logits alone cannot give. Set stop_gradient_center=True to share "
+        "the centre pass, or drop center_logits (the transform recomputes it)."
       )
     base = jax.random.wrap_key_data(state.key, impl=impl)
     step_key = jax.random.fold_in(base, state.count // resample_every)
@@ -184,6 +199,7 @@ def add_nrs_gradient(
         neighbor_chunk_size=neighbor_chunk_size,
         axis_name=axis_name,
         per_replica_neighbors=per_replica_neighbors,
+        center_logits=center_logits,
       )
 
     grads = jax.grad(penalty, allow_int=True)(params)

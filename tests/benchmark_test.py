@@ -18,7 +18,10 @@ def test_benchmark_runs_and_writes_json(tmp_path):
   assert p.returncode == 0, p.stderr[-3000:]
   result = json.loads(out.read_text())
   m = result["models"]["mlp"]
-  assert {"sgd", "sam", "nrs_k1_auto", "nrs_k1_transform"} <= set(m["ratios"])
+  assert {"sgd", "sam", "nrs_k1_auto", "nrs_k1_transform", "nrs_k1_transform_sg"} <= set(
+    m["ratios"]
+  )
+  assert m["checks"]["transform_sg_k1_vs_fused_sg"] > 0
   assert m["checks"]["k1_fused_vs_sam"] > 0
   assert result["hessian"]["mlp_100k"]["lanczos_iters"] >= 5
   assert "| mlp | nrs_k1_auto |" in p.stdout

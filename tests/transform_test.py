@@ -349,3 +349,55 @@ def test_bfloat16_compute_is_finite_and_close_to_float32():
   assert a.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(a)))
   cos = float(a @ b / (jnp.linalg.norm(a) * jnp.linalg.norm(b)))
   assert cos > 0.95, cos
+
+
+def test_center_logits_shares_the_centre_pass_with_stop_gradient_center():
+  params, logits_fn, loss = _setup()
+  key = jax.random.key(1)
+  calls = []
+
+  def counted(p):
+    calls.append(1)  # counts traces of a forward pass
+    return logits_fn(p)
+
+  tx = nrs_jax.add_nrs_gradient(ALPHA, RADIUS, 2, key=key, stop_gradient_center=True)
+  state = tx.init(params)
+  grads = jax.grad(loss)(params)
+  center = logits_fn(params)
+  shared, _ = jax.jit(lambda g, s, p, z: tx.update(g, s, p, logits_fn=counted, center_logits=z))(
+    grads, state, params, center
+  )
+  assert len(calls) == 2  # the K neighbours only
+  calls.clear()
+  recomputed, _ = jax.jit(lambda g, s, p: tx.update(g, s, p, logits_fn=counted))(
+    grads, state, params
+  )
+  assert len(calls) == 3  # the centre too
+  jax.tree_util.tree_map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), shared, recomputed
+  )
+  # And it is the fused loss's gradient with a fixed centre.
+  step_key = jax.random.fold_in(jax.random.wrap_key_data(state.key), 0)
+  y = jnp.arange(16) % 3
+  fused = nrs_jax.make_nrs_loss(
+    lambda p, _: logits_fn(p),
+    lambda z, _: optax.softmax_cross_entropy_with_integer_labels(z, y).mean(),
+    alpha=ALPHA,
+    radius=RADIUS,
+    num_neighbors=2,
+    stop_gradient_center=True,
+  )
+  g_fused = jax.grad(lambda p: fused(p, None, step_key)[0])(params)
+  jax.tree_util.tree_map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), shared, g_fused
+  )
+
+
+def test_center_logits_with_differentiable_centre_is_an_error():
+  params, logits_fn, loss = _setup()
+  tx = nrs_jax.add_nrs_gradient(ALPHA, RADIUS, 2)
+  state = tx.init(params)
+  with pytest.raises(ValueError, match="center_logits.*stop_gradient_center=True"):
+    tx.update(
+      jax.grad(loss)(params), state, params, logits_fn=logits_fn, center_logits=logits_fn(params)
+    )
