@@ -3,8 +3,9 @@
   python -m experiments.benchmark                    # MLP, CNN, ResNet-18 (CIFAR shape, batch 128)
   python -m experiments.benchmark --models=mlp --repeats=5 --out=benchmark.json
 
-Every number is a median over ``--repeats`` timed calls after warm-up, all in one
-process, reported as ratios to the SGD step and to the SAM step (two-pass
+Every row is compiled first, then timed round-robin: ``--repeats`` rounds that
+call each row once in turn, after warm-up, all in one process (a change in
+machine load hits every row alike). Medians are reported as ratios to the SGD step and to the SAM step (two-pass
 ascent step, as optax.contrib.sam's opaque mode computes). Absolute seconds
 depend on the machine; ratios are what to compare.
 """
@@ -38,7 +39,7 @@ flags.DEFINE_bool("hessian", True, "Also time HVPs and Lanczos (flatness toolkit
 
 MODELS = {
   # name: (config model, model_kwargs, input shape, batch, default repeats)
-  "mlp": ("mlp", dict(hidden=(256, 256)), (40,), 128, 30),
+  "mlp": ("mlp", dict(hidden=(256, 256)), (40,), 128, 60),
   "cnn": ("cnn1d", dict(channels=(64, 64, 64)), (40,), 128, 20),
   "resnet18": ("resnet18", dict(), (32, 32, 3), 128, 3),
 }
@@ -54,16 +55,26 @@ def _config(model, kwargs, method, nrs=None):
 
 
 def _median_time(fn, args, repeats):
-  out = fn(*args)
-  jax.block_until_ready(out)
-  out = fn(*args)
-  jax.block_until_ready(out)
-  times = []
+  return _interleaved_medians({"f": (fn, args)}, repeats)["f"]
+
+
+def _interleaved_medians(fns: dict, repeats: int) -> dict:
+  """Median seconds per call of each ``label: (fn, args)``, timed round-robin.
+
+  Two warm-up calls each, then ``repeats`` rounds that time every function once
+  in turn: a change in machine load hits all rows alike instead of whichever
+  row was running, which is what keeps the ratios comparable on a shared host.
+  """
+  for fn, args in fns.values():
+    for _ in range(2):
+      jax.block_until_ready(fn(*args))
+  times = {label: [] for label in fns}
   for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
+    for label, (fn, args) in fns.items():
+      t = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      times[label].append(time.perf_counter() - t)
+  return {label: statistics.median(ts) for label, ts in times.items()}
 
 
 def bench_model(name, ks, repeats):
@@ -78,7 +89,7 @@ def bench_model(name, ks, repeats):
     "y": jnp.asarray(rng.integers(0, 10, batch_size)),
   }
   key = jax.random.key(0)
-  rows = {}
+  rows, fns = {}, {}
 
   def run(label, method, nrs=None):
     config = _config(model_name, kwargs, method, nrs)
@@ -92,9 +103,9 @@ def bench_model(name, ks, repeats):
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     temp = int(getattr(mem, "temp_size_in_bytes", 0)) if mem is not None else 0
-    secs = _median_time(compiled, args, repeats)
-    rows[label] = {"seconds": secs, "compile_seconds": compile_s, "temp_bytes": temp}
-    print(f"  {name:9s} {label:28s} {secs * 1e3:9.2f} ms  compile {compile_s:6.2f} s", flush=True)
+    rows[label] = {"compile_seconds": compile_s, "temp_bytes": temp}
+    fns[label] = (compiled, args)
+    print(f"  {name:9s} {label:28s} compile {compile_s:6.2f} s", flush=True)
     return model
 
   run("sgd", "sgd")
@@ -117,12 +128,15 @@ def bench_model(name, ks, repeats):
     run(f"nrs_k{k}_fused_sg", "nrs", sg)
     run(f"nrs_k{k}_transform_sg", "nrs", {**sg, "implementation": "transform"})
 
-  # Sampling alone, as a share of the NRS K=1 step.
-  params = model.params
+  # Sampling alone, timed in the same rounds, as a share of the NRS K=1 step.
   sample = jax.jit(
     lambda p, k: nrs_jax.sample_perturbations(p, k, radius=0.05, num_neighbors=1).deltas
   )
-  rows["sampling_k1"] = {"seconds": _median_time(sample, (params, key), repeats)}
+  fns["sampling_k1"] = (sample, (model.params, key))
+  rows["sampling_k1"] = {}
+  print(f"  {name:9s} timing {len(fns)} rows, {repeats} interleaved rounds", flush=True)
+  for label, secs in _interleaved_medians(fns, repeats).items():
+    rows[label]["seconds"] = secs
   return rows
 
 
