@@ -111,11 +111,13 @@ def bench_model(name, ks, repeats):
   run("sgd", "sgd")
   model = run("sam", "sam")
   for k in ks:
-    strategies = ["auto", "loop", "vmap"] + (["chunked"] if k >= 2 else [])
+    strategies = ["auto", "loop", "accumulate", "vmap"] + (["chunked"] if k >= 2 else [])
     if name == "resnet18":
       # vmap and chunked (lax.map) over conv kernels are 10-100x slower on XLA:CPU;
       # time them on an accelerator only.
-      strategies = ["auto"] + (["vmap"] if k == 2 and jax.default_backend() != "cpu" else [])
+      strategies = ["auto", "accumulate"] + (
+        ["vmap"] if k == 2 and jax.default_backend() != "cpu" else []
+      )
     for s in strategies:
       nrs = {"num_neighbors": k, "strategy": s}
       if s == "chunked":

@@ -10,12 +10,13 @@ from typing import Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from nrs_jax import _divergence
 from nrs_jax import _neighbors
 
 AGGREGATIONS = ("mean", "max")
-STRATEGIES = ("auto", "vmap", "loop", "chunked")
+STRATEGIES = ("auto", "vmap", "loop", "accumulate", "chunked")
 
 Scalar = Union[float, jax.Array]
 
@@ -71,7 +72,7 @@ def validate_options(
       raise ValueError(
         f"neighbor_chunk_size={c!r} must be a positive int that divides num_neighbors={k}, or None."
       )
-    if strategy in ("vmap", "loop"):
+    if strategy in ("vmap", "loop", "accumulate"):
       raise ValueError(
         f"neighbor_chunk_size={c} asks for chunked evaluation but strategy={strategy!r}; "
         "use strategy='chunked' or 'auto' with a chunk size, or drop the chunk size."
@@ -163,7 +164,11 @@ def nrs_penalty(
       ``params`` or a predicate ``(path, leaf) -> bool``.
     stop_gradient_center: treat the centre outputs as a fixed target.
     strategy: how the K neighbours are evaluated: ``"vmap"``, ``"loop"``
-      (unrolled), ``"chunked"`` (``lax.map`` over chunks of
+      (unrolled), ``"accumulate"`` (unrolled, each neighbour drawn when needed
+      and its gradient taken in the forward pass through a custom VJP, so one
+      neighbour's perturbation and activations are alive at a time with no
+      recomputation; reverse-mode only: ``jax.jvp``/``jax.hessian`` of the
+      penalty need another strategy), ``"chunked"`` (``lax.map`` over chunks of
       ``neighbor_chunk_size`` vmapped neighbours, each chunk drawing its own
       perturbations under ``jax.checkpoint``: memory holds one chunk at a time,
       at the price of recomputing its forward pass; on CPU, conv nets run slowly
@@ -245,14 +250,17 @@ def nrs_penalty(
   keys = jax.random.split(key, k)
   leaves = jax.tree_util.tree_leaves(params)
 
-  def one(deltas):
-    z = _check_logits(logits_fn(_neighbors.apply_perturbation(params, deltas)), "a neighbour")
-    if z.shape != center.shape:
+  def one_at(p, c, deltas):
+    z = _check_logits(logits_fn(_neighbors.apply_perturbation(p, deltas)), "a neighbour")
+    if z.shape != c.shape:
       raise ValueError(
-        f"logits_fn returned shape {z.shape} for a neighbour but {center.shape} for "
+        f"logits_fn returned shape {z.shape} for a neighbour but {c.shape} for "
         "the centre (or center_logits); they must match."
       )
-    return jnp.mean(div_fn(center, z)).astype(out_dtype)
+    return jnp.mean(div_fn(c, z)).astype(out_dtype)
+
+  def one(deltas):
+    return one_at(params, center, deltas)
 
   def evaluate(deltas, n, how):
     if how == "loop":
@@ -268,14 +276,101 @@ def nrs_penalty(
     divs = jax.lax.map(chunk, keys.reshape((k // c, c))).reshape(k)
   else:
     strategy = resolve_strategy(strategy, k, leaves, selected)
-    divs = evaluate(sampler(keys), k, strategy)
+    if strategy == "accumulate":
 
-  if axis_name is not None:
-    divs = jax.lax.pmean(divs, axis_name)
-  value = jnp.mean(divs) if aggregation == "mean" else jnp.max(divs)
+      def deltas_of(p, i):  # neighbour i alone, drawn when it is needed
+        smp = _neighbors.make_sampler(p, radius=radius, noise=noise, scale=scale, mask=mask)
+        return _neighbors.neighbor_deltas(smp(keys[i : i + 1]), 0)
+
+      value = _accumulated(
+        one_at, deltas_of, params, center, k, aggregation, axis_name, stop_gradient_center
+      )
+    else:
+      divs = evaluate(sampler(keys), k, strategy)
+  if strategy != "accumulate":
+    if axis_name is not None:
+      divs = jax.lax.pmean(divs, axis_name)
+    value = jnp.mean(divs) if aggregation == "mean" else jnp.max(divs)
   if not _is_static_number(radius):
     value = jnp.where(radius == 0, jnp.zeros_like(value), value)
   return value
+
+
+def _accumulated(one_at, deltas_of, params, center, k, aggregation, axis_name, fixed_center):
+  """``A_k d_k`` whose gradient is taken neighbour by neighbour in the forward pass.
+
+  A custom VJP: the forward pass runs ``value_and_grad`` of one neighbour at a
+  time and keeps only the running sum (``mean``) or the running arg-max
+  (``max``) of the gradients, so one neighbour's activations are alive at a time
+  and nothing is recomputed; the backward pass scales the kept gradient by the
+  incoming cotangent. Same value and gradient as the loop (exact ties under
+  ``max`` take the first neighbour instead of splitting). Reverse mode only.
+  """
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  floats = [_neighbors._is_float(x) for x in leaves]
+
+  def tree(fl, all_leaves):
+    it = iter(fl)
+    return jax.tree_util.tree_unflatten(
+      treedef, [next(it) if f else x for x, f in zip(all_leaves, floats)]
+    )
+
+  def aggregate(divs):
+    if axis_name is not None:
+      divs = jax.lax.pmean(divs, axis_name)
+    return jnp.mean(divs) if aggregation == "mean" else jnp.max(divs)
+
+  @jax.custom_vjp
+  def run(all_leaves, c):
+    p = jax.tree_util.tree_unflatten(treedef, all_leaves)
+    return aggregate(jnp.stack([one_at(p, c, deltas_of(p, i)) for i in range(k)]))
+
+  def fwd(all_leaves, c):
+    p = jax.tree_util.tree_unflatten(treedef, all_leaves)
+    fl = [x for x, f in zip(all_leaves, floats) if f]
+    acc = lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    value = g_fl = g_c = None
+    tie = None
+    for i in range(k):
+      ds_i = deltas_of(p, i)
+      if tie is not None:
+        # A zero that depends on neighbour i-1's gradients, added to neighbour i's deltas
+        # (fused into w + delta): XLA must finish i-1's backward pass before i's forward
+        # pass, so one neighbour's activations are alive at a time. (An
+        # optimization_barrier does not order the schedule on XLA:CPU; a data dependence does.)
+        ds_i = [None if x is None else x + tie.astype(x.dtype) for x in ds_i]
+      div_i = lambda q, z, ds_i=ds_i: one_at(tree(q, all_leaves), z, ds_i)
+      d, (gq, gz) = jax.value_and_grad(div_i, argnums=(0, 1))(fl, c)
+      t = sum(g.reshape(-1)[0] for g in gq) if gq else gz.reshape(-1)[0]
+      tie = jnp.where(jnp.isfinite(t), t, 0.0) * 0.0
+      gq, gz = [acc(g) for g in gq], acc(gz)
+      if axis_name is not None:
+        d = jax.lax.pmean(d, axis_name)  # the global divergence decides under max
+      if i == 0:
+        value, g_fl, g_c = d, gq, gz
+      elif aggregation == "mean":
+        value, g_fl, g_c = value + d, [a + b for a, b in zip(g_fl, gq)], g_c + gz
+      else:
+        take = d > value
+        value = jnp.where(take, d, value)
+        g_fl = [jnp.where(take, b, a) for a, b in zip(g_fl, gq)]
+        g_c = jnp.where(take, gz, g_c)
+    if aggregation == "mean":
+      value, g_fl, g_c = value / k, [g / k for g in g_fl], g_c / k
+    return value, (g_fl, g_c)
+
+  def bwd(res, ct):
+    g_fl, g_c = res
+    it = iter(g_fl)
+    ct_leaves = [
+      (ct * next(it)).astype(x.dtype) if f else np.zeros(jnp.shape(x), jax.dtypes.float0)
+      for x, f in zip(leaves, floats)
+    ]
+    ct_c = jnp.zeros(center.shape, center.dtype) if fixed_center else ct * g_c
+    return ct_leaves, ct_c.astype(center.dtype)
+
+  run.defvjp(fwd, bwd)
+  return run(leaves, center)
 
 
 def make_nrs_loss(

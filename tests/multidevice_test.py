@@ -65,21 +65,21 @@ x = jax.random.normal(jax.random.key(3), (32, 5))
 xs = x.reshape(8, 4, 5)
 key = jax.random.key(9)
 axis = {}
-for agg in ("mean", "max"):
-  kw = dict(radius=0.3, num_neighbors=4, aggregation=agg, strategy="vmap")
+for agg, strategy in [(a, s) for a in ("mean", "max") for s in ("vmap", "accumulate")]:
+  kw = dict(radius=0.3, num_neighbors=4, aggregation=agg, strategy=strategy)
   def local(p, xb, per_replica=False):
     f = lambda q: nrs_jax.nrs_penalty(lambda r: apply(r, xb), q, key, axis_name="d", per_replica_neighbors=per_replica, **kw)
     v, g = jax.value_and_grad(f)(p)
     return v, jax.lax.pmean(g, "d")
   v, g = jax.pmap(local, axis_name="d", in_axes=(None, 0))(mp, xs)
   rv, rg = jax.value_and_grad(lambda q: nrs_jax.nrs_penalty(lambda r: apply(r, x), q, key, **kw))(mp)
-  axis[agg] = {
+  axis[agg + "_" + strategy] = {
     "value_err": float(np.max(np.abs(np.asarray(v) - float(rv)))) / float(rv),
     "grad_err": max(float(np.max(np.abs(np.asarray(g[k]) - np.asarray(rg[k])[None]))) / float(np.max(np.abs(rg[k]))) for k in rg),
   }
   vp, _ = jax.pmap(lambda p, xb: local(p, xb, True), axis_name="d", in_axes=(None, 0))(mp, xs)
-  axis[agg]["per_replica_same_on_all"] = bool(np.all(np.asarray(vp) == np.asarray(vp)[0]))
-  axis[agg]["per_replica_differs"] = bool(abs(float(vp[0]) - float(rv)) > 1e-6 * float(rv))
+  axis[agg + "_" + strategy]["per_replica_same_on_all"] = bool(np.all(np.asarray(vp) == np.asarray(vp)[0]))
+  axis[agg + "_" + strategy]["per_replica_differs"] = bool(abs(float(vp[0]) - float(rv)) > 1e-6 * float(rv))
 out["axis_name"] = axis
 print("RESULT" + json.dumps(out))
 """
@@ -98,7 +98,7 @@ def test_eight_devices_replicated_and_fsdp_match_one_device():
   line = [x for x in p.stdout.splitlines() if x.startswith("RESULT")][-1]
   out = json.loads(line[len("RESULT") :])
   assert out["neighbours_identical"]
-  for agg in ("mean", "max"):
+  for agg in ("mean_vmap", "max_vmap", "mean_accumulate", "max_accumulate"):
     a = out["axis_name"][agg]
     assert a["value_err"] < 1e-5 and a["grad_err"] < 1e-4, out["axis_name"]
     assert a["per_replica_same_on_all"] and a["per_replica_differs"], out["axis_name"]

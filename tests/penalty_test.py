@@ -78,6 +78,7 @@ def test_strategies_agree_on_value_and_gradient(
   variants = (
     {"strategy": "loop"},
     {"strategy": "vmap"},
+    {"strategy": "accumulate"},
     {"neighbor_chunk_size": 2},
     {"strategy": "chunked", "neighbor_chunk_size": 1},
     {"strategy": "auto"},
@@ -166,11 +167,12 @@ def _fixed_penalty(p, p0, key):
   return jnp.mean(jnp.stack(divs))
 
 
-def test_max_picks_largest_neighbour_and_its_gradient(tiny):
+@pytest.mark.parametrize("strategy", ["vmap", "accumulate"])
+def test_max_picks_largest_neighbour_and_its_gradient(tiny, strategy):
   params, x, _, logits_fn = tiny
   divs = _brute_force_divergences(params, x, KEY, radius=0.5, k=6)
   f = lambda p: nrs_jax.nrs_penalty(
-    logits_fn, p, KEY, radius=0.5, num_neighbors=6, aggregation="max", strategy="vmap"
+    logits_fn, p, KEY, radius=0.5, num_neighbors=6, aggregation="max", strategy=strategy
   )
   v, g = jax.jit(jax.value_and_grad(f))(params)
   np.testing.assert_allclose(v, divs.max(), rtol=1e-4)
@@ -322,3 +324,44 @@ def test_make_nrs_loss_rejects_bad_alpha():
     nrs_jax.make_nrs_loss(_apply, _task, alpha=-1.0, radius=0.1)
   with pytest.raises(ValueError, match="alpha must be a finite scalar"):
     nrs_jax.make_nrs_loss(_apply, _task, alpha=optax.constant_schedule(1.0), radius=0.1)
+
+
+def test_accumulate_handles_int_leaves_bf16_and_holds_one_neighbour_in_memory():
+  # Integer leaves ride along (float0 gradient under allow_int); bf16 gradients keep their dtype.
+  params = mlp_init(jax.random.key(0), (5, 8, 3))
+  params_int = {"net": params, "step": jnp.array(3, jnp.int32)}
+  x = jax.random.normal(jax.random.key(1), (16, 5))
+
+  def pen(p, strategy, k=3):
+    logits_fn = lambda q: mlp_apply(q["net"] if "net" in q else q, x)
+    return nrs_jax.nrs_penalty(logits_fn, p, KEY, radius=0.2, num_neighbors=k, strategy=strategy)
+
+  g_acc = jax.jit(jax.grad(lambda p: pen(p, "accumulate"), allow_int=True))(params_int)
+  g_loop = jax.jit(jax.grad(lambda p: pen(p, "loop"), allow_int=True))(params_int)
+  assert g_acc["step"].dtype == jax.dtypes.float0
+  _assert_trees_close(g_acc["net"], g_loop["net"], rtol=1e-4)
+  p16 = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), params)
+  g16 = jax.jit(jax.grad(lambda p: pen(p, "accumulate")))(p16)
+  assert all(g.dtype == jnp.bfloat16 for g in jax.tree_util.tree_leaves(g16))
+  _assert_trees_close(
+    jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), g16),
+    jax.grad(lambda p: pen(p, "loop"))(params),
+    rtol=0.1,
+    atol=2e-2,
+  )
+
+  # XLA's temp memory: the loop keeps all K neighbours' activations for the backward
+  # pass, accumulate one at a time (wide layer and batch so activations dominate).
+  big = mlp_init(jax.random.key(0), (32, 512, 10))
+  xb = jax.random.normal(jax.random.key(1), (512, 32))
+
+  def temp(strategy, k):
+    f = lambda p: nrs_jax.nrs_penalty(
+      lambda q: mlp_apply(q, xb), p, KEY, radius=0.1, num_neighbors=k, strategy=strategy
+    )
+    mem = jax.jit(jax.grad(f)).lower(big).compile().memory_analysis()
+    return mem.temp_size_in_bytes
+
+  loop8, acc8, acc1 = temp("loop", 8), temp("accumulate", 8), temp("accumulate", 1)
+  assert acc8 < 0.5 * loop8, (acc8, loop8)
+  assert acc8 < 2.0 * acc1, (acc8, acc1)
