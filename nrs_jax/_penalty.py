@@ -168,11 +168,10 @@ def nrs_penalty(
       and its gradient taken in the forward pass through a custom VJP, so one
       neighbour's perturbation and activations are alive at a time with no
       recomputation; reverse-mode only: ``jax.jvp``/``jax.hessian`` of the
-      penalty need another strategy), ``"chunked"`` (``lax.map`` over chunks of
-      ``neighbor_chunk_size`` vmapped neighbours, each chunk drawing its own
-      perturbations under ``jax.checkpoint``: memory holds one chunk at a time,
-      at the price of recomputing its forward pass; on CPU, conv nets run slowly
-      this way, as XLA:CPU is slow at conv gradients inside loops),
+      penalty need another strategy), ``"chunked"`` (the same over chunks of
+      ``neighbor_chunk_size`` vmapped neighbours under ``lax.scan``: memory
+      holds one chunk at a time, also reverse-mode only; on CPU, conv nets run
+      slowly this way, as XLA:CPU is slow at conv gradients inside loops),
       or ``"auto"`` (see :func:`resolve_strategy`; chunked when
       ``neighbor_chunk_size`` is set). All give the same value and gradient.
     neighbor_chunk_size: neighbours per chunk; must divide ``num_neighbors``.
@@ -267,27 +266,35 @@ def nrs_penalty(
       return jnp.stack([one(_neighbors.neighbor_deltas(deltas, i)) for i in range(n)])
     return jax.vmap(one)(deltas)
 
-  if strategy == "chunked":
-    # lax.map over chunks: each chunk draws its own neighbours and is
-    # rematerialised in the backward pass, so one chunk's perturbations and
-    # activations are alive at a time. Inside a chunk the neighbours are vmapped.
-    c = neighbor_chunk_size
-    chunk = jax.checkpoint(lambda ks: evaluate(sampler(ks), c, "vmap"))
-    divs = jax.lax.map(chunk, keys.reshape((k // c, c))).reshape(k)
-  else:
+  if strategy != "chunked":
     strategy = resolve_strategy(strategy, k, leaves, selected)
-    if strategy == "accumulate":
+  if strategy in ("accumulate", "chunked"):
+    # Chunks of neighbours, each drawn when it is needed and differentiated in the
+    # forward pass: unrolled one by one (accumulate) or a lax.scan over vmapped chunks.
+    c = 1 if strategy == "accumulate" else neighbor_chunk_size
 
-      def deltas_of(p, i):  # neighbour i alone, drawn when it is needed
-        smp = _neighbors.make_sampler(p, radius=radius, noise=noise, scale=scale, mask=mask)
-        return _neighbors.neighbor_deltas(smp(keys[i : i + 1]), 0)
+    def deltas_of(p, ks):
+      smp = _neighbors.make_sampler(p, radius=radius, noise=noise, scale=scale, mask=mask)
+      return smp(ks)
 
-      value = _accumulated(
-        one_at, deltas_of, params, center, k, aggregation, axis_name, stop_gradient_center
-      )
-    else:
-      divs = evaluate(sampler(keys), k, strategy)
-  if strategy != "accumulate":
+    def divs_of(p, z, deltas):
+      if c == 1:
+        return one_at(p, z, _neighbors.neighbor_deltas(deltas, 0))[None]
+      return jax.vmap(lambda d: one_at(p, z, d))(deltas)
+
+    value = _accumulated(
+      divs_of,
+      deltas_of,
+      params,
+      center,
+      keys.reshape((k // c, c)),
+      unrolled=strategy == "accumulate",
+      aggregation=aggregation,
+      axis_name=axis_name,
+      fixed_center=stop_gradient_center,
+    )
+  else:
+    divs = evaluate(sampler(keys), k, strategy)
     if axis_name is not None:
       divs = jax.lax.pmean(divs, axis_name)
     value = jnp.mean(divs) if aggregation == "mean" else jnp.max(divs)
@@ -296,18 +303,27 @@ def nrs_penalty(
   return value
 
 
-def _accumulated(one_at, deltas_of, params, center, k, aggregation, axis_name, fixed_center):
-  """``A_k d_k`` whose gradient is taken neighbour by neighbour in the forward pass.
+def _accumulated(
+  divs_of, deltas_of, params, center, key_groups, *, unrolled, aggregation, axis_name, fixed_center
+):
+  """``A_k d_k`` whose gradient is taken group by group in the forward pass.
 
-  A custom VJP: the forward pass runs ``value_and_grad`` of one neighbour at a
-  time and keeps only the running sum (``mean``) or the running arg-max
-  (``max``) of the gradients, so one neighbour's activations are alive at a time
-  and nothing is recomputed; the backward pass scales the kept gradient by the
-  incoming cotangent. Same value and gradient as the loop (exact ties under
-  ``max`` take the first neighbour instead of splitting). Reverse mode only.
+  A custom VJP. The forward pass visits the groups of neighbours (a row of
+  ``key_groups`` each): it draws the group's perturbations, runs ``jax.vjp`` of
+  its divergences and applies the group's share of the cotangent at once (1/K
+  each for ``mean``; one-hot on the group's largest for ``max``), keeping only
+  the running value and gradient. So one group's perturbations and activations
+  are alive at a time and nothing is recomputed; the backward pass scales the
+  kept gradient by the incoming cotangent. Groups run unrolled (``unrolled``,
+  for XLA:CPU, ordered by a data dependence) or under ``lax.scan``. Same value
+  and gradient as differentiating the whole; exact ties under ``max`` take the
+  first neighbour instead of splitting, and a NaN divergence propagates.
+  Reverse mode only.
   """
   leaves, treedef = jax.tree_util.tree_flatten(params)
   floats = [_neighbors._is_float(x) for x in leaves]
+  n_groups, group = key_groups.shape
+  k = n_groups * group
 
   def tree(fl, all_leaves):
     it = iter(fl)
@@ -315,48 +331,66 @@ def _accumulated(one_at, deltas_of, params, center, k, aggregation, axis_name, f
       treedef, [next(it) if f else x for x, f in zip(all_leaves, floats)]
     )
 
-  def aggregate(divs):
-    if axis_name is not None:
-      divs = jax.lax.pmean(divs, axis_name)
-    return jnp.mean(divs) if aggregation == "mean" else jnp.max(divs)
+  def global_divs(divs):
+    return divs if axis_name is None else jax.lax.pmean(divs, axis_name)
 
   @jax.custom_vjp
   def run(all_leaves, c):
     p = jax.tree_util.tree_unflatten(treedef, all_leaves)
-    return aggregate(jnp.stack([one_at(p, c, deltas_of(p, i)) for i in range(k)]))
+    group_divs = lambda ks: divs_of(p, c, deltas_of(p, ks))
+    if unrolled:
+      divs = jnp.concatenate([group_divs(ks) for ks in key_groups])
+    else:
+      divs = jax.lax.map(group_divs, key_groups).reshape(k)
+    divs = global_divs(divs)
+    return jnp.mean(divs) if aggregation == "mean" else jnp.max(divs)
 
   def fwd(all_leaves, c):
     p = jax.tree_util.tree_unflatten(treedef, all_leaves)
     fl = [x for x, f in zip(all_leaves, floats) if f]
     acc = lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32))
-    value = g_fl = g_c = None
-    tie = None
-    for i in range(k):
-      ds_i = deltas_of(p, i)
-      if tie is not None:
-        # A zero that depends on neighbour i-1's gradients, added to neighbour i's deltas
-        # (fused into w + delta): XLA must finish i-1's backward pass before i's forward
-        # pass, so one neighbour's activations are alive at a time. (An
-        # optimization_barrier does not order the schedule on XLA:CPU; a data dependence does.)
-        ds_i = [None if x is None else x + tie.astype(x.dtype) for x in ds_i]
-      div_i = lambda q, z, ds_i=ds_i: one_at(tree(q, all_leaves), z, ds_i)
-      d, (gq, gz) = jax.value_and_grad(div_i, argnums=(0, 1))(fl, c)
-      t = sum(g.reshape(-1)[0] for g in gq) if gq else gz.reshape(-1)[0]
-      tie = jnp.where(jnp.isfinite(t), t, 0.0) * 0.0
-      gq, gz = [acc(g) for g in gq], acc(gz)
-      if axis_name is not None:
-        d = jax.lax.pmean(d, axis_name)  # the global divergence decides under max
-      if i == 0:
-        value, g_fl, g_c = d, gq, gz
-      elif aggregation == "mean":
-        value, g_fl, g_c = value + d, [a + b for a, b in zip(g_fl, gq)], g_c + gz
+
+    def visit(carry, ks):
+      value, g_fl, g_c, tie = carry
+      ds = deltas_of(p, ks)
+      if unrolled:
+        # A zero that depends on the previous group's gradients, added to this group's
+        # deltas (fused into w + delta): XLA must finish that backward pass before this
+        # forward pass. (An optimization_barrier does not order XLA:CPU's schedule.)
+        ds = [None if x is None else x + tie.astype(x.dtype) for x in ds]
+      divs, vjp = jax.vjp(lambda q, z: divs_of(tree(q, all_leaves), z, ds), fl, c)
+      divs_g = global_divs(divs)  # under max, the global divergence decides
+      if aggregation == "mean":
+        gq, gz = vjp(jnp.full(divs.shape, 1.0 / k, divs.dtype))
+        value = value + jnp.sum(divs_g) / k
+        g_fl = [a + acc(b) for a, b in zip(g_fl, gq)]
+        g_c = g_c + acc(gz)
       else:
-        take = d > value
+        j = jnp.argmax(divs_g)
+        gq, gz = vjp(jax.nn.one_hot(j, group, dtype=divs.dtype))
+        d = divs_g[j]
+        take = (d > value) | jnp.isnan(d)
         value = jnp.where(take, d, value)
-        g_fl = [jnp.where(take, b, a) for a, b in zip(g_fl, gq)]
-        g_c = jnp.where(take, gz, g_c)
-    if aggregation == "mean":
-      value, g_fl, g_c = value / k, [g / k for g in g_fl], g_c / k
+        g_fl = [jnp.where(take, acc(b), a) for a, b in zip(g_fl, gq)]
+        g_c = jnp.where(take, acc(gz), g_c)
+      t = sum(g.reshape(-1)[0] for g in g_fl) + g_c.reshape(-1)[0]
+      tie = jnp.where(jnp.isfinite(t), t, 0.0) * 0.0
+      return (value, g_fl, g_c, tie), None
+
+    dtype = jnp.promote_types(c.dtype, jnp.float32)
+    start = jnp.zeros((), dtype) if aggregation == "mean" else jnp.full((), -jnp.inf, dtype)
+    carry = (
+      start,
+      [jnp.zeros(x.shape, jnp.promote_types(x.dtype, jnp.float32)) for x in fl],
+      jnp.zeros(c.shape, dtype),
+      jnp.zeros((), dtype),
+    )
+    if unrolled:
+      for ks in key_groups:
+        carry, _ = visit(carry, ks)
+    else:
+      carry, _ = jax.lax.scan(visit, carry, key_groups)
+    value, g_fl, g_c, _ = carry
     return value, (g_fl, g_c)
 
   def bwd(res, ct):

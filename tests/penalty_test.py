@@ -365,3 +365,20 @@ def test_accumulate_handles_int_leaves_bf16_and_holds_one_neighbour_in_memory():
   loop8, acc8, acc1 = temp("loop", 8), temp("accumulate", 8), temp("accumulate", 1)
   assert acc8 < 0.5 * loop8, (acc8, loop8)
   assert acc8 < 2.0 * acc1, (acc8, acc1)
+
+
+@pytest.mark.parametrize("aggregation", ["mean", "max"])
+def test_accumulate_and_chunked_without_gradient_and_nan_propagation(tiny, aggregation):
+  params, _, _, logits_fn = tiny
+  kw = dict(radius=0.3, num_neighbors=4, aggregation=aggregation)
+  ref = nrs_jax.nrs_penalty(logits_fn, params, KEY, strategy="loop", **kw)
+  for extra in ({"strategy": "accumulate"}, {"neighbor_chunk_size": 2}):
+    got = jax.jit(lambda p, e=extra: nrs_jax.nrs_penalty(logits_fn, p, KEY, **kw, **e))(params)
+    np.testing.assert_allclose(got, ref, rtol=1e-5)
+  # A NaN in the outputs is never hidden by the running max or sum, value or gradient.
+  bad = lambda p: logits_fn(p) * jnp.where(p["layer0"]["w"][0, 0] > -1e9, jnp.nan, 1.0)
+  for extra in ({"strategy": "accumulate"}, {"neighbor_chunk_size": 2}):
+    v, g = jax.value_and_grad(lambda p, e=extra: nrs_jax.nrs_penalty(bad, p, KEY, **kw, **e))(
+      params
+    )
+    assert np.isnan(float(v)), extra
