@@ -174,35 +174,3 @@ def test_bad_inputs():
     nrs_jax.sample_perturbations(params, key, radius=0.1, mask={"w": False})
   with pytest.raises(ValueError, match="key must be a PRNG key"):
     nrs_jax.sample_perturbations(params, jnp.ones(3), radius=0.1)
-
-
-@pytest.mark.parametrize("n", [1, 7, 100_001])
-def test_standard_normal_is_standard_normal_and_pairs_are_independent(n):
-  from nrs_jax import _neighbors
-
-  x = np.asarray(jax.jit(lambda k: _neighbors.standard_normal(k, n))(jax.random.key(3)))
-  assert x.shape == (n,) and x.dtype == np.float32 and np.isfinite(x).all()
-  if n < 1000:
-    return
-  assert abs(x.mean()) < 0.02 and abs(x.std() - 1) < 0.01
-  assert stats.kstest(x, "norm").pvalue > 1e-3
-  # Words i and i + n/2 come out of the same threefry block: they must be uncorrelated,
-  # and so must neighbouring words and the squares (a dependence a linear test misses).
-  m = (n + 1) // 2
-  for a, b in [(x[: n - m], x[m:]), (x[:-1], x[1:]), (x[: n - m] ** 2, x[m:] ** 2)]:
-    assert abs(np.corrcoef(a, b)[0, 1]) < 0.02
-
-
-def test_standard_normal_keys_vmap_and_fallback():
-  from nrs_jax import _neighbors
-
-  keys = jax.random.split(jax.random.key(0), 3)
-  rows = np.asarray(jax.vmap(lambda k: _neighbors.standard_normal(k, 64))(keys))
-  for i in range(3):  # vmapped rows equal the unbatched draws; different keys differ
-    np.testing.assert_array_equal(rows[i], _neighbors.standard_normal(keys[i], 64))
-  assert not np.allclose(rows[0], rows[1])
-  # rbg keys use jax.random.normal itself.
-  rbg = jax.random.key(0, impl="rbg")
-  np.testing.assert_array_equal(
-    _neighbors.standard_normal(rbg, 10), jax.random.normal(rbg, (10,), jnp.float32)
-  )
