@@ -113,11 +113,9 @@ def bench_model(name, ks, repeats):
   for k in ks:
     strategies = ["auto", "loop", "accumulate", "vmap"] + (["chunked"] if k >= 2 else [])
     if name == "resnet18":
-      # vmap and chunked (lax.map) over conv kernels are 10-100x slower on XLA:CPU;
+      # vmap and chunked (lax.scan) over conv kernels are 10-100x slower on XLA:CPU;
       # time them on an accelerator only.
-      strategies = ["auto", "accumulate"] + (
-        ["vmap"] if k == 2 and jax.default_backend() != "cpu" else []
-      )
+      strategies = ["auto"] + (["vmap"] if k == 2 and jax.default_backend() != "cpu" else [])
     for s in strategies:
       nrs = {"num_neighbors": k, "strategy": s}
       if s == "chunked":
@@ -126,9 +124,10 @@ def bench_model(name, ks, repeats):
     run(f"nrs_k{k}_transform", "nrs", {"num_neighbors": k, "implementation": "transform"})
     # With a fixed centre the transform takes the task pass's logits (center_logits=):
     # the same work as the fused loss with a fixed centre.
-    sg = {"num_neighbors": k, "stop_gradient_center": True}
-    run(f"nrs_k{k}_fused_sg", "nrs", sg)
-    run(f"nrs_k{k}_transform_sg", "nrs", {**sg, "implementation": "transform"})
+    if name != "resnet18":  # (a ResNet-18 row costs minutes on CPU)
+      sg = {"num_neighbors": k, "stop_gradient_center": True}
+      run(f"nrs_k{k}_fused_sg", "nrs", sg)
+      run(f"nrs_k{k}_transform_sg", "nrs", {**sg, "implementation": "transform"})
 
   # Sampling alone, timed in the same rounds, as a share of the NRS K=1 step.
   sample = jax.jit(
@@ -160,9 +159,10 @@ def summarize(name, rows, ks):
     # Differentiable centre: the transform recomputes the centre pass, (2+K)/(1+K) the work.
     checks[f"transform_k{k}_vs_fused"] = rows[f"nrs_k{k}_transform"]["seconds"] / auto
     checks[f"transform_k{k}_vs_fused_work_bound"] = (2 + k) / (1 + k)
-    checks[f"transform_sg_k{k}_vs_fused_sg"] = (  # target <= 1.15
-      rows[f"nrs_k{k}_transform_sg"]["seconds"] / rows[f"nrs_k{k}_fused_sg"]["seconds"]
-    )
+    if f"nrs_k{k}_transform_sg" in rows:
+      checks[f"transform_sg_k{k}_vs_fused_sg"] = (  # target <= 1.15
+        rows[f"nrs_k{k}_transform_sg"]["seconds"] / rows[f"nrs_k{k}_fused_sg"]["seconds"]
+      )
   checks["k1_fused_vs_sam"] = rows["nrs_k1_auto"]["seconds"] / sam  # <= 1.05
   checks["sampling_share_k1"] = rows["sampling_k1"]["seconds"] / rows["nrs_k1_auto"]["seconds"]
   checks["compile_k1_vs_sgd"] = (

@@ -382,3 +382,20 @@ def test_accumulate_and_chunked_without_gradient_and_nan_propagation(tiny, aggre
       params
     )
     assert np.isnan(float(v)), extra
+
+
+def test_auto_strategy_choice_on_cpu():
+  from nrs_jax import _penalty
+
+  dense = [jnp.zeros((4, 3)), jnp.zeros(3)]
+  conv = [jnp.zeros((3, 3, 4, 8)), jnp.zeros(8)]
+  sel = [True, True]
+  assert jax.default_backend() == "cpu"
+  assert _penalty.resolve_strategy("auto", 1, conv, sel) == "loop"
+  assert _penalty.resolve_strategy("auto", 4, conv, sel) == "loop"
+  assert _penalty.resolve_strategy("auto", 8, conv, sel) == "accumulate"
+  assert _penalty.resolve_strategy("auto", 8, dense, sel) == "loop"
+  assert _penalty.resolve_strategy("auto", 16, dense, sel) == "vmap"
+  # A conv kernel that is not perturbed does not count; explicit choices pass through.
+  assert _penalty.resolve_strategy("auto", 8, conv, [False, True]) == "loop"
+  assert _penalty.resolve_strategy("vmap", 8, conv, sel) == "vmap"
