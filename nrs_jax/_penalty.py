@@ -205,8 +205,9 @@ def nrs_penalty(
     ValueError: for an invalid option (at trace time).
 
   .. note::
-    Memory: ``vmap`` holds K neighbours' activations at once (and keeps them for
-    the backward pass); use ``neighbor_chunk_size`` to bound it. Dropout:
+    Memory: ``vmap`` and ``loop`` keep K neighbours' activations for the
+    backward pass; ``accumulate`` keeps one neighbour's, ``neighbor_chunk_size``
+    one chunk's. Dropout:
     ``logits_fn`` must close over one dropout rng so the centre and every
     neighbour share a mask. BatchNorm: ``logits_fn`` should run in the centre's
     mode and discard updated statistics; only the centre pass may update them.
