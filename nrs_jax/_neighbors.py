@@ -25,6 +25,7 @@ from typing import Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 NOISES = ("gaussian", "ball", "sphere")
 SCALES = ("absolute", "tensor", "filter", "elementwise")
@@ -215,22 +216,22 @@ class _Sampler:
     self.total = sum(self.sizes)
     self.radius, self.noise, self.scale = radius, noise, scale
 
-  def _flat(self, key):
-    """One neighbour's unit-scale sample, flat over all perturbed leaves (float32)."""
-    key_dir, key_len = jax.random.split(key)
-    v = jax.random.normal(key_dir, (self.total,), jnp.float32)
+  def _flat(self, keys):
+    """Unit-scale samples, one row per key, flat over all perturbed leaves (float32)."""
+    key_dir, key_len = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)
+    v = standard_normal(key_dir, self.total)
     radius = jnp.asarray(self.radius, jnp.float32)
     if self.noise == "gaussian":
       return radius * v
     length = radius
     if self.noise == "ball":
-      u = jax.random.uniform(key_len, (), jnp.float32)
-      length = radius * jnp.exp(jnp.log(u) / self.total)
-    return v * (length / jnp.sqrt(jnp.sum(jnp.square(v))))
+      u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(key_len)
+      length = radius * jnp.exp(jnp.log(u) / self.total)[:, None]
+    return v * (length / jnp.sqrt(jnp.sum(jnp.square(v), axis=1, keepdims=True)))
 
   def __call__(self, keys: jax.Array) -> list:
     """Deltas (one entry per leaf; None if not perturbed) with a leading len(keys) axis."""
-    flat = jax.vmap(self._flat)(keys)
+    flat = self._flat(keys)
     n = keys.shape[0]
     deltas: list = []
     offset = 0
@@ -243,6 +244,60 @@ class _Sampler:
       s = _scale_factor(jax.lax.stop_gradient(x), self.scale, self.noise)
       deltas.append(jax.lax.stop_gradient(v * s).astype(x.dtype))
     return deltas
+
+
+_THREEFRY = jax.random.key_impl(jax.random.key(0))
+_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+
+
+def _threefry2x32(k1, k2, x1, x2):
+  """The Threefry-2x32 block function (20 rounds), unrolled, as jax defines it."""
+  ks = (k1, k2, k1 ^ k2 ^ np.uint32(0x1BD11BDA))
+  x1, x2 = x1 + ks[0], x2 + ks[1]
+  for i in range(5):
+    for r in _ROTATIONS[i % 2]:
+      x1 = x1 + x2
+      x2 = x1 ^ ((x2 << np.uint32(r)) | (x2 >> np.uint32(32 - r)))
+    x1 = x1 + ks[(i + 1) % 3]
+    x2 = x2 + ks[(i + 2) % 3] + np.uint32(i + 1)
+  return x1, x2
+
+
+def standard_normal(keys: jax.Array, n: int) -> jax.Array:
+  """Row ``i`` is ``jax.random.normal(keys[i], (n,), float32)``, bit for bit.
+
+  On CPU jax lowers threefry as a ``while`` loop over its 5 groups of rounds (a
+  compile-time saving), so each group writes its state to memory; that made the
+  draw a third of a small MLP's NRS step. This is the same computation (the
+  block function over the counters of jax's default partitionable layout, then
+  jax's uniform-to-normal transform) in straight-line ops that XLA fuses into
+  one kernel. It runs inside a ``lax.cond`` whose predicate is always true but
+  not known to the compiler: the draw is then materialised once, where XLA
+  would otherwise copy the whole fused kernel into every consumer (a perturbed
+  weight feeds both the forward and the backward pass). Keys of another
+  implementation (``rbg``), draws of 2^32 or more, and the non-partitionable
+  threefry layout use ``jax.random.normal`` itself.
+  """
+  if (
+    jax.random.key_impl(keys) != _THREEFRY
+    or n >= 2**32
+    or not jax.config.jax_threefry_partitionable
+  ):
+    return jax.vmap(lambda k: jax.random.normal(k, (n,), jnp.float32))(keys)
+  kd = jax.random.key_data(keys)  # [rows, 2]
+
+  def draw(kd):
+    hi, lo = _threefry2x32(
+      kd[:, :1], kd[:, 1:], jnp.zeros((1, n), jnp.uint32), jax.lax.iota(jnp.uint32, n)[None]
+    )
+    bits = hi ^ lo
+    one = jax.lax.bitcast_convert_type((bits >> np.uint32(9)) | np.uint32(0x3F800000), jnp.float32)
+    low = np.nextafter(np.float32(-1.0), np.float32(0.0))
+    u = jnp.maximum(low, (one - np.float32(1.0)) * (np.float32(1.0) - low) + low)
+    return np.float32(np.sqrt(2.0)) * jax.lax.erf_inv(u)
+
+  always = jnp.all((kd[:, 0] | np.uint32(1)) != np.uint32(0))
+  return jax.lax.cond(always, draw, lambda kd: jnp.zeros((kd.shape[0], n), jnp.float32), kd)
 
 
 def make_sampler(params: Any, *, radius, noise="gaussian", scale="absolute", mask=None) -> _Sampler:

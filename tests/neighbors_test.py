@@ -174,3 +174,20 @@ def test_bad_inputs():
     nrs_jax.sample_perturbations(params, key, radius=0.1, mask={"w": False})
   with pytest.raises(ValueError, match="key must be a PRNG key"):
     nrs_jax.sample_perturbations(params, jnp.ones(3), radius=0.1)
+
+
+@pytest.mark.parametrize("n", [1, 7, 78_858])
+def test_standard_normal_is_jax_random_normal_bit_for_bit(n):
+  from nrs_jax import _neighbors
+
+  keys = jax.random.split(jax.random.key(3), 3)
+  got = jax.jit(lambda k: _neighbors.standard_normal(k, n))(keys)
+  want = jax.vmap(lambda k: jax.random.normal(k, (n,), jnp.float32))(keys)
+  np.testing.assert_array_equal(got, want)
+  # Under vmap (a batched cond) and for rbg keys (jax.random.normal itself).
+  grid = keys.reshape(1, 3)
+  np.testing.assert_array_equal(jax.vmap(lambda k: _neighbors.standard_normal(k, n))(grid)[0], want)
+  rbg = jax.random.split(jax.random.key(0, impl="rbg"), 2)
+  np.testing.assert_array_equal(
+    _neighbors.standard_normal(rbg, n), jax.vmap(lambda k: jax.random.normal(k, (n,)))(rbg)
+  )
