@@ -93,11 +93,11 @@ def resolve_strategy(strategy: str, k: int, params_leaves: list, selected: list[
   lowers to grouped convolutions, 3-10x slower on XLA:CPU), so CPU gets a loop.
   Two exceptions: conv nets with K >= 8 get ``accumulate``, whose one-neighbour
   working set stays in cache where the loop's K sets of activations do not (a
-  64-channel 1-D CNN, K = 8: 0.84x the loop's time, 0.3x its temp memory;
-  at K <= 4 the loop was as fast or faster), and dense-only models with K > 8
+  64-channel 1-D CNN, K = 8: 0.81x the loop's time, 0.25x its temp memory;
+  at K <= 4 the two were within noise), and dense-only models with K > 8
   get vmap, as the loop's compile time grows with K. Dense models keep the
-  loop because XLA:CPU runs independent neighbours concurrently, which the
-  ordered ``accumulate`` forbids (MLP, K = 8: 1.8x slower). Accelerators get
+  loop, which was faster for them (MLP, K = 4 and 8: 0.88x and 0.91x the time
+  of ``accumulate``, whose neighbours run strictly one after another). Accelerators get
   vmap, which batches the K neighbours into larger kernels (not measured
   here). One neighbour is always a loop (nothing to batch). ``accumulate`` is
   reverse-mode only: for ``jax.jvp`` of the penalty name a strategy.
