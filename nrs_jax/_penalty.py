@@ -383,7 +383,7 @@ def _accumulated(
         value = jnp.where(take, d, value)
         g_fl = [jnp.where(take, acc(b), a) for a, b in zip(g_fl, gq)]
         g_c = jnp.where(take, acc(gz), g_c)
-      t = sum(g.reshape(-1)[0] for g in g_fl) + g_c.reshape(-1)[0]
+      t = sum(g.reshape(-1)[0] for g in g_fl if g.size) + jnp.sum(g_c.reshape(-1)[:1])
       tie = jnp.where(jnp.isfinite(t), t, 0.0) * 0.0
       return (value, g_fl, g_c, tie), None
 

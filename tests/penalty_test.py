@@ -327,9 +327,10 @@ def test_make_nrs_loss_rejects_bad_alpha():
 
 
 def test_accumulate_handles_int_leaves_bf16_and_holds_one_neighbour_in_memory():
-  # Integer leaves ride along (float0 gradient under allow_int); bf16 gradients keep their dtype.
+  # Integer leaves ride along (float0 gradient under allow_int), and so does an empty float
+  # leaf (no element to order the schedule by); bf16 gradients keep their dtype.
   params = mlp_init(jax.random.key(0), (5, 8, 3))
-  params_int = {"net": params, "step": jnp.array(3, jnp.int32)}
+  params_int = {"net": params, "step": jnp.array(3, jnp.int32), "empty": jnp.zeros((0,))}
   x = jax.random.normal(jax.random.key(1), (16, 5))
 
   def pen(p, strategy, k=3):
