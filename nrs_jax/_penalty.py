@@ -250,7 +250,6 @@ def nrs_penalty(
   if _is_static_number(radius) and float(radius) == 0.0:
     return jnp.zeros((), out_dtype)
 
-  sampler = _neighbors.make_sampler(params, radius=radius, noise=noise, scale=scale, mask=mask)
   key = _neighbors._as_key(key)
   if per_replica_neighbors:
     if axis_name is None:
@@ -268,13 +267,8 @@ def nrs_penalty(
       )
     return jnp.mean(div_fn(c, z)).astype(out_dtype)
 
-  def one(deltas):
-    return one_at(params, center, deltas)
-
-  def evaluate(deltas, n, how):
-    if how == "loop":
-      return jnp.stack([one(_neighbors.neighbor_deltas(deltas, i)) for i in range(n)])
-    return jax.vmap(one)(deltas)
+  def deltas_of(p, ks):  # the perturbations of keys ks, with a leading len(ks) axis
+    return _neighbors.make_sampler(p, radius=radius, noise=noise, scale=scale, mask=mask)(ks)
 
   if strategy != "chunked":
     strategy = resolve_strategy(strategy, k, leaves, selected)
@@ -282,10 +276,6 @@ def nrs_penalty(
     # Chunks of neighbours, each drawn when it is needed and differentiated in the
     # forward pass: unrolled one by one (accumulate) or a lax.scan over vmapped chunks.
     c = 1 if strategy == "accumulate" else neighbor_chunk_size
-
-    def deltas_of(p, ks):
-      smp = _neighbors.make_sampler(p, radius=radius, noise=noise, scale=scale, mask=mask)
-      return smp(ks)
 
     def divs_of(p, z, deltas):
       if c == 1:
@@ -304,7 +294,13 @@ def nrs_penalty(
       fixed_center=stop_gradient_center,
     )
   else:
-    divs = evaluate(sampler(keys), k, strategy)
+    deltas = deltas_of(params, keys)
+    if strategy == "loop":
+      divs = jnp.stack(
+        [one_at(params, center, _neighbors.neighbor_deltas(deltas, i)) for i in range(k)]
+      )
+    else:
+      divs = jax.vmap(lambda d: one_at(params, center, d))(deltas)
     if axis_name is not None:
       divs = jax.lax.pmean(divs, axis_name)
     value = jnp.mean(divs) if aggregation == "mean" else jnp.max(divs)
