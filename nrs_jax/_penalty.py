@@ -97,9 +97,9 @@ def resolve_strategy(strategy: str, k: int, params_leaves: list, selected: list[
   at K <= 4 the two were within noise), and dense-only models with K > 8
   get vmap, as the loop's compile time grows with K. Dense models keep the
   loop, which was faster for them (MLP, K = 4 and 8: 0.88x and 0.91x the time
-  of ``accumulate``, whose neighbours run strictly one after another). Accelerators get
-  vmap, which batches the K neighbours into larger kernels (not measured
-  here). One neighbour is always a loop (nothing to batch). ``accumulate`` is
+  of ``accumulate``, whose neighbours run strictly one after another).
+  Accelerators get vmap, which batches the K neighbours into larger kernels
+  (not measured here). One neighbour is always a loop (nothing to batch). ``accumulate`` is
   reverse-mode only: for ``jax.jvp`` of the penalty name a strategy.
   """
   if strategy != "auto":
@@ -301,12 +301,21 @@ def nrs_penalty(
       )
     else:
       divs = jax.vmap(lambda d: one_at(params, center, d))(deltas)
-    if axis_name is not None:
-      divs = jax.lax.pmean(divs, axis_name)
-    value = jnp.mean(divs) if aggregation == "mean" else jnp.max(divs)
+    value = _aggregate(divs, aggregation, axis_name)
   if not _is_static_number(radius):
     value = jnp.where(radius == 0, jnp.zeros_like(value), value)
   return value
+
+
+def _global_divs(divs: jax.Array, axis_name: Optional[str]) -> jax.Array:
+  """Each neighbour's divergence averaged over the mapped axis (global batch), if any."""
+  return divs if axis_name is None else jax.lax.pmean(divs, axis_name)
+
+
+def _aggregate(divs: jax.Array, aggregation: str, axis_name: Optional[str]) -> jax.Array:
+  """``A_k d_k``: the mean or the max of the K (global) divergences."""
+  divs = _global_divs(divs, axis_name)
+  return jnp.mean(divs) if aggregation == "mean" else jnp.max(divs)
 
 
 def _accumulated(
@@ -337,9 +346,6 @@ def _accumulated(
       treedef, [next(it) if f else x for x, f in zip(all_leaves, floats)]
     )
 
-  def global_divs(divs):
-    return divs if axis_name is None else jax.lax.pmean(divs, axis_name)
-
   @jax.custom_vjp
   def run(all_leaves, c):
     p = jax.tree_util.tree_unflatten(treedef, all_leaves)
@@ -348,8 +354,7 @@ def _accumulated(
       divs = jnp.concatenate([group_divs(ks) for ks in key_groups])
     else:
       divs = jax.lax.map(group_divs, key_groups).reshape(k)
-    divs = global_divs(divs)
-    return jnp.mean(divs) if aggregation == "mean" else jnp.max(divs)
+    return _aggregate(divs, aggregation, axis_name)
 
   def fwd(all_leaves, c):
     p = jax.tree_util.tree_unflatten(treedef, all_leaves)
@@ -365,7 +370,7 @@ def _accumulated(
         # forward pass. (An optimization_barrier does not order XLA:CPU's schedule.)
         ds = [None if x is None else x + tie.astype(x.dtype) for x in ds]
       divs, vjp = jax.vjp(lambda q, z: divs_of(tree(q, all_leaves), z, ds), fl, c)
-      divs_g = global_divs(divs)  # under max, the global divergence decides
+      divs_g = _global_divs(divs, axis_name)  # under max, the global divergence decides
       if aggregation == "mean":
         gq, gz = vjp(jnp.full(divs.shape, 1.0 / k, divs.dtype))
         value = value + jnp.sum(divs_g) / k
@@ -379,8 +384,9 @@ def _accumulated(
         value = jnp.where(take, d, value)
         g_fl = [jnp.where(take, acc(b), a) for a, b in zip(g_fl, gq)]
         g_c = jnp.where(take, acc(gz), g_c)
-      t = sum(g.reshape(-1)[0] for g in g_fl if g.size) + jnp.sum(g_c.reshape(-1)[:1])
-      tie = jnp.where(jnp.isfinite(t), t, 0.0) * 0.0
+      if unrolled:  # (lax.scan orders the groups itself)
+        t = sum(g.reshape(-1)[0] for g in g_fl if g.size) + jnp.sum(g_c.reshape(-1)[:1])
+        tie = jnp.where(jnp.isfinite(t), t, 0.0) * 0.0
       return (value, g_fl, g_c, tie), None
 
     dtype = jnp.promote_types(c.dtype, jnp.float32)
