@@ -5,9 +5,10 @@
 
 Every row is compiled first, then timed round-robin: ``--repeats`` rounds that
 call each row once in turn, after warm-up, all in one process (a change in
-machine load hits every row alike). Medians are reported as ratios to the SGD step and to the SAM step (two-pass
-ascent step, as optax.contrib.sam's opaque mode computes). Absolute seconds
-depend on the machine; ratios are what to compare.
+machine load hits every row alike). Medians are reported as ratios to the SGD
+step and to the SAM step (two-pass ascent step, as optax.contrib.sam's opaque
+mode computes). Absolute seconds depend on the machine; ratios are what to
+compare.
 """
 
 from __future__ import annotations

@@ -209,8 +209,10 @@ def study(workdir, quick, tasks, ablations, workers):
     abl = run_ablations(workdir, quick, workers, seeds if not quick else seeds[:1])
   # Wall time accumulates over the invocations of a resumed study.
   path = os.path.join(workdir, "study_time.json")
-  total = json.load(open(path))["seconds"] if os.path.exists(path) else 0.0
-  total += time.time() - t0
+  total = time.time() - t0
+  if os.path.exists(path):
+    with open(path) as f:
+      total += json.load(f)["seconds"]
   with open(path, "w") as f:
     json.dump({"seconds": total}, f)
   return results, abl, total
@@ -383,7 +385,8 @@ def report(results, abl, seconds, path, command, reading=None):
       "follow-up, not as a result."
     )
   if reading and os.path.exists(reading):
-    lines += ["", open(reading).read().rstrip()]
+    with open(reading) as f:
+      lines += ["", f.read().rstrip()]
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   with open(path, "w") as f:
     f.write("\n".join(lines) + "\n")

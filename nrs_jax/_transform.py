@@ -99,8 +99,8 @@ def add_nrs_gradient(
     with its own cotangent, and a gradient transformation receives the task
     gradient already computed. That is one extra pass, (2 + K) / (1 + K) times
     the work of :func:`make_nrs_loss`, which shares it. With
-    ``stop_gradient_center=True`` and ``center_logits=`` nothing is recomputed. Each
-    update costs about K extra forward/backward passes; see
+    ``stop_gradient_center=True`` and ``center_logits=`` nothing is recomputed.
+    Each update costs about K extra forward/backward passes; see
     :func:`nrs_penalty` for the memory of K neighbours, dropout and BatchNorm.
     Inside ``optax.MultiSteps`` the inner chain runs on every micro-step but
     only the last one's result is kept, so the penalty would cover only the
