@@ -24,5 +24,6 @@ def test_benchmark_runs_and_writes_json(tmp_path):
   assert m["checks"]["transform_sg_k1_vs_fused_sg"] > 0
   assert m["checks"]["sampling_share_k1_in_step"] < 1
   assert m["checks"]["k1_fused_vs_sam"] > 0
+  assert abs(m["checks"]["normal_transform_vs_sam"]) < 10  # present and a ratio
   assert result["hessian"]["mlp_100k"]["lanczos_iters"] >= 5
   assert "| mlp | nrs_k1_auto |" in p.stdout
