@@ -275,13 +275,14 @@ def standard_normal(keys: jax.Array, n: int) -> jax.Array:
   one kernel. It runs inside a ``lax.cond`` whose predicate is always true but
   not known to the compiler: the draw is then materialised once, where XLA
   would otherwise copy the whole fused kernel into every consumer (a perturbed
-  weight feeds both the forward and the backward pass). Keys of another
-  implementation (``rbg``), draws of 2^32 or more, and the non-partitionable
-  threefry layout use ``jax.random.normal`` itself.
+  weight feeds both the forward and the backward pass). The kernel's length is
+  ``n`` rounded up to a multiple of ``_PAD`` and the tail is cut off outside the
+  cond (counter ``i`` gives element ``i``, so the numbers are the same): XLA:CPU
+  splits the kernel over its threads, and at an odd length the split kernel ran
+  6x slower than the single-threaded loop (2 threads). Keys of another
+  implementation (``rbg``), draws that reach 2^32 once padded, and the
+  non-partitionable threefry layout use ``jax.random.normal`` itself.
   """
-  # Counter i gives element i, so a longer draw is this one with a tail to cut off.
-  # XLA:CPU splits the kernel across threads; a length that does not split into
-  # whole vectors ran 6x slower than its single-threaded loop (2 threads, N odd).
   padded = -(-n // _PAD) * _PAD
   if (
     jax.random.key_impl(keys) != _THREEFRY
@@ -305,9 +306,9 @@ def standard_normal(keys: jax.Array, n: int) -> jax.Array:
     return np.float32(np.sqrt(2.0)) * jax.lax.erf_inv(u)
 
   always = jnp.all((kd[:, 0] | np.uint32(1)) != np.uint32(0))
-  zeros = lambda kd: jnp.zeros((kd.shape[0], padded), jnp.float32)  # noqa: E731
   # The cut is outside the cond: inside, XLA would fuse it into the kernel.
-  return jax.lax.cond(always, draw, zeros, kd)[:, :n]
+  z = jax.lax.cond(always, draw, lambda kd: jnp.zeros((kd.shape[0], padded), jnp.float32), kd)
+  return z[:, :n]
 
 
 def make_sampler(params: Any, *, radius, noise="gaussian", scale="absolute", mask=None) -> _Sampler:

@@ -1,5 +1,7 @@
 """Noise statistics for every shape and scale, masks, and no gradient through sampling."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -196,8 +198,6 @@ def test_standard_normal_is_jax_random_normal_bit_for_bit(n):
 def test_standard_normal_kernel_length_is_padded():
   # The fused draw ran 6x slower on XLA:CPU's two threads at an odd length, so it is
   # drawn at a multiple of whole vectors and cut afterwards (outside the kernel).
-  import re
-
   from nrs_jax import _neighbors
 
   n = 78_857
