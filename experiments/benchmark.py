@@ -2,6 +2,7 @@
 
   python -m experiments.benchmark                    # MLP, CNN, ResNet-18 (CIFAR shape, batch 128)
   python -m experiments.benchmark --models=mlp --repeats=5 --out=benchmark.json
+  python -m experiments.benchmark --models=mlp11 --ks=1 --nohessian  # odd N: draw padding
 
 Every row is compiled first, then timed round-robin: ``--repeats`` rounds that
 call each row once in turn, after warm-up, all in one process (a change in
@@ -40,10 +41,12 @@ flags.DEFINE_string("out", "benchmark.json", "Where to write the results.")
 flags.DEFINE_bool("hessian", True, "Also time HVPs and Lanczos (flatness toolkit).")
 
 MODELS = {
-  # name: (config model, model_kwargs, input shape, batch, default repeats)
-  "mlp": ("mlp", dict(hidden=(256, 256)), (40,), 128, 60),
-  "cnn": ("cnn1d", dict(channels=(64, 64, 64)), (40,), 128, 20),
-  "resnet18": ("resnet18", dict(), (32, 32, 3), 128, 3),
+  # name: (config model, model_kwargs, input shape, batch, default repeats, classes)
+  "mlp": ("mlp", dict(hidden=(256, 256)), (40,), 128, 60, 10),
+  # The same MLP with an 11-class head: an odd parameter count (79,115).
+  "mlp11": ("mlp", dict(hidden=(256, 256)), (40,), 128, 60, 11),
+  "cnn": ("cnn1d", dict(channels=(64, 64, 64)), (40,), 128, 20, 10),
+  "resnet18": ("resnet18", dict(), (32, 32, 3), 128, 3, 10),
 }
 
 
@@ -80,15 +83,15 @@ def _interleaved_medians(fns: dict, repeats: int) -> dict:
 
 
 def bench_model(name, ks, repeats):
-  model_name, kwargs, shape, batch_size, default_repeats = MODELS[name]
+  model_name, kwargs, shape, batch_size, default_repeats, classes = MODELS[name]
   repeats = repeats or default_repeats
   rng = np.random.default_rng(0)
   ds = input_pipeline.Dataset(
-    name, None, None, None, 10, shape
+    name, None, None, None, classes, shape
   )  # only the shapes are used to build the model
   batch = {
     "x": jnp.asarray(rng.normal(size=(batch_size, *shape)), jnp.float32),
-    "y": jnp.asarray(rng.integers(0, 10, batch_size)),
+    "y": jnp.asarray(rng.integers(0, classes, batch_size)),
   }
   key = jax.random.key(0)
   rows, fns = {}, {}
@@ -142,6 +145,15 @@ def bench_model(name, ks, repeats):
   finally:
     _neighbors.standard_normal = orig
 
+  n = sum(x.size for x in jax.tree_util.tree_leaves(model.params))
+  if n % 2:
+    # The draw kernel at its own odd length, as it was before the padding.
+    pad, _neighbors._PAD = _neighbors._PAD, 1
+    try:
+      run("nrs_k1_unpadded_draw", "nrs", {"num_neighbors": 1})
+    finally:
+      _neighbors._PAD = pad
+
   # Sampling alone, timed in the same rounds, as a share of the NRS K=1 step.
   sample = jax.jit(
     lambda p, k: nrs_jax.sample_perturbations(p, k, radius=0.05, num_neighbors=1).deltas
@@ -150,9 +162,8 @@ def bench_model(name, ks, repeats):
   # The uniform-to-normal transform alone: erf_inv over N precomputed uniforms, less an
   # elementwise op with the same input and output. However cheap the random bits, an
   # inverse-CDF draw costs at least this much more than SAM's step.
-  n = sum(x.size for x in jax.tree_util.tree_leaves(model.params))
-  n = -(-n // _neighbors._PAD) * _neighbors._PAD  # the draw kernel's length
-  u = jnp.asarray(rng.uniform(-1.0, 1.0, (1, n)), jnp.float32)
+  padded = -(-n // _neighbors._PAD) * _neighbors._PAD  # the draw kernel's length
+  u = jnp.asarray(rng.uniform(-1.0, 1.0, (1, padded)), jnp.float32)
   fns["erf_inv_only"] = (jax.jit(jax.lax.erf_inv), (u,))
   fns["scale_only"] = (jax.jit(lambda u: 2.0 * u), (u,))
   for label in ("sampling_k1", "erf_inv_only", "scale_only"):
@@ -190,6 +201,10 @@ def summarize(name, rows, ks):
   if "nrs_k1_constant_noise" in rows:
     checks["sampling_share_k1_in_step"] = 1.0 - (
       rows["nrs_k1_constant_noise"]["seconds"] / rows["nrs_k1_auto"]["seconds"]
+    )
+  if "nrs_k1_unpadded_draw" in rows:
+    checks["unpadded_draw_k1_vs_padded"] = (
+      rows["nrs_k1_unpadded_draw"]["seconds"] / rows["nrs_k1_auto"]["seconds"]
     )
   if "erf_inv_only" in rows:
     checks["normal_transform_vs_sam"] = (

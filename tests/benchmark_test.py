@@ -11,13 +11,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_benchmark_runs_and_writes_json(tmp_path):
   out = tmp_path / "b.json"
   cmd = [
-    sys.executable, "-m", "experiments.benchmark", "--models=mlp", "--ks=1",
+    sys.executable, "-m", "experiments.benchmark", "--models=mlp11", "--ks=1",
     "--repeats=1", f"--out={out}",
   ]  # fmt: skip
   p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert p.returncode == 0, p.stderr[-3000:]
   result = json.loads(out.read_text())
-  m = result["models"]["mlp"]
+  m = result["models"]["mlp11"]  # the MLP with an odd parameter count
   assert {"sgd", "sam", "nrs_k1_auto", "nrs_k1_transform", "nrs_k1_transform_sg"} <= set(
     m["ratios"]
   )
@@ -25,5 +25,6 @@ def test_benchmark_runs_and_writes_json(tmp_path):
   assert m["checks"]["sampling_share_k1_in_step"] < 1
   assert m["checks"]["k1_fused_vs_sam"] > 0
   assert abs(m["checks"]["normal_transform_vs_sam"]) < 10  # present and a ratio
+  assert m["checks"]["unpadded_draw_k1_vs_padded"] > 0
   assert result["hessian"]["mlp_100k"]["lanczos_iters"] >= 5
-  assert "| mlp | nrs_k1_auto |" in p.stdout
+  assert "| mlp11 | nrs_k1_unpadded_draw |" in p.stdout
