@@ -129,7 +129,7 @@ def bench_model(name, ks, repeats):
     run(f"nrs_k{k}_transform", "nrs", {"num_neighbors": k, "implementation": "transform"})
     # With a fixed centre the transform takes the task pass's logits (center_logits=):
     # the same work as the fused loss with a fixed centre.
-    if name != "resnet18" or k == 1:  # (a ResNet-18 row costs minutes on CPU)
+    if name != "resnet18" or k == 1:  # ResNet-18 at K = 1 only: a row costs minutes on CPU
       sg = {"num_neighbors": k, "stop_gradient_center": True}
       run(f"nrs_k{k}_fused_sg", "nrs", sg)
       run(f"nrs_k{k}_transform_sg", "nrs", {**sg, "implementation": "transform"})
@@ -162,8 +162,7 @@ def bench_model(name, ks, repeats):
   # The uniform-to-normal transform alone: erf_inv over N precomputed uniforms, less an
   # elementwise op with the same input and output. However cheap the random bits, an
   # inverse-CDF draw costs at least this much more than SAM's step.
-  padded = -(-n // _neighbors._PAD) * _neighbors._PAD  # the draw kernel's length
-  u = jnp.asarray(rng.uniform(-1.0, 1.0, (1, padded)), jnp.float32)
+  u = jnp.asarray(rng.uniform(-1.0, 1.0, (1, _neighbors._padded(n))), jnp.float32)
   fns["erf_inv_only"] = (jax.jit(jax.lax.erf_inv), (u,))
   fns["scale_only"] = (jax.jit(lambda u: 2.0 * u), (u,))
   for label in ("sampling_k1", "erf_inv_only", "scale_only"):

@@ -251,6 +251,11 @@ _ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
 _PAD = 256  # the fused draw's length is a multiple of this (whole vectors per thread)
 
 
+def _padded(n: int) -> int:
+  """The length of the kernel that draws ``n`` normals: see standard_normal."""
+  return -(-n // _PAD) * _PAD
+
+
 def _threefry2x32(k1, k2, x1, x2):
   """The Threefry-2x32 block function (20 rounds), unrolled, as jax defines it."""
   ks = (k1, k2, k1 ^ k2 ^ np.uint32(0x1BD11BDA))
@@ -283,7 +288,7 @@ def standard_normal(keys: jax.Array, n: int) -> jax.Array:
   implementation (``rbg``), draws that reach 2^32 once padded, and the
   non-partitionable threefry layout use ``jax.random.normal`` itself.
   """
-  padded = -(-n // _PAD) * _PAD
+  padded = _padded(n)
   if (
     jax.random.key_impl(keys) != _THREEFRY
     or padded >= 2**32
