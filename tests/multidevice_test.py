@@ -73,13 +73,14 @@ for agg, strategy in [(a, s) for a in ("mean", "max") for s in ("vmap", "accumul
     return v, jax.lax.pmean(g, "d")
   v, g = jax.pmap(local, axis_name="d", in_axes=(None, 0))(mp, xs)
   rv, rg = jax.value_and_grad(lambda q: nrs_jax.nrs_penalty(lambda r: apply(r, x), q, key, **kw))(mp)
-  axis[agg + "_" + strategy] = {
+  name = agg + "_" + strategy
+  axis[name] = {
     "value_err": float(np.max(np.abs(np.asarray(v) - float(rv)))) / float(rv),
     "grad_err": max(float(np.max(np.abs(np.asarray(g[k]) - np.asarray(rg[k])[None]))) / float(np.max(np.abs(rg[k]))) for k in rg),
   }
   vp, _ = jax.pmap(lambda p, xb: local(p, xb, True), axis_name="d", in_axes=(None, 0))(mp, xs)
-  axis[agg + "_" + strategy]["per_replica_same_on_all"] = bool(np.all(np.asarray(vp) == np.asarray(vp)[0]))
-  axis[agg + "_" + strategy]["per_replica_differs"] = bool(abs(float(vp[0]) - float(rv)) > 1e-6 * float(rv))
+  axis[name]["per_replica_same_on_all"] = bool(np.all(np.asarray(vp) == np.asarray(vp)[0]))
+  axis[name]["per_replica_differs"] = bool(abs(float(vp[0]) - float(rv)) > 1e-6 * float(rv))
 out["axis_name"] = axis
 print("RESULT" + json.dumps(out))
 """
