@@ -383,6 +383,7 @@ def test_accumulate_and_chunked_without_gradient_and_nan_propagation(tiny, aggre
       params
     )
     assert np.isnan(float(v)), extra
+    assert all(bool(np.isnan(leaf).any()) for leaf in jax.tree_util.tree_leaves(g)), extra
 
 
 def test_auto_strategy_choice_on_cpu():
