@@ -1,7 +1,8 @@
 """Divergences between the output distributions of two models, from logits.
 
 Every divergence here is computed from logits through ``log_softmax`` with the
-inputs upcast to at least float32, so it is finite for extreme logits and for
+inputs upcast to at least float32 (a last axis of size 1 is one binary logit,
+scored as a Bernoulli distribution), so it is finite for extreme logits and for
 bfloat16 inputs, and exactly 0 when the two logit arrays are equal.
 """
 
@@ -21,8 +22,17 @@ _LOG2 = 0.6931471805599453
 
 
 def _log_probs(logits: jax.Array) -> jax.Array:
+  """Log-probabilities over the last axis; ``[..., 1]`` is one Bernoulli logit.
+
+  A single logit ``z`` is the binary distribution ``(1 - sigmoid(z),
+  sigmoid(z))``, which is ``softmax([0, z])``: every divergence below is then
+  the Bernoulli form of the same formula.
+  """
   dtype = jnp.promote_types(logits.dtype, jnp.float32)
-  return jax.nn.log_softmax(logits.astype(dtype), axis=-1)
+  logits = logits.astype(dtype)
+  if logits.shape[-1] == 1:
+    logits = jnp.concatenate([jnp.zeros_like(logits), logits], axis=-1)
+  return jax.nn.log_softmax(logits, axis=-1)
 
 
 def _kl_from_log_probs(logp: jax.Array, logq: jax.Array) -> jax.Array:
@@ -106,7 +116,8 @@ def output_divergence(
   float32 (or wider) scalar.
 
   Args:
-    center_logits: logits of the centre model, shape ``[..., num_classes]``.
+    center_logits: logits of the centre model, shape ``[..., num_classes]``
+      (``[..., 1]``: one binary logit, a Bernoulli distribution).
     neighbor_logits: logits of the neighbour, same shape.
     divergence: a name from ``DIVERGENCES`` or a callable, see
       :func:`get_divergence`.

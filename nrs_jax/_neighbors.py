@@ -15,6 +15,7 @@ undefined).
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from collections.abc import Sequence
@@ -27,16 +28,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nrs_jax import _random
+
 NOISES = ("gaussian", "ball", "sphere")
 SCALES = ("absolute", "tensor", "filter", "elementwise")
 
 # T(w)_i = |w_i| + floor, as in ASAM (Kwon et al., 2021), so zeros still move.
 ELEMENTWISE_FLOOR = 0.01
 
-MaskLike = Union[None, Any, Callable[[tuple, jax.Array], bool]]
+MaskLike = Union[None, Any, Callable[[Any], Any]]
 
 
-def _is_float(x: Any) -> bool:
+def is_float(x: Any) -> bool:
   return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)
 
 
@@ -45,41 +48,88 @@ def check_choice(name: str, value: Any, allowed: Sequence[str]) -> None:
     raise ValueError(f"{name}={value!r} is not supported: use one of {tuple(allowed)}.")
 
 
+def _takes_two_args(fn: Callable) -> bool:
+  try:
+    sig = inspect.signature(fn)
+  except (TypeError, ValueError):
+    return False
+  required = [
+    p
+    for p in sig.parameters.values()
+    if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+  ]
+  return len(required) == 2
+
+
+def resolve_mask(params: Any, mask: MaskLike) -> Any:
+  """optax's mask convention: ``None``, a pytree of bools, or ``params -> pytree of bools``.
+
+  The pytree may also be a prefix of ``params`` (one bool for a whole
+  sub-tree), as in ``optax.masked``. Returns a pytree of bools with the
+  structure of ``params``.
+
+  Raises:
+    ValueError: if the mask (or what the callable returns) does not match the
+      structure of ``params``, or is an old-style ``(path, leaf)`` predicate.
+  """
+  if mask is None:
+    return jax.tree_util.tree_map(lambda _: True, params)
+  if callable(mask) and not isinstance(mask, (bool, jnp.bool_)):
+    if _takes_two_args(mask):
+      raise ValueError(
+        "mask is a callable of two arguments; mask follows optax's convention: a "
+        "pytree of bools like params, or a callable params -> such a pytree. For a "
+        "(path, leaf) predicate write mask=lambda p: jax.tree_util.tree_map_with_path("
+        "predicate, p)."
+      )
+    what, tree = "the pytree returned by the callable mask", mask(params)
+  else:
+    what, tree = "mask", mask
+  treedef = jax.tree_util.tree_structure(params)
+  try:
+    full = jax.tree_util.tree_map(
+      lambda m, sub: jax.tree_util.tree_map(lambda _: m, sub), tree, params
+    )
+  except (ValueError, TypeError):
+    full = None
+  if full is None or jax.tree_util.tree_structure(full) != treedef:
+    raise ValueError(
+      f"{what} must be a pytree of bools with the structure of params (or a prefix "
+      f"of it), as in optax.masked; got structure {jax.tree_util.tree_structure(tree)}, "
+      f"params structure {treedef}."
+    )
+  for m in jax.tree_util.tree_leaves(full):
+    if isinstance(m, jax.core.Tracer) or not (
+      isinstance(m, (bool, np.bool_)) or getattr(m, "dtype", None) == np.bool_
+    ):
+      raise ValueError(f"{what} must hold Python bools (static), got a leaf {m!r}.")
+  return full
+
+
 def perturbed_leaf_mask(params: Any, mask: MaskLike = None) -> list[bool]:
   """Returns, for each leaf of ``params`` in flatten order, whether it moves.
 
   Args:
     params: a pytree of arrays.
     mask: ``None`` (every floating-point leaf), a pytree of bools with the
-      structure of ``params``, or a predicate ``(path, leaf) -> bool`` where
-      ``path`` is the tuple of keys from ``jax.tree_util.tree_flatten_with_path``.
+      structure of ``params`` (or a prefix of it), or a callable ``params ->``
+      such a pytree (optax's convention, as in ``optax.masked``). Select by
+      path with ``lambda p: jax.tree_util.tree_map_with_path(pred, p)``.
 
   Raises:
     ValueError: if ``params`` has no floating-point leaf, if the mask's structure
       differs from that of ``params``, or if the mask selects no floating leaf.
   """
-  path_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-  leaves = [leaf for _, leaf in path_leaves]
-  floats = [_is_float(leaf) for leaf in leaves]
+  leaves = jax.tree_util.tree_leaves(params)
+  floats = [is_float(leaf) for leaf in leaves]
   if not any(floats):
     raise ValueError(
       "params has no floating-point leaves to perturb; NRS needs the model's "
       "trainable float parameters (got leaf dtypes "
       f"{sorted({str(getattr(leaf, 'dtype', type(leaf))) for leaf in leaves})})."
     )
-  if mask is None:
-    selected = floats
-  elif callable(mask):
-    selected = [bool(mask(path, leaf)) and f for (path, leaf), f in zip(path_leaves, floats)]
-  else:
-    mask_leaves, mask_def = jax.tree_util.tree_flatten(mask)
-    if mask_def != treedef:
-      raise ValueError(
-        "mask must have the same tree structure as params (a pytree of bools) or "
-        f"be a predicate (path, leaf) -> bool; got mask structure {mask_def}, "
-        f"params structure {treedef}."
-      )
-    selected = [bool(m) and f for m, f in zip(mask_leaves, floats)]
+  mask_leaves = jax.tree_util.tree_leaves(resolve_mask(params, mask))
+  selected = [bool(m) and f for m, f in zip(mask_leaves, floats)]
   if not any(selected):
     raise ValueError(
       "mask selects no floating-point leaf of params: nothing would be perturbed. "
@@ -199,9 +249,9 @@ def sample_perturbations(
     >>> bool(jnp.allclose(norms, 0.1))
     True
   """
-  k = _static_num_neighbors(num_neighbors)
+  k = static_num_neighbors(num_neighbors)
   sampler = make_sampler(params, radius=radius, noise=noise, scale=scale, mask=mask)
-  return Perturbations(sampler(jax.random.split(_as_key(key), k)), sampler.treedef)
+  return Perturbations(sampler(jax.random.split(_random.as_key(key), k)), sampler.treedef)
 
 
 class _Sampler:
@@ -219,7 +269,7 @@ class _Sampler:
   def _flat(self, keys):
     """Unit-scale samples, one row per key, flat over all perturbed leaves (float32)."""
     key_dir, key_len = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)
-    v = standard_normal(key_dir, self.total)
+    v = _random.standard_normal(key_dir, self.total)
     radius = jnp.asarray(self.radius, jnp.float32)
     if self.noise == "gaussian":
       return radius * v
@@ -246,82 +296,12 @@ class _Sampler:
     return deltas
 
 
-_THREEFRY = jax.random.key_impl(jax.random.key(0))
-_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
-_PAD = 256  # the fused draw's length is a multiple of this (whole vectors per thread)
-
-
-def _padded(n: int) -> int:
-  """The length of the kernel that draws ``n`` normals: see standard_normal."""
-  return -(-n // _PAD) * _PAD
-
-
-def _threefry2x32(k1, k2, x1, x2):
-  """The Threefry-2x32 block function (20 rounds), unrolled, as jax defines it."""
-  ks = (k1, k2, k1 ^ k2 ^ np.uint32(0x1BD11BDA))
-  x1, x2 = x1 + ks[0], x2 + ks[1]
-  for i in range(5):
-    for r in _ROTATIONS[i % 2]:
-      x1 = x1 + x2
-      x2 = x1 ^ ((x2 << np.uint32(r)) | (x2 >> np.uint32(32 - r)))
-    x1 = x1 + ks[(i + 1) % 3]
-    x2 = x2 + ks[(i + 2) % 3] + np.uint32(i + 1)
-  return x1, x2
-
-
-def standard_normal(keys: jax.Array, n: int) -> jax.Array:
-  """Row ``i`` is ``jax.random.normal(keys[i], (n,), float32)``, bit for bit.
-
-  On CPU jax lowers threefry as a ``while`` loop over its 5 groups of rounds (a
-  compile-time saving), so each group writes its state to memory; that made the
-  draw a third of a small MLP's NRS step. This is the same computation (the
-  block function over the counters of jax's default partitionable layout, then
-  jax's uniform-to-normal transform) in straight-line ops that XLA fuses into
-  one kernel. It runs inside a ``lax.cond`` whose predicate is always true but
-  not known to the compiler: the draw is then materialised once, where XLA
-  would otherwise copy the whole fused kernel into every consumer (a perturbed
-  weight feeds both the forward and the backward pass). The kernel's length is
-  ``n`` rounded up to a multiple of ``_PAD`` and the tail is cut off outside the
-  cond (counter ``i`` gives element ``i``, so the numbers are the same): XLA:CPU
-  splits the kernel over its threads, and at an odd length the split kernel ran
-  6x slower than the single-threaded loop (2 threads). Keys of another
-  implementation (``rbg``), draws that reach 2^32 once padded, and the
-  non-partitionable threefry layout use ``jax.random.normal`` itself.
-  """
-  padded = _padded(n)
-  if (
-    jax.random.key_impl(keys) != _THREEFRY
-    or padded >= 2**32
-    or not jax.config.jax_threefry_partitionable
-  ):
-    return jax.vmap(lambda k: jax.random.normal(k, (n,), jnp.float32))(keys)
-  kd = jax.random.key_data(keys)  # [rows, 2]
-
-  def draw(kd):
-    hi, lo = _threefry2x32(
-      kd[:, :1],
-      kd[:, 1:],
-      jnp.zeros((1, padded), jnp.uint32),
-      jax.lax.iota(jnp.uint32, padded)[None],
-    )
-    bits = hi ^ lo
-    one = jax.lax.bitcast_convert_type((bits >> np.uint32(9)) | np.uint32(0x3F800000), jnp.float32)
-    low = np.nextafter(np.float32(-1.0), np.float32(0.0))
-    u = jnp.maximum(low, (one - np.float32(1.0)) * (np.float32(1.0) - low) + low)
-    return np.float32(np.sqrt(2.0)) * jax.lax.erf_inv(u)
-
-  always = jnp.all((kd[:, 0] | np.uint32(1)) != np.uint32(0))
-  # The cut is outside the cond: inside, XLA would fuse it into the kernel.
-  z = jax.lax.cond(always, draw, lambda kd: jnp.zeros((kd.shape[0], padded), jnp.float32), kd)
-  return z[:, :n]
-
-
 def make_sampler(params: Any, *, radius, noise="gaussian", scale="absolute", mask=None) -> _Sampler:
   """A function ``keys [n] -> deltas`` drawing neighbour ``i`` from ``keys[i]``."""
   return _Sampler(params, radius=radius, noise=noise, scale=scale, mask=mask)
 
 
-def _static_num_neighbors(num_neighbors: Any) -> int:
+def static_num_neighbors(num_neighbors: Any) -> int:
   if isinstance(num_neighbors, jax.core.Tracer):
     raise ValueError(
       "num_neighbors must be a static Python int, got a traced value. With "
@@ -336,23 +316,6 @@ def _static_num_neighbors(num_neighbors: Any) -> int:
   if k != num_neighbors or k < 1:
     raise ValueError(f"num_neighbors={num_neighbors!r} must be an int >= 1.")
   return k
-
-
-def _as_key(key: Any) -> jax.Array:
-  """Accepts a typed key, a raw uint32 key, or an integer seed."""
-  if isinstance(key, int) and not isinstance(key, bool):
-    return jax.random.key(key)
-  key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
-  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-    return key
-  if key.dtype == jnp.uint32 and key.ndim >= 1:
-    return jax.random.wrap_key_data(key)
-  if jnp.issubdtype(key.dtype, jnp.integer) and key.ndim == 0:
-    return jax.random.key(key)
-  raise ValueError(
-    f"key must be a PRNG key (jax.random.key(seed)) or an int seed; got an array "
-    f"of dtype {key.dtype} and shape {key.shape}."
-  )
 
 
 def neighbor_deltas(deltas: Sequence[Optional[jax.Array]], i: int) -> list:

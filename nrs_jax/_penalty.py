@@ -14,6 +14,7 @@ import numpy as np
 
 from nrs_jax import _divergence
 from nrs_jax import _neighbors
+from nrs_jax import _random
 
 AGGREGATIONS = ("mean", "max")
 STRATEGIES = ("auto", "vmap", "loop", "accumulate", "chunked")
@@ -60,7 +61,7 @@ def validate_options(
 ) -> tuple[int, str]:
   """Checks the static options; returns (K, resolved strategy or 'auto')."""
   check_nonnegative("radius", radius)
-  k = _neighbors._static_num_neighbors(num_neighbors)
+  k = _neighbors.static_num_neighbors(num_neighbors)
   _neighbors.check_choice("noise", noise, _neighbors.NOISES)
   _neighbors.check_choice("scale", scale, _neighbors.SCALES)
   _divergence.get_divergence(divergence)
@@ -144,6 +145,7 @@ def nrs_penalty(
   strategy: str = "auto",
   neighbor_chunk_size: Optional[int] = None,
   center_logits: Optional[jax.Array] = None,
+  where: Optional[jax.Array] = None,
   axis_name: Optional[str] = None,
   per_replica_neighbors: bool = False,
 ) -> jax.Array:
@@ -157,7 +159,12 @@ def nrs_penalty(
 
   Args:
     logits_fn: ``params -> logits`` of shape ``[..., num_classes]``; it closes
-      over the batch, the dropout rng and any non-trainable state.
+      over the batch, the dropout rng and any non-trainable state. Logits, not
+      probabilities: a model that ends in a softmax gives a wrong penalty
+      (nothing can tell the two apart without looking at values). A last axis
+      of size 1 is one binary logit (a sigmoid classifier): the divergence is
+      then between Bernoulli distributions. Leading axes (batch, tokens) are
+      averaged over.
     params: the centre ``w``, any pytree.
     key: PRNG key for the perturbations.
     radius: neighbourhood radius ``r`` (>= 0; 0 gives exactly 0).
@@ -186,6 +193,11 @@ def nrs_penalty(
     neighbor_chunk_size: neighbours per chunk; must divide ``num_neighbors``.
     center_logits: the centre's logits if already computed (shares the centre
       forward pass with the task loss).
+    where: optional boolean array, broadcastable to the logits' leading shape
+      ``logits.shape[:-1]`` (as in optax's losses): only the ``True`` positions
+      count, e.g. the non-padding tokens of ``[B, T, V]`` logits. The mean runs
+      over valid positions (over the global batch with ``axis_name``); no valid
+      position at all gives 0.
     axis_name: for ``pmap`` / ``shard_map`` users whose batch is split over a
       named axis: each neighbour's divergence is averaged over the axis
       (``lax.pmean``) before aggregation, so the value is the global-batch
@@ -244,13 +256,14 @@ def nrs_penalty(
   if center_logits is None:
     center_logits = logits_fn(params)
   center = _check_logits(center_logits, "the centre")
+  weights = _position_weights(where, center.shape[:-1], axis_name)
   if stop_gradient_center:
     center = jax.lax.stop_gradient(center)
   out_dtype = jnp.promote_types(center.dtype, jnp.float32)
   if _is_static_number(radius) and float(radius) == 0.0:
     return jnp.zeros((), out_dtype)
 
-  key = _neighbors._as_key(key)
+  key = _random.as_key(key)
   if per_replica_neighbors:
     if axis_name is None:
       raise ValueError("per_replica_neighbors=True needs axis_name, the mapped axis.")
@@ -265,7 +278,10 @@ def nrs_penalty(
         f"logits_fn returned shape {z.shape} for a neighbour but {c.shape} for "
         "the centre (or center_logits); they must match."
       )
-    return jnp.mean(div_fn(c, z)).astype(out_dtype)
+    d = div_fn(c, z)
+    if weights is None:
+      return jnp.mean(d).astype(out_dtype)
+    return jnp.sum(jnp.where(weights > 0, d * weights, 0.0)).astype(out_dtype)
 
   def deltas_of(p, ks):  # the perturbations of keys ks, with a leading len(ks) axis
     return _neighbors.make_sampler(p, radius=radius, noise=noise, scale=scale, mask=mask)(ks)
@@ -307,6 +323,35 @@ def nrs_penalty(
   return value
 
 
+def _position_weights(where, leading_shape, axis_name):
+  """Per-position weights whose sum over the global batch is the mean: None without ``where``.
+
+  With ``axis_name`` each replica's divergence is later ``pmean``-ed over the
+  axis, so a replica's weights are ``R / (valid positions over all replicas)``.
+  """
+  if where is None:
+    return None
+  where = jnp.asarray(where)
+  if where.dtype != jnp.bool_:
+    raise ValueError(
+      f"where must be a boolean array (True for positions that count), got dtype {where.dtype}."
+    )
+  try:
+    where = jnp.broadcast_to(where, leading_shape)
+  except ValueError:
+    raise ValueError(
+      f"where has shape {where.shape}, which does not broadcast to the logits' leading "
+      f"shape {tuple(leading_shape)} (logits.shape[:-1]); pass a mask of that shape, "
+      "e.g. [batch, tokens] for [batch, tokens, vocab] logits."
+    ) from None
+  count = jnp.sum(where, dtype=jnp.float32)
+  replicas = 1.0
+  if axis_name is not None:
+    count = jax.lax.psum(count, axis_name)
+    replicas = jax.lax.psum(1.0, axis_name)
+  return where * (replicas / jnp.maximum(count, 1.0))
+
+
 def _global_divs(divs: jax.Array, axis_name: Optional[str]) -> jax.Array:
   """Each neighbour's divergence averaged over the mapped axis (global batch), if any."""
   return divs if axis_name is None else jax.lax.pmean(divs, axis_name)
@@ -336,7 +381,7 @@ def _accumulated(
   Reverse mode only.
   """
   leaves, treedef = jax.tree_util.tree_flatten(params)
-  floats = [_neighbors._is_float(x) for x in leaves]
+  floats = [_neighbors.is_float(x) for x in leaves]
   n_groups, group = key_groups.shape
   k = n_groups * group
 
@@ -434,6 +479,7 @@ def make_nrs_loss(
   stop_gradient_center: bool = False,
   strategy: str = "auto",
   neighbor_chunk_size: Optional[int] = None,
+  where_fn: Optional[Callable[[Any], jax.Array]] = None,
   has_aux: bool = False,
 ) -> Callable[[Any, Any, jax.Array], tuple[jax.Array, dict]]:
   """Builds ``loss(params, batch, key) -> (task_loss + alpha * penalty, aux)``.
@@ -442,14 +488,20 @@ def make_nrs_loss(
   a step costs one forward/backward for the centre plus one per neighbour.
 
   Args:
-    apply_fn: ``(params, batch) -> logits``; with ``has_aux=True``,
-      ``(params, batch) -> (logits, model_aux)`` where ``model_aux`` (e.g.
-      updated BatchNorm statistics) is taken from the centre pass only.
-    task_loss_fn: ``(logits, batch) -> scalar``.
+    apply_fn: ``(params, batch) -> logits`` (logits, not probabilities; shape
+      ``[..., num_classes]``, or ``[..., 1]`` for one binary logit); with
+      ``has_aux=True``, ``(params, batch) -> (logits, model_aux)`` where
+      ``model_aux`` (e.g. updated BatchNorm statistics) is taken from the centre
+      pass only. ``batch`` is whatever you pass to the loss, unchanged.
+    task_loss_fn: ``(logits, batch) -> scalar``, e.g. ``lambda z, b:
+      optax.softmax_cross_entropy_with_integer_labels(z, b["y"]).mean()``.
     alpha: weight of the penalty (>= 0; 0 gives exactly the task loss).
     radius, num_neighbors, noise, scale, divergence, aggregation, mask,
       stop_gradient_center, strategy, neighbor_chunk_size: as in
       :func:`nrs_penalty`.
+    where_fn: optional ``batch -> where``, a boolean mask over the logits'
+      leading dims (e.g. the non-padding tokens) passed to :func:`nrs_penalty`
+      as ``where``. The task loss is yours: mask it there as you need.
     has_aux: whether ``apply_fn`` returns ``(logits, model_aux)``.
 
   Returns:
@@ -519,6 +571,7 @@ def make_nrs_loss(
         strategy=strategy,
         neighbor_chunk_size=neighbor_chunk_size,
         center_logits=logits,
+        where=None if where_fn is None else where_fn(batch),
       )
       total = task + alpha * penalty
     aux = {"task_loss": task, "nrs_penalty": penalty, "logits": logits}

@@ -10,10 +10,12 @@ from typing import Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from nrs_jax import _neighbors
 from nrs_jax import _penalty
+from nrs_jax import _random
 
 
 class NRSState(NamedTuple):
@@ -27,10 +29,14 @@ class NRSState(NamedTuple):
       resample_every)``: successive steps draw different neighbours, a seed
       reproduces a run, and the key needs no update (so it is identical on
       every replica and inside any wrapper that masks state updates).
+    penalty: the raw NRS penalty (before ``alpha``) of the last update, a
+      float32 scalar for logging; 0 before the first update and when ``alpha``
+      is 0.
   """
 
   count: jax.Array
   key: jax.Array
+  penalty: jax.Array
 
 
 def add_nrs_gradient(
@@ -53,14 +59,23 @@ def add_nrs_gradient(
 ) -> optax.GradientTransformationExtraArgs:
   """Adds ``alpha * grad(nrs_penalty)`` to the incoming gradient.
 
-  Put it first in a chain, before the optimiser, as you would
+  Put it first in a chain, **before the optimiser**, as you would
   ``optax.add_decayed_weights``::
 
     tx = optax.chain(nrs_jax.add_nrs_gradient(1.0, 0.05), optax.sgd(0.1))
     updates, state = tx.update(grads, state, params, logits_fn=logits_fn)
 
+  It adds a *gradient* to a gradient. Chained after the optimiser
+  (``optax.chain(optax.sgd(0.1), add_nrs_gradient(...))``) it adds ``alpha *
+  grad`` to the already-scaled, negated *update*: the penalty's gradient is
+  then applied with the wrong sign and no learning rate, and training climbs
+  the penalty. Nothing can detect that order without looking at values, so
+  the library does not check it.
+
   ``logits_fn(params) -> logits`` is an extra keyword argument of ``update``; it
-  closes over the batch (and dropout rng, BatchNorm statistics). With
+  closes over the batch (and dropout rng, BatchNorm statistics) and returns
+  logits, not probabilities (see :func:`nrs_penalty`). ``where=`` (a boolean
+  mask over the logits' leading dims, e.g. padding tokens) is another. With
   ``stop_gradient_center=True`` you may also pass ``center_logits=``, the
   logits your task-loss pass already computed at ``params``: the centre is then
   not recomputed and an update costs exactly the K neighbour passes, the same
@@ -86,7 +101,8 @@ def add_nrs_gradient(
     per_replica_neighbors: see :func:`nrs_penalty`.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs`` with state :class:`NRSState`.
+    An ``optax.GradientTransformationExtraArgs`` with state :class:`NRSState`;
+    ``state.penalty`` is the last update's raw penalty, for logging.
 
   Raises:
     ValueError: at construction for invalid options; in ``update`` when
@@ -149,15 +165,24 @@ def add_nrs_gradient(
       raise ValueError(f"resample_every={resample_every!r} must be an int >= 1.")
     if not jnp.issubdtype(jnp.result_type(resample_every), jnp.integer) or resample_every < 1:
       raise ValueError(f"resample_every={resample_every!r} must be an int >= 1.")
-  base_key = _neighbors._as_key(key)
-  impl = jax.random.key_impl(base_key)
+  if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+    impl = _random.default_impl_name()  # the key itself is made in init: no backend yet
+  else:
+    impl = _random.impl_name(_random.as_key(key))
   alpha_is_zero = _penalty._is_static_number(alpha) and float(alpha) == 0.0
 
   def init_fn(params):
     _neighbors.perturbed_leaf_mask(params, mask)
-    return NRSState(count=jnp.zeros([], jnp.int32), key=jax.random.key_data(base_key))
+    base_key = _random.as_key(key)
+    return NRSState(
+      count=jnp.zeros([], jnp.int32),
+      key=jax.random.key_data(base_key),
+      penalty=jnp.zeros([], jnp.float32),
+    )
 
-  def update_fn(updates, state, params=None, *, logits_fn=None, center_logits=None, **extra_args):
+  def update_fn(
+    updates, state, params=None, *, logits_fn=None, center_logits=None, where=None, **extra_args
+  ):
     del extra_args
     if params is None:
       raise ValueError("add_nrs_gradient needs params: call tx.update(grads, state, params, ...).")
@@ -177,9 +202,9 @@ def add_nrs_gradient(
       )
     base = jax.random.wrap_key_data(state.key, impl=impl)
     step_key = jax.random.fold_in(base, state.count // resample_every)
-    new_state = NRSState(count=optax.safe_int32_increment(state.count), key=state.key)
+    count = optax.safe_int32_increment(state.count)
     if alpha_is_zero:
-      return updates, new_state
+      return updates, NRSState(count=count, key=state.key, penalty=jnp.zeros([], jnp.float32))
     a = alpha(state.count) if callable(alpha) else alpha
 
     def penalty(p):
@@ -200,9 +225,10 @@ def add_nrs_gradient(
         axis_name=axis_name,
         per_replica_neighbors=per_replica_neighbors,
         center_logits=center_logits,
+        where=where,
       )
 
-    grads = jax.grad(penalty, allow_int=True)(params)
+    value, grads = jax.value_and_grad(penalty, allow_int=True)(params)
     if axis_name is not None:
       grads = jax.tree_util.tree_map(
         lambda g: g if g.dtype == jax.dtypes.float0 else jax.lax.pmean(g, axis_name), grads
@@ -216,6 +242,7 @@ def add_nrs_gradient(
       return jnp.where(a == 0, u, u + (a * g).astype(u.dtype))
 
     new_updates = jax.tree_util.tree_map(add, updates, grads, is_leaf=lambda x: x is None)
-    return new_updates, new_state
+    logged = jnp.where(a == 0, 0.0, value).astype(jnp.float32)
+    return new_updates, NRSState(count=count, key=state.key, penalty=logged)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

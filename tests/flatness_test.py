@@ -152,7 +152,7 @@ def test_per_block_eigenvalues_and_trace_match_exact_sub_blocks():
       params,
       batch,
       KEY,
-      mask=lambda path, leaf: path[-1].key == "w",
+      mask=lambda p: jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key == "w", p),
       num_iters=120,
       tol=1e-10,
     )

@@ -296,7 +296,7 @@ BAD = [
   ({"num_neighbors": 4, "neighbor_chunk_size": 0}, "neighbor_chunk_size=0"),
   ({"num_neighbors": 4, "neighbor_chunk_size": 2, "strategy": "loop"}, "strategy='loop'"),
   ({"num_neighbors": 4, "strategy": "chunked"}, "needs neighbor_chunk_size"),
-  ({"mask": {"w": True}}, "same tree structure"),
+  ({"mask": {"w": True}}, "mask must be a pytree of bools"),
   ({"per_replica_neighbors": True}, "per_replica_neighbors=True needs axis_name"),
 ]
 

@@ -219,7 +219,7 @@ def test_missing_params_or_logits_fn_and_bad_construction():
     nrs_jax.add_nrs_gradient(1.0, 0.1, strategy="fast")
   with pytest.raises(ValueError, match="neighbor_chunk_size=3"):
     nrs_jax.add_nrs_gradient(1.0, 0.1, 4, neighbor_chunk_size=3)
-  with pytest.raises(ValueError, match="same tree structure"):
+  with pytest.raises(ValueError, match="mask must be a pytree of bools"):
     nrs_jax.add_nrs_gradient(1.0, 0.1, mask={"w": True}).init(params)
   with pytest.raises(ValueError, match="no floating-point leaves"):
     nrs_jax.add_nrs_gradient(1.0, 0.1).init({"i": jnp.ones(2, jnp.int32)})
