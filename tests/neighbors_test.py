@@ -1,6 +1,5 @@
 """Noise statistics for every shape and scale, masks, and no gradient through sampling."""
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np

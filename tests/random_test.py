@@ -69,7 +69,7 @@ def test_jax_default_prng_impl_set_in_a_fresh_process(default):
   code = textwrap.dedent(
     """
     import jax, jax.numpy as jnp, optax, nrs_jax
-    assert str(jax.config.jax_default_prng_impl) == "%s"
+    assert str(jax.config.jax_default_prng_impl) == "DEFAULT"
     x = jnp.ones((8, 3)); params = {"w": jnp.full((3, 4), 0.1), "b": jnp.zeros(4)}
     lf = lambda p: x @ p["w"] + p["b"]
     pen = lambda k: nrs_jax.nrs_penalty(lf, params, k, radius=0.3, num_neighbors=2)
@@ -83,8 +83,7 @@ def test_jax_default_prng_impl_set_in_a_fresh_process(default):
     assert float(st[0].penalty) > 0
     print("ok")
     """
-    % default
-  )
+  ).replace("DEFAULT", default)
   env = {**os.environ, "JAX_DEFAULT_PRNG_IMPL": default, "JAX_PLATFORMS": "cpu"}
   out = subprocess.run(
     [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
@@ -123,7 +122,8 @@ def _dynamic_conditionals(module_text: str) -> list[str]:
 
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
 @pytest.mark.parametrize(
-  "strategy,k,chunk", [("loop", 1, None), ("vmap", 4, None), ("accumulate", 4, None), ("chunked", 4, 2)]
+  "strategy,k,chunk",
+  [("loop", 1, None), ("vmap", 4, None), ("accumulate", 4, None), ("chunked", 4, 2)],
 )
 def test_exported_gradient_has_no_device_conditional(platform, strategy, k, chunk):
   params = mlp_init(jax.random.key(0))
