@@ -329,7 +329,14 @@ def main(argv=None):
   parser.add_argument(
     "--out", default="", help="JSON path, or a folder for benchmark_gpu_<device>.json (default: .)"
   )
+  parser.add_argument(
+    "--check_only", action="store_true", help="only the strategy agreement check (printed)"
+  )
   args = parser.parse_args(argv)
+  if args.check_only:
+    small = MODELS["tiny"]
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(small[2], *small[1])), jnp.float32)
+    return check_strategies(small[0](), x, args.k)
   result = run(args.model, args.k, args.repeats, args.budget_s)
   out = args.out or "."
   if os.path.isdir(out):

@@ -89,28 +89,27 @@ def validate_options(
 def resolve_strategy(strategy: str, k: int, params_leaves: list, selected: list[bool]) -> str:
   """Picks the neighbour strategy for ``strategy='auto'``.
 
-  Measured on a 2-core CPU (experiments/benchmark.py): an unrolled loop beats
-  vmap there for dense and convolutional models alike (vmap over K conv kernels
-  lowers to grouped convolutions, 3-10x slower on XLA:CPU), so CPU gets a loop.
-  Two exceptions: conv nets with K >= 8 get ``accumulate``, whose one-neighbour
-  working set stays in cache where the loop's K sets of activations do not (a
-  64-channel 1-D CNN, K = 8: 0.81x the loop's time, 0.25x its temp memory;
-  at K <= 4 the two were within noise), and dense-only models with K > 8
-  get vmap, as the loop's compile time grows with K. Dense models keep the
-  loop, which was faster for them (MLP, K = 4 and 8: 0.88x and 0.91x the time
-  of ``accumulate``, whose neighbours run strictly one after another).
-  Accelerators get vmap, which batches the K neighbours into larger kernels
-  (not measured here). One neighbour is always a loop (nothing to batch). ``accumulate`` is
-  reverse-mode only: for ``jax.jvp`` of the penalty name a strategy.
+  The rule (the measurements behind it are in the README's benchmark section
+  and ``experiments/results/``):
+
+  - one neighbour: ``loop`` (nothing to batch);
+  - a model with a perturbed kernel of 3 or more dims (a convolution), on any
+    backend: ``loop`` for K < 8, ``accumulate`` for K >= 8 (one neighbour's
+    activations alive at a time). vmap over K conv kernels becomes a grouped
+    convolution, slower than K separate ones on the CPU and the GPU measured;
+  - dense-only models: on CPU ``loop`` for K <= 8 and ``vmap`` above (the
+    loop's compile time grows with K); on GPU/TPU ``vmap``.
+
+  ``accumulate`` is reverse-mode only: for ``jax.jvp`` of the penalty name a
+  strategy.
   """
   if strategy != "auto":
     return strategy
   if k == 1:
     return "loop"
+  if any(s and jnp.ndim(x) >= 3 for x, s in zip(params_leaves, selected)):
+    return "accumulate" if k >= 8 else "loop"
   if jax.default_backend() == "cpu":
-    has_conv = any(s and jnp.ndim(x) >= 3 for x, s in zip(params_leaves, selected))
-    if has_conv:
-      return "accumulate" if k >= 8 else "loop"
     return "loop" if k <= 8 else "vmap"
   return "vmap"
 
@@ -189,7 +188,12 @@ def nrs_penalty(
       holds one chunk at a time, also reverse-mode only; on CPU, conv nets run
       slowly this way, as XLA:CPU is slow at conv gradients inside loops),
       or ``"auto"`` (see :func:`resolve_strategy`; chunked when
-      ``neighbor_chunk_size`` is set). All give the same value and gradient.
+      ``neighbor_chunk_size`` is set). All give the same value and gradient
+      to float tolerance. On GPUs, float32 convolutions and matmuls run in TF32
+      by default and ``vmap``/``chunked`` (batched kernels) round differently
+      from ``loop``: on a small ResNet on an H200 they differed by 1e-4 in value
+      and 1% in gradient norm, and by 1e-6 under
+      ``jax.default_matmul_precision("highest")``.
     neighbor_chunk_size: neighbours per chunk; must divide ``num_neighbors``.
     center_logits: the centre's logits if already computed (shares the centre
       forward pass with the task loss).

