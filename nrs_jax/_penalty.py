@@ -175,8 +175,10 @@ def nrs_penalty(
       ``"symmetric_kl"``, ``"js"`` or a callable ``(center_logits,
       neighbor_logits) -> per-example divergence``.
     aggregation: ``"mean"`` (default) or ``"max"`` over the K neighbours.
-    mask: leaves to perturb: ``None`` (all float leaves), a pytree of bools like
-      ``params`` or a predicate ``(path, leaf) -> bool``.
+    mask: leaves to perturb, optax's convention (as in ``optax.masked``):
+      ``None`` (all float leaves), a pytree of bools like ``params`` (or a
+      prefix of it), or a callable ``params ->`` such a pytree. By path:
+      ``lambda p: jax.tree_util.tree_map_with_path(lambda path, x: ..., p)``.
     stop_gradient_center: treat the centre outputs as a fixed target.
     strategy: how the K neighbours are evaluated: ``"vmap"``, ``"loop"``
       (unrolled), ``"accumulate"`` (unrolled, each neighbour drawn when needed

@@ -139,8 +139,9 @@ def top_hessian_eigenvalues(
     num_iters: maximum Lanczos iterations (>= k).
     tol: relative tolerance of the Ritz residual estimates.
     which: ``"LA"`` largest algebraic (default) or ``"LM"`` largest magnitude.
-    mask: restrict to a subset of parameters (pytree of bools or a predicate
-      ``(path, leaf) -> bool``): the eigenvalues of that diagonal block.
+    mask: restrict to a subset of parameters (optax's convention: a pytree of
+      bools like ``params``, or a callable ``params ->`` such a pytree): the
+      eigenvalues of that diagonal block.
 
   Returns:
     An :class:`EigenResult`.
@@ -322,7 +323,8 @@ def layerwise_hessian(
   Args:
     loss_fn, params, data, key: as in :func:`top_hessian_eigenvalues`.
     group: ``"leaf"`` (one block per float leaf) or ``"module"`` (leaves that
-      share a path prefix, e.g. a layer's kernel and bias).
+      share a path prefix, e.g. a layer's kernel and bias; for a Flax NNX
+      ``State`` the variables of one module).
     num_iters: Lanczos iterations per block.
     num_samples: Hutchinson probes per block.
 
@@ -337,6 +339,8 @@ def layerwise_hessian(
     if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
       names.append(None)
       continue
+    if path and getattr(path[-1], "name", None) == "value":
+      path = path[:-1]  # a Flax NNX Variable's own attribute: the leaf is the variable
     p = path if group == "leaf" or len(path) <= 1 else path[:-1]
     names.append(_path_name(p))
   out = {}
