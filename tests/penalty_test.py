@@ -409,3 +409,138 @@ def test_auto_strategy_rule(backend, monkeypatch):
     "auto", 8, dense, sel
   )
   assert _penalty.resolve_strategy("vmap", 8, conv, sel) == "vmap"
+
+
+def _np_log_probs(z):
+  z = np.asarray(z, np.float64)
+  if z.shape[-1] == 1:  # one binary logit: Bernoulli(sigmoid(z))
+    p = special.expit(z)
+    return np.log(np.concatenate([1 - p, p], -1))
+  return special.log_softmax(z, -1)
+
+
+def _np_divergence(name, zc, zn):
+  lp, lq = _np_log_probs(zc), _np_log_probs(zn)
+  p, q = np.exp(lp), np.exp(lq)
+  kl = lambda a, b: special.rel_entr(a, b).sum(-1)
+  if name == "kl":
+    return kl(p, q)
+  if name == "reverse_kl":
+    return kl(q, p)
+  if name == "symmetric_kl":
+    return 0.5 * (kl(p, q) + kl(q, p))
+  m = 0.5 * (p + q)
+  return 0.5 * (kl(p, m) + kl(q, m))
+
+
+def _neighbour_logits(logits_fn, params, key, k, **kw):
+  perts = nrs_jax.sample_perturbations(params, key, radius=0.3, num_neighbors=k, **kw)
+  tree = perts.as_tree(params)
+  return [
+    np.asarray(logits_fn(jax.tree_util.tree_map(lambda a, d: a + d[i], params, tree)))
+    for i in range(k)
+  ]
+
+
+@pytest.mark.parametrize("divergence", nrs_jax.DIVERGENCES)
+def test_one_logit_is_a_bernoulli_classifier(divergence):
+  # [B, 1] logits (a sigmoid classifier) used to give exactly 0 (softmax over one class).
+  params = mlp_init(jax.random.key(0), (5, 8, 1))
+  x = jax.random.normal(jax.random.key(1), (16, 5))
+  logits_fn = lambda p: mlp_apply(p, x)
+  got = nrs_jax.nrs_penalty(
+    logits_fn, params, KEY, radius=0.3, num_neighbors=3, divergence=divergence
+  )
+  zc = np.asarray(logits_fn(params))
+  want = np.mean(
+    [
+      _np_divergence(divergence, zc, zn).mean()
+      for zn in _neighbour_logits(logits_fn, params, KEY, 3)
+    ]
+  )
+  assert float(got) > 0
+  np.testing.assert_allclose(got, want, rtol=1e-4)
+  # The same as a two-class softmax over logits (0, z), and equal logits give 0.
+  two = nrs_jax.nrs_penalty(
+    lambda p: jnp.concatenate([jnp.zeros_like(logits_fn(p)), logits_fn(p)], -1),
+    params,
+    KEY,
+    radius=0.3,
+    num_neighbors=3,
+    divergence=divergence,
+  )
+  np.testing.assert_allclose(got, two, rtol=1e-5)
+  assert float(nrs_jax.output_divergence(zc, zc, divergence)) == 0.0
+
+
+@pytest.mark.parametrize("strategy", ["loop", "vmap", "accumulate"])
+def test_where_masks_padding_positions_against_numpy(strategy):
+  params = mlp_init(jax.random.key(0))
+  x = jax.random.normal(jax.random.key(1), (4, 6, 5))  # [batch, tokens, features]
+  lengths = np.array([6, 3, 1, 4])
+  where = np.arange(6)[None, :] < lengths[:, None]
+  logits_fn = lambda p: mlp_apply(p, x)
+  got = jax.jit(
+    lambda p, w: nrs_jax.nrs_penalty(
+      logits_fn, p, KEY, radius=0.3, num_neighbors=2, where=w, strategy=strategy
+    )
+  )(params, where)
+  zc = np.asarray(logits_fn(params))
+  divs = [
+    _np_divergence("kl", zc, zn)[where].mean()
+    for zn in _neighbour_logits(logits_fn, params, KEY, 2)
+  ]
+  np.testing.assert_allclose(got, np.mean(divs), rtol=1e-4)
+  # Padding does not count: garbage logits there change nothing.
+  noisy = lambda p: jnp.where(jnp.asarray(where)[..., None], logits_fn(p), 1e4 * x[..., :3])
+  again = nrs_jax.nrs_penalty(noisy, params, KEY, radius=0.3, num_neighbors=2, where=where)
+  np.testing.assert_allclose(again, got, rtol=1e-5)
+  # A [batch, 1] mask broadcasts over the tokens (numpy rules); all-true equals no mask.
+  np.testing.assert_allclose(
+    nrs_jax.nrs_penalty(logits_fn, params, KEY, radius=0.3, where=np.ones((4, 1), bool)),
+    nrs_jax.nrs_penalty(logits_fn, params, KEY, radius=0.3),
+    rtol=1e-6,
+  )
+
+
+def test_where_with_axis_name_averages_over_the_global_valid_positions():
+  # Two "replicas" (vmap with an axis name) with unequal numbers of valid positions:
+  # the value on each is the global-batch penalty, as if unsharded.
+  params = mlp_init(jax.random.key(0))
+  x = jax.random.normal(jax.random.key(1), (4, 6, 5))
+  where = np.arange(6)[None, :] < np.array([6, 5, 1, 0])[:, None]
+  full = nrs_jax.nrs_penalty(lambda p: mlp_apply(p, x), params, KEY, radius=0.3, where=where)
+
+  def replica(xs, ws):
+    return nrs_jax.nrs_penalty(
+      lambda p: mlp_apply(p, xs), params, KEY, radius=0.3, where=ws, axis_name="data"
+    )
+
+  per_replica = jax.vmap(replica, axis_name="data")(x.reshape(2, 2, 6, 5), where.reshape(2, 2, 6))
+  np.testing.assert_allclose(per_replica, [full, full], rtol=1e-5)
+  # No valid position anywhere gives 0, not NaN.
+  none = nrs_jax.nrs_penalty(
+    lambda p: mlp_apply(p, x), params, KEY, radius=0.3, where=np.zeros((4, 6), bool)
+  )
+  assert float(none) == 0.0
+
+
+def test_where_errors_and_where_fn_in_make_nrs_loss():
+  params = mlp_init(jax.random.key(0))
+  x = jax.random.normal(jax.random.key(1), (4, 6, 5))
+  logits_fn = lambda p: mlp_apply(p, x)
+  with pytest.raises(ValueError, match=r"does not broadcast to the logits' leading shape \(4, 6\)"):
+    nrs_jax.nrs_penalty(logits_fn, params, KEY, radius=0.3, where=np.ones((4, 5), bool))
+  with pytest.raises(ValueError, match="where must be a boolean array"):
+    nrs_jax.nrs_penalty(logits_fn, params, KEY, radius=0.3, where=np.ones((4, 6)))
+  batch = {"x": x, "y": jnp.zeros((4, 6), jnp.int32), "mask": jnp.arange(6)[None] < 3}
+  loss = nrs_jax.make_nrs_loss(
+    lambda p, b: mlp_apply(p, b["x"]),
+    lambda z, b: optax.softmax_cross_entropy_with_integer_labels(z, b["y"]).mean(),
+    alpha=1.0,
+    radius=0.3,
+    where_fn=lambda b: b["mask"],
+  )
+  _, aux = loss(params, batch, KEY)
+  want = nrs_jax.nrs_penalty(logits_fn, params, KEY, radius=0.3, where=batch["mask"])
+  np.testing.assert_allclose(aux["nrs_penalty"], want, rtol=1e-6)

@@ -1,10 +1,12 @@
 """add_nrs_gradient: the optax battery, keys, NNX, and learning on a small problem."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.flatten_util import ravel_pytree
 
 import nrs_jax
 from tests.conftest import mlp_apply
@@ -116,12 +118,57 @@ def test_inside_chain_with_sgd_and_adamw(opt):
   def step(p, s):
     g = jax.grad(loss)(p)
     u, s = tx.update(g, s, p, logits_fn=logits_fn, unrelated_extra_arg=123)
-    return optax.apply_updates(p, u), s
+    return optax.apply_updates(p, u), s, u
 
+  # The first update is the inner optimiser's on grads + alpha * grad(penalty), exactly.
+  g = jax.grad(loss)(params)
+  g_pen = _penalty_grad(params, logits_fn, jax.random.fold_in(jax.random.key(0), 0))
+  want, _ = inner.update(
+    jax.tree_util.tree_map(lambda a, b: a + ALPHA * b, g, g_pen), inner.init(params), params
+  )
+  plain, _ = inner.update(g, inner.init(params), params)
+  new_params, state, u = step(params, state)
+  chex.assert_trees_all_close(u, want, rtol=1e-5, atol=1e-7)
+  assert not np.allclose(ravel_pytree(u)[0], ravel_pytree(plain)[0])
   l0 = float(loss(params))
-  for _ in range(20):
-    params, state = step(params, state)
+  params = new_params
+  for _ in range(19):
+    params, state, _ = step(params, state)
   assert float(loss(params)) < l0
+
+
+def test_state_penalty_is_the_raw_penalty_of_the_update():
+  params, logits_fn, loss = _setup()
+  grads = jax.grad(loss)(params)
+  tx = nrs_jax.add_nrs_gradient(0.5, RADIUS, 2, key=4)
+  state = tx.init(params)
+  assert float(state.penalty) == 0.0
+  _, state = jax.jit(lambda g, s, p: tx.update(g, s, p, logits_fn=logits_fn))(grads, state, params)
+  want = nrs_jax.nrs_penalty(
+    logits_fn, params, jax.random.fold_in(jax.random.key(4), 0), radius=RADIUS, num_neighbors=2
+  )
+  np.testing.assert_allclose(state.penalty, want, rtol=1e-6)
+  assert state.penalty.dtype == jnp.float32
+  for alpha in (0.0, optax.constant_schedule(0.0)):
+    tx0 = nrs_jax.add_nrs_gradient(alpha, RADIUS, key=4)
+    _, s0 = tx0.update(grads, tx0.init(params), params, logits_fn=logits_fn)
+    assert float(s0.penalty) == 0.0
+
+
+def test_where_is_an_extra_argument_of_update():
+  params, _, loss = _setup()
+  x = jax.random.normal(jax.random.key(1), (4, 6, 5))  # [batch, tokens, features]
+  where = jnp.arange(6)[None, :] < jnp.array([6, 3, 1, 4])[:, None]
+  logits_fn = lambda p: mlp_apply(p, x)
+  grads = jax.tree_util.tree_map(jnp.zeros_like, params)
+  tx = nrs_jax.add_nrs_gradient(1.0, RADIUS, key=2)
+  u, s = tx.update(grads, tx.init(params), params, logits_fn=logits_fn, where=where)
+  key = jax.random.fold_in(jax.random.key(2), 0)
+  pen = lambda p: nrs_jax.nrs_penalty(logits_fn, p, key, radius=RADIUS, where=where)
+  chex.assert_trees_all_close(u, jax.grad(pen)(params), rtol=1e-5, atol=1e-8)
+  np.testing.assert_allclose(s.penalty, pen(params), rtol=1e-6)
+  u_all, _ = tx.update(grads, tx.init(params), params, logits_fn=logits_fn)
+  assert not np.allclose(ravel_pytree(u)[0], ravel_pytree(u_all)[0])
 
 
 def test_inject_hyperparams_alpha_and_radius_injectable():
@@ -158,6 +205,8 @@ def test_inject_hyperparams_alpha_and_radius_injectable():
 
 
 def test_multisteps_accumulates():
+  # Inside MultiSteps the inner chain runs once per k micro-steps, on the mean
+  # gradient, with the last micro-step's logits_fn and its own count.
   params, logits_fn, loss = _setup()
   tx = optax.MultiSteps(optax.chain(nrs_jax.add_nrs_gradient(ALPHA, RADIUS), optax.sgd(0.1)), 2)
   state = tx.init(params)
@@ -165,8 +214,15 @@ def test_multisteps_accumulates():
   step = jax.jit(lambda g, s, p: tx.update(g, s, p, logits_fn=logits_fn))
   u1, state = step(grads, state, params)
   assert all(bool(jnp.all(x == 0)) for x in jax.tree_util.tree_leaves(u1))
-  u2, state = step(grads, state, params)
-  assert any(bool(jnp.any(x != 0)) for x in jax.tree_util.tree_leaves(u2))
+  g2 = jax.tree_util.tree_map(lambda a: 3.0 * a, grads)
+  u2, state = step(g2, state, params)
+  g_pen = jax.grad(
+    lambda p: nrs_jax.nrs_penalty(
+      logits_fn, p, jax.random.fold_in(jax.random.key(0), 0), radius=RADIUS
+    )
+  )(params)
+  want = jax.tree_util.tree_map(lambda a, b: -0.1 * (2.0 * a + ALPHA * b), grads, g_pen)
+  chex.assert_trees_all_close(u2, want, rtol=1e-5, atol=1e-7)
 
 
 def test_apply_if_finite_skips_nan_step():
