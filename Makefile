@@ -22,10 +22,10 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 
 test: lint
-	$(PY) -m pytest -n 2 -q
+	$(PY) -m pytest -n 2 -q --durations=15
 
 test-slow: $(STAMP)
-	$(PY) -m pytest -n 2 -q -m slow
+	$(PY) -m pytest -n 2 -q --durations=15 -m slow
 
 format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .

@@ -18,6 +18,7 @@ import json
 import platform
 import statistics
 import time
+from functools import partial
 from unittest import mock
 
 import jax
@@ -32,7 +33,7 @@ from experiments import input_pipeline
 from experiments import methods
 from experiments import train
 from experiments.configs import default
-from nrs_jax import _neighbors
+from nrs_jax import _random
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["mlp", "cnn", "resnet18"], "Models to benchmark.")
@@ -136,13 +137,13 @@ def bench_model(name, ks, repeats):
   def constant(keys, n):
     return jnp.asarray(np.random.default_rng(0).normal(size=(keys.shape[0], n)), jnp.float32)
 
-  with mock.patch.object(_neighbors, "standard_normal", constant):
+  with mock.patch.object(_random, "standard_normal", constant):
     run("nrs_k1_constant_noise", "nrs", {"num_neighbors": 1})
 
   n = sum(x.size for x in jax.tree_util.tree_leaves(model.params))
   if n % 2:
     # The draw kernel at its own odd length, as it was before the padding.
-    with mock.patch.object(_neighbors, "_PAD", 1):
+    with mock.patch.object(_random, "standard_normal", partial(_random.standard_normal, pad=1)):
       run("nrs_k1_unpadded_draw", "nrs", {"num_neighbors": 1})
 
   # Sampling alone, timed in the same rounds, as a share of the NRS K=1 step.
@@ -153,7 +154,7 @@ def bench_model(name, ks, repeats):
   # The uniform-to-normal transform alone: erf_inv over N precomputed uniforms, less an
   # elementwise op with the same input and output. However cheap the random bits, an
   # inverse-CDF draw costs at least this much more than SAM's step.
-  u = jnp.asarray(rng.uniform(-1.0, 1.0, (1, _neighbors._padded(n))), jnp.float32)
+  u = jnp.asarray(rng.uniform(-1.0, 1.0, (1, _random.padded(n))), jnp.float32)
   fns["erf_inv_only"] = (jax.jit(jax.lax.erf_inv), (u,))
   fns["scale_only"] = (jax.jit(lambda u: 2.0 * u), (u,))
   for label in ("sampling_k1", "erf_inv_only", "scale_only"):

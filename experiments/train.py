@@ -149,6 +149,59 @@ def _unflatten_state(template, flat: dict):
   return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(template), leaves)
 
 
+# Keys that say how a run is launched, not what it computes: a resume may change them.
+LAUNCH_KEYS = (
+  "distributed",
+  "coordinator_address",
+  "num_processes",
+  "process_id",
+  "progress",
+  "data_dir",
+  "compare_methods",
+)
+CONFIG_FILE = "config.json"
+
+
+def _flat_config(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat_config(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def check_or_record_config(config, workdir: str, resuming: bool) -> None:
+  """Records the resolved config in ``workdir``; a resume must not change what it computes.
+
+  Raises:
+    ValueError: when ``workdir`` holds a run whose recorded config differs from
+      ``config`` in any key but the launch keys (``LAUNCH_KEYS``), naming the
+      keys and how to start fresh.
+  """
+  path = os.path.join(workdir, CONFIG_FILE)
+  new = json.loads(json.dumps(config.to_dict(), default=str))  # tuples -> lists, as stored
+  if resuming and os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+    a, b = _flat_config(old), _flat_config(new)
+    diff = sorted(
+      k
+      for k in set(a) | set(b)
+      if k.split(".")[0] not in LAUNCH_KEYS and a.get(k, "<unset>") != b.get(k, "<unset>")
+    )
+    if diff:
+      changes = ", ".join(f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}" for k in diff)
+      raise ValueError(
+        f"--workdir {workdir} holds a run with a different config ({changes}); resuming "
+        "it would continue that run, not start this one. Use another --workdir, or "
+        f"delete {workdir} to start fresh."
+      )
+  with open(path, "w") as f:
+    json.dump(new, f, indent=2, sort_keys=True)
+
+
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   """Trains ``config.method`` on ``config.dataset``; resumes from ``workdir`` if present.
 
@@ -156,6 +209,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   ``final_state.npz``; returns the final metrics.
   """
   os.makedirs(workdir, exist_ok=True)
+  ckpts = os.path.join(workdir, "checkpoints")
+  resuming = os.path.exists(os.path.join(workdir, "metrics.jsonl")) or (
+    os.path.isdir(ckpts) and bool(os.listdir(ckpts))
+  )
+  check_or_record_config(config, workdir, resuming)
   if config.get("distributed", False):
     jax.distributed.initialize()  # multi-host: coordinator and ids from the environment
   mesh = make_mesh(config)

@@ -5,9 +5,15 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+from experiments import accelerator_benchmark
+from experiments import benchmark
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_benchmark_runs_and_writes_json(tmp_path):
   out = tmp_path / "b.json"
   cmd = [
@@ -28,3 +34,42 @@ def test_benchmark_runs_and_writes_json(tmp_path):
   assert m["checks"]["unpadded_draw_k1_vs_padded"] > 0
   assert result["hessian"]["mlp_100k"]["lanczos_iters"] >= 5
   assert "| mlp11 | nrs_k1_unpadded_draw |" in p.stdout
+
+
+def test_benchmark_summary_and_table_from_synthetic_timings():
+  # The fast stand-in for the end-to-end run above: ratios and checks from known rows.
+  rows = {
+    "sgd": {"seconds": 1.0, "compile_seconds": 2.0, "temp_bytes": 2**20},
+    "sam": {"seconds": 2.0, "compile_seconds": 3.0, "temp_bytes": 2**20},
+    "nrs_k1_auto": {"seconds": 2.2, "compile_seconds": 5.0, "temp_bytes": 2**21},
+    "nrs_k1_transform": {"seconds": 2.6, "compile_seconds": 5.0, "temp_bytes": 2**21},
+    "nrs_k1_constant_noise": {"seconds": 2.0, "compile_seconds": 5.0, "temp_bytes": 2**21},
+    "sampling_k1": {"seconds": 0.2},
+    "erf_inv_only": {"seconds": 0.3},
+    "scale_only": {"seconds": 0.1},
+  }
+  ratios, checks = benchmark.summarize("m", rows, [1])
+  assert ratios["nrs_k1_auto"]["vs_sam"] == 1.1 and ratios["sam"]["vs_sgd"] == 2.0
+  assert abs(checks["sampling_share_k1_in_step"] - (1 - 2.0 / 2.2)) < 1e-12
+  assert (
+    checks["default_k1_vs_floor"] == 1.1 and abs(checks["normal_transform_vs_sam"] - 0.1) < 1e-12
+  )
+  table = benchmark.markdown_table({"models": {"m": {"ratios": ratios, "checks": checks}}})
+  assert "| m | nrs_k1_auto | 2.20 | 1.10 | 2.50 | 2.0 |" in table
+
+
+def test_accelerator_benchmark_runs_on_cpu_with_tiny_shapes(tmp_path):
+  result = accelerator_benchmark.main(["--model=tiny", "--k=2", "--repeats=1", f"--out={tmp_path}"])
+  (out,) = list(tmp_path.glob("benchmark_gpu_*.json"))
+  assert json.loads(out.read_text())["machine"]["device"] == result["machine"]["device"]
+  rows = result["rows"]
+  want = {"sgd", "sam", "sam_optax_opaque", "nrs_k1_auto", "sgd_f32", "nrs_k1_auto_f32"}
+  want |= {f"nrs_k2_{s}" for s in ("auto", "vmap", "loop", "chunked", "accumulate")}
+  assert want <= set(rows), sorted(rows)
+  for label, r in rows.items():
+    assert r["seconds"] > 0 and r["images_per_second"] > 0 and r["compile_seconds"] > 0, label
+  assert rows["sgd"]["vs_sgd"] == 1.0 and rows["sam"]["vs_sam"] == 1.0
+  assert rows["sgd_f32"]["dtype"] == "float32" and rows["sgd"]["dtype"] == "bfloat16"
+  assert isinstance(result["checks"]["k2_auto_within_5pct"], bool)
+  for s, r in result["strategy_agreement"].items():
+    assert r["value_rel_diff"] < 1e-4 and r["grad_rel_diff"] < 1e-4, (s, r)

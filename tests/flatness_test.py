@@ -163,6 +163,7 @@ def test_per_block_eigenvalues_and_trace_match_exact_sub_blocks():
     assert bool(jnp.all(pred.eigenvectors["layer0"]["b"] == 0))
 
 
+@pytest.mark.slow
 def test_100k_parameter_model_top3_agree_with_scipy_eigsh():
   params = mlp_init(jax.random.key(3), (64, 384, 192, 10))  # 100,618 params
   x = jax.random.normal(jax.random.key(4), (128, 64))

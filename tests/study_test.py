@@ -3,6 +3,7 @@
 import time
 
 import numpy as np
+import pytest
 from scipy import stats
 
 from experiments import study
@@ -31,6 +32,7 @@ def test_lambda_at_loss_interpolates_in_log_log():
   assert np.isnan(study.lambda_at_loss(rows, 5.0))
 
 
+@pytest.mark.slow
 def test_quick_study_writes_the_report(tmp_path):
   results, abl, secs = study.study(str(tmp_path / "runs"), True, ["digits_bn"], False, 1)
   assert set(results["digits_bn"]["runs"]) == {"sgd", "sam", "rwp", "nrs", "sgd_2x"}

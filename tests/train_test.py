@@ -77,9 +77,11 @@ def test_nrs_transform_path_and_linen_path(tmp_path):
 @pytest.mark.parametrize(
   "get_config,overrides",
   [
-    (cifar10_resnet18.get_config, {}),
+    pytest.param(cifar10_resnet18.get_config, {}, marks=pytest.mark.slow),
     (cifar100_wrn28_10.get_config, {"model_kwargs": dict(depth=10, widen=1, dropout=0.3)}),
-    (imagenet_resnet50.get_config, {"model_kwargs": dict(width=8)}),
+    pytest.param(
+      imagenet_resnet50.get_config, {"model_kwargs": dict(width=8)}, marks=pytest.mark.slow
+    ),
   ],
 )
 def test_tfds_configs_under_mock_data(get_config, overrides, tmp_path):
@@ -216,6 +218,31 @@ def _run_main(workdir, extra=(), wait=True):
   return p
 
 
+def test_resume_with_a_changed_config_fails_and_names_the_keys(tmp_path):
+  # It used to resume the NRS checkpoint and report the NRS run's numbers again.
+  config = _shrink(default.get_config(), method="nrs")
+  rec = train.train_and_evaluate(config, str(tmp_path))
+  recorded = json.loads((tmp_path / "config.json").read_text())
+  assert recorded["method"] == "nrs" and recorded["nrs"]["radius"] == 0.05
+  changed = _shrink(default.get_config(), method="sgd", learning_rate=0.5)
+  with pytest.raises(ValueError, match="learning_rate: 0.2 -> 0.5, method: 'nrs' -> 'sgd'") as e:
+    train.train_and_evaluate(changed, str(tmp_path))
+  assert "delete" in str(e.value) and "--workdir" in str(e.value)
+  # Launch keys may change; the run resumes (at its end) and returns its own record.
+  same = _shrink(default.get_config(), method="nrs", progress=True, data_dir="/elsewhere")
+  with same.unlocked():
+    same.compare_methods = ("nrs",)
+  again = train.train_and_evaluate(same, str(tmp_path))
+  assert again["test_accuracy"] == rec["test_accuracy"]
+  # A nested key counts too.
+  nested = _shrink(default.get_config(), method="nrs")
+  with nested.unlocked():
+    nested.nrs.radius = 0.1
+  with pytest.raises(ValueError, match=r"nrs\.radius: 0.05 -> 0.1"):
+    train.train_and_evaluate(nested, str(tmp_path))
+
+
+@pytest.mark.slow
 def test_sigkill_then_restart_is_bit_identical_to_uninterrupted(tmp_path):
   ref = tmp_path / "ref"
   _run_main(ref)
