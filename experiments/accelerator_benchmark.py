@@ -48,9 +48,9 @@ MODELS = {
   # name: (constructor, input shape, batch, timed rounds)
   "resnet18": (lambda: models.create_model("resnet18", (32, 32, 3), 10, 0), (32, 32, 3), 256, 20),
   "tiny": (
-    lambda: models.ResNet(10, (1, 1), width=8, in_channels=3, rngs=nnx.Rngs(0)),
-    (8, 8, 3),
-    16,
+    lambda: models.ResNet(10, (1,), width=4, in_channels=3, rngs=nnx.Rngs(0)),
+    (4, 4, 3),
+    8,
     3,
   ),
 }
