@@ -128,26 +128,51 @@ def load(
   return Dataset(name, train, val, test, nc, tuple(train.x.shape[1:]))
 
 
-def train_batch(ds: Dataset, step: int, batch_size: int, seed: int) -> dict:
-  """The batch for a global step: a deterministic function of (seed, step)."""
+def train_batch(
+  ds: Dataset,
+  step: int,
+  batch_size: int,
+  seed: int,
+  *,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> dict:
+  """This process's rows of the global batch of a step: a function of (seed, step).
+
+  The global batch (``batch_size`` rows) is the same whatever the number of
+  processes; process ``i`` of ``n`` gets its contiguous ``batch_size / n`` rows
+  (the rows of its devices on a ``data`` mesh ordered by process) and reads and
+  augments only those.
+  """
   n = ds.num_train
   steps_per_epoch = n // batch_size
   epoch, i = divmod(step, steps_per_epoch)
   perm = np.random.default_rng([seed, epoch]).permutation(n)
-  idx = perm[i * batch_size : (i + 1) * batch_size]
+  per = batch_size // process_count
+  lo = i * batch_size + process_index * per
+  idx = perm[lo : lo + per]
   x, y = ds.train.x[idx], ds.train.y[idx]
   if ds.augment:
-    x = augment_images(x, np.random.default_rng([seed, step, 1]))
+    rng = np.random.default_rng([seed, step, 1])
+    x = augment_images(x, rng, rows=(process_index * per, batch_size))
   return {"x": x, "y": y}
 
 
-def augment_images(x: np.ndarray, rng: np.random.Generator, pad: int = 4) -> np.ndarray:
-  """Random crop with zero padding and horizontal flip (NHWC)."""
+def augment_images(
+  x: np.ndarray, rng: np.random.Generator, pad: int = 4, rows: Optional[tuple] = None
+) -> np.ndarray:
+  """Random crop with zero padding and horizontal flip (NHWC).
+
+  ``rows=(offset, total)``: ``x`` holds rows ``offset...`` of a batch of ``total``
+  whose random draws are made for the whole batch, so a process augmenting its
+  own rows gets what a single process would have given them.
+  """
   n, h, w, _ = x.shape
+  offset, total = rows or (0, n)
   padded = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-  dy = rng.integers(0, 2 * pad + 1, n)
-  dx = rng.integers(0, 2 * pad + 1, n)
-  flip = rng.random(n) < 0.5
+  dy = rng.integers(0, 2 * pad + 1, total)[offset : offset + n]
+  dx = rng.integers(0, 2 * pad + 1, total)[offset : offset + n]
+  flip = (rng.random(total) < 0.5)[offset : offset + n]
   out = np.empty_like(x)
   for j in range(n):
     crop = padded[j, dy[j] : dy[j] + h, dx[j] : dx[j] + w]

@@ -18,6 +18,7 @@ def main(argv):
     raise app.UsageError("Too many command-line arguments.")
   logging.set_verbosity(logging.WARNING)
   config = FLAGS.config
+  train.initialize_distributed(config)  # multi-host: before any other JAX call
   if config.get("compare_methods"):
     train.compare(config, FLAGS.workdir)
   else:

@@ -11,6 +11,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
@@ -52,33 +53,62 @@ class Model:
 
 
 def make_eval_step(apply):
-  """One jitted (params, batch_stats, x, y) -> (summed loss, correct), compiled once per run."""
+  """One jitted (params, batch_stats, x, y, w) -> (summed loss, correct), compiled once per run.
+
+  ``w`` weights each example (0 for the padding that makes a batch divide the devices).
+  """
 
   @jax.jit
-  def step(params, bs, x, y):
+  def step(params, bs, x, y, w):
     logits, _ = apply(params, bs, x, False, None)
-    return methods.cross_entropy(logits, y) * y.shape[0], jnp.sum(jnp.argmax(logits, -1) == y)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+    return jnp.sum(losses * w), jnp.sum((jnp.argmax(logits, -1) == y) * w)
 
   return step
 
 
-def _eval_metrics(eval_step, params, bs, split, batch_size):
-  tot_l, tot_c, n = 0.0, 0, 0
+def _padded_global(arrays: dict, mesh) -> dict:
+  """Host arrays (the same on every process) as arrays sharded over ``data``.
+
+  Rows are padded to a multiple of the device count (``w`` = 0 there). Each
+  process transfers only the rows of its own devices.
+  """
+  n = len(arrays["y"])
+  pad = 0 if mesh is None else -n % mesh.devices.size
+  out = {k: np.concatenate([v, np.zeros((pad, *v.shape[1:]), v.dtype)]) for k, v in arrays.items()}
+  out["w"] = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
+  if mesh is None:
+    return {k: jnp.asarray(v) for k, v in out.items()}
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  def place(v):
+    sharding = NamedSharding(mesh, P("data", *([None] * (v.ndim - 1))))
+    return jax.make_array_from_callback(v.shape, sharding, lambda idx: v[idx])
+
+  return {k: place(v) for k, v in out.items()}
+
+
+def _eval_metrics(eval_step, params, bs, split, batch_size, mesh=None):
+  tot_l, tot_c, n = 0.0, 0.0, 0
   for b in input_pipeline.eval_batches(split, batch_size):
-    loss, c = eval_step(params, bs, jnp.asarray(b["x"]), jnp.asarray(b["y"]))
-    tot_l, tot_c, n = tot_l + float(loss), tot_c + int(c), n + len(b["y"])
+    g = _padded_global(b, mesh)
+    loss, c = eval_step(params, bs, g["x"], g["y"], g["w"])
+    tot_l, tot_c, n = tot_l + float(loss), tot_c + float(c), n + len(b["y"])
   return tot_l / max(n, 1), tot_c / max(n, 1)
 
 
-def _hessian(model, params, bs, ds, config, key):
+def _hessian(model, params, bs, ds, config, key, mesh=None):
   """Top eigenvalue and trace of the training loss (eval mode) on a fixed subset."""
   hc = config.hessian
   n = min(hc.num_examples, ds.num_train)
   bsz = min(hc.batch_size, n)
-  data = [
-    (jnp.asarray(ds.train.x[i : i + bsz]), jnp.asarray(ds.train.y[i : i + bsz]))
-    for i in range(0, n - n % bsz, bsz)
-  ]
+  if mesh is not None:
+    bsz -= bsz % mesh.devices.size  # whole batches on every device: no padding in a Hessian
+  data = []
+  for i in range(0, n - n % bsz, bsz):
+    g = _padded_global({"x": ds.train.x[i : i + bsz], "y": ds.train.y[i : i + bsz]}, mesh)
+    data.append((g["x"], g["y"]))
   loss = lambda p, b: methods.cross_entropy(model.apply(p, bs, b[0], False, None)[0], b[1])
   return {
     k: float(v)
@@ -122,31 +152,39 @@ def state_shardings(state, mesh, mode):
   return jax.tree_util.tree_map(one, state)
 
 
-def global_batch(batch, mesh):
-  """Places a host batch: sharded on ``data`` (each process gives its slice)."""
-  x, y = jnp.asarray(batch["x"]), jnp.asarray(batch["y"])
+def global_batch(local_batch, mesh):
+  """This process's rows of the global batch as one global array sharded on ``data``."""
   if mesh is None:
-    return {"x": x, "y": y}
+    return {k: jnp.asarray(v) for k, v in local_batch.items()}
   from jax.sharding import NamedSharding
   from jax.sharding import PartitionSpec as P
 
-  n_proc, idx = jax.process_count(), jax.process_index()
-  per = len(batch["y"]) // n_proc
   out = {}
-  for k, v in batch.items():
-    local = np.asarray(v[idx * per : (idx + 1) * per])
+  for k, v in local_batch.items():
+    local = np.asarray(v)
     sharding = NamedSharding(mesh, P("data", *([None] * (local.ndim - 1))))
-    out[k] = jax.make_array_from_process_local_data(sharding, local, (len(v), *local.shape[1:]))
+    shape = (len(local) * jax.process_count(), *local.shape[1:])
+    out[k] = jax.make_array_from_process_local_data(sharding, local, shape)
   return out
 
 
-def _flatten_state(state) -> dict:
+def place_state(state, shardings):
+  """Puts a host-identical pytree on its shardings (each process fills its own devices)."""
+
+  def one(x, sharding):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+  return jax.tree_util.tree_map(one, state, shardings)
+
+
+def host_state(state) -> dict:
+  """The state as host numpy arrays on every process (gathers sharded leaves)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    state = multihost_utils.process_allgather(state, tiled=True)
   return {f"{i:05d}": np.asarray(x) for i, x in enumerate(jax.tree_util.tree_leaves(state))}
-
-
-def _unflatten_state(template, flat: dict):
-  leaves = [flat[k] for k in sorted(flat)]
-  return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(template), leaves)
 
 
 # Keys that say how a run is launched, not what it computes: a resume may change them.
@@ -155,6 +193,7 @@ LAUNCH_KEYS = (
   "coordinator_address",
   "num_processes",
   "process_id",
+  "distributed_timeout_s",
   "progress",
   "data_dir",
   "compare_methods",
@@ -172,7 +211,7 @@ def _flat_config(d: dict, prefix: str = "") -> dict:
   return out
 
 
-def check_or_record_config(config, workdir: str, resuming: bool) -> None:
+def check_or_record_config(config, workdir: str, resuming: bool, write: bool = True) -> None:
   """Records the resolved config in ``workdir``; a resume must not change what it computes.
 
   Raises:
@@ -198,29 +237,120 @@ def check_or_record_config(config, workdir: str, resuming: bool) -> None:
         "it would continue that run, not start this one. Use another --workdir, or "
         f"delete {workdir} to start fresh."
       )
-  with open(path, "w") as f:
-    json.dump(new, f, indent=2, sort_keys=True)
+  if write:
+    with open(path, "w") as f:
+      json.dump(new, f, indent=2, sort_keys=True)
+
+
+def initialize_distributed(config) -> None:
+  """``jax.distributed.initialize`` from the config; call it before any other JAX call.
+
+  With ``config.distributed`` and no address, JAX detects the cluster itself
+  (TPU pods, SLURM, Open MPI, Kubernetes). ``coordinator_address``,
+  ``num_processes`` and ``process_id`` name it for clusters JAX does not
+  detect (``num_processes`` and ``process_id`` go together). A second call is a
+  no-op, so ``compare`` initialises once.
+
+  Raises:
+    ValueError: for flags that do not go together.
+    RuntimeError: when the coordinator cannot be reached within
+      ``config.distributed_timeout_s``, naming the flags to check.
+  """
+  if not config.get("distributed", False) or jax.distributed.is_initialized():
+    return
+  addr = config.get("coordinator_address") or None
+  n = config.get("num_processes", 0) or None
+  pid = config.get("process_id", -1)
+  pid = None if pid is None or pid < 0 else int(pid)
+  if (n is None) != (pid is None):
+    raise ValueError(
+      f"--config.num_processes={n} and --config.process_id={pid} go together: set both "
+      "(with --config.coordinator_address=host:port) or neither (JAX detects the cluster)."
+    )
+  if n is not None and addr is None:
+    raise ValueError(
+      "--config.num_processes and --config.process_id need --config.coordinator_address "
+      "(host:port of process 0, reachable from every process)."
+    )
+  timeout = int(config.get("distributed_timeout_s", 300))
+  if addr is not None and pid:
+    # XLA's client aborts the process (no Python exception) when the coordinator is
+    # unreachable: check it first, so the error is one clear line naming the flag.
+    _wait_for_coordinator(addr, timeout)
+  if addr is not None and pid == 0:
+    logging.warning(
+      "process 0: serving the coordinator at --config.coordinator_address=%s; waiting up to "
+      "--config.distributed_timeout_s=%d s for --config.num_processes=%d processes.",
+      addr,
+      timeout,
+      n,
+    )
+  try:
+    jax.distributed.initialize(
+      coordinator_address=addr, num_processes=n, process_id=pid, initialization_timeout=timeout
+    )
+  except Exception as e:  # noqa: BLE001  (one clear message whatever the cause)
+    raise RuntimeError(
+      f"jax.distributed.initialize(coordinator_address={addr!r}, num_processes={n}, "
+      f"process_id={pid}) failed within --config.distributed_timeout_s={timeout}: {e}. "
+      "Check that --config.coordinator_address is process 0's host:port and reachable "
+      "from every process, and that all num_processes processes were started."
+    ) from e
+
+
+def _wait_for_coordinator(addr: str, timeout: float) -> None:
+  import socket
+
+  host, _, port = addr.rpartition(":")
+  if not host or not port.isdigit():
+    raise ValueError(f"--config.coordinator_address={addr!r} must be host:port.")
+  deadline = time.time() + timeout
+  while True:
+    try:
+      with socket.create_connection((host.strip("[]"), int(port)), timeout=1.0):
+        return
+    except OSError as e:
+      if time.time() > deadline:
+        raise RuntimeError(
+          f"the coordinator at --config.coordinator_address={addr} could not be reached "
+          f"within --config.distributed_timeout_s={timeout:g} ({e}). Start process 0 with "
+          "the same address, and check the host and port from this machine."
+        ) from None
+      time.sleep(0.2)
+
+
+def _is_lead() -> bool:
+  return jax.process_index() == 0
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   """Trains ``config.method`` on ``config.dataset``; resumes from ``workdir`` if present.
 
   Writes ``metrics.jsonl`` (one line per evaluation), checkpoints, and
-  ``final_state.npz``; returns the final metrics.
+  ``final_state.npz``; returns the final metrics. Under several processes every
+  process runs this with the same config and workdir (a shared filesystem):
+  each feeds its own rows of every global batch, checkpoints are written
+  collectively, and only process 0 writes the metrics, the config record and
+  ``final_state.npz``.
   """
+  initialize_distributed(config)  # before any other JAX call
   os.makedirs(workdir, exist_ok=True)
   ckpts = os.path.join(workdir, "checkpoints")
   resuming = os.path.exists(os.path.join(workdir, "metrics.jsonl")) or (
     os.path.isdir(ckpts) and bool(os.listdir(ckpts))
   )
-  check_or_record_config(config, workdir, resuming)
-  if config.get("distributed", False):
-    jax.distributed.initialize()  # multi-host: coordinator and ids from the environment
+  check_or_record_config(config, workdir, resuming, write=_is_lead())
   mesh = make_mesh(config)
+  n_proc, proc = jax.process_count(), jax.process_index()
+  if mesh is None and n_proc > 1:
+    raise ValueError(
+      f"{n_proc} processes need a device mesh: set --config.sharding=replicated or fsdp."
+    )
   if mesh is not None and config.batch_size % mesh.devices.size:
     raise ValueError(
-      f"batch_size={config.batch_size} must be divisible by the {mesh.devices.size} devices "
-      "of the data mesh (global-batch semantics)."
+      f"--config.batch_size={config.batch_size} must be divisible by the "
+      f"{mesh.devices.size} devices of the data mesh ({n_proc} process(es)); "
+      "global-batch semantics."
     )
   if config.method not in methods.METHODS:
     raise ValueError(f"method={config.method!r} is not known: choose one of {methods.METHODS}.")
@@ -249,7 +379,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   jit_kwargs = {}
   if mesh is not None:
     shardings = state_shardings(state, mesh, config.sharding)
-    state = jax.device_put(state, shardings)
+    state = place_state(state, shardings)
     jit_kwargs = {"out_shardings": (shardings, None)}
 
   @partial(jax.jit, **jit_kwargs)
@@ -261,9 +391,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     new = {"step": state["step"] + 1, "params": params, "batch_stats": bs, "opt_state": opt_state}
     return new, metrics
 
-  ckpt_dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
   mngr = ocp.CheckpointManager(
-    ckpt_dir,
+    os.path.abspath(ckpts),
     options=ocp.CheckpointManagerOptions(
       save_interval_steps=config.checkpoint_every_steps, max_to_keep=2
     ),
@@ -271,12 +400,19 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   wall_offset, start = 0.0, 0
   latest = mngr.latest_step()
   if latest is not None:
-    restored = mngr.restore(latest, args=ocp.args.StandardRestore())
-    state = _unflatten_state(state, restored["state"])
-    state = jax.tree_util.tree_map(jnp.asarray, state)
-    if mesh is not None:
-      state = jax.device_put(state, shardings)
-    wall_offset = float(restored["wall"])
+    try:
+      restored = mngr.restore(
+        latest,
+        args=ocp.args.Composite(state=ocp.args.StandardRestore(state), meta=ocp.args.JsonRestore()),
+      )
+    except Exception as e:  # noqa: BLE001
+      raise ValueError(
+        f"the checkpoint at step {latest} in {ckpts} does not fit this run's state (another "
+        f"model, method or optimiser chain?): {type(e).__name__}: {str(e)[:500]}. Use another "
+        "--workdir, or delete it to start fresh."
+      ) from e
+    state = restored["state"]
+    wall_offset = float(restored["meta"]["wall"])
     start = int(state["step"])
     logging.info("Resumed from step %d", start)
   metrics_path = os.path.join(workdir, "metrics.jsonl")
@@ -284,14 +420,16 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   if os.path.exists(metrics_path):
     with open(metrics_path) as f:
       history = [r for r in map(json.loads, f) if r["step"] <= start]
-  with open(metrics_path, "w") as f:
-    f.writelines(json.dumps(r) + "\n" for r in history)
+  if _is_lead():
+    with open(metrics_path, "w") as f:
+      f.writelines(json.dumps(r) + "\n" for r in history)
 
   def save(step, force=False):
+    wall = float(wall_offset + time.time() - t0)
     mngr.save(
       step,
-      args=ocp.args.StandardSave(
-        {"state": _flatten_state(state), "wall": np.float64(wall_offset + time.time() - t0)}
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({"wall": wall})
       ),
       force=force,
     )
@@ -299,9 +437,16 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   eval_step = make_eval_step(model.apply)
   eval_every = config.eval_every_epochs * steps_per_epoch
   hess_every = config.hessian.get("every_evals", 0)
+  hessian_ok = not (n_proc > 1 and config.sharding == "fsdp")
+  if not hessian_ok and config.hessian.num_iters > 0 and _is_lead():
+    logging.warning(
+      "Hessian metrics are skipped: with FSDP across %d processes the parameters are "
+      "sharded over hosts; run them with --config.sharding=replicated.",
+      n_proc,
+    )
   t0 = time.time()
   bar = None
-  if config.get("progress", True):
+  if config.get("progress", True) and _is_lead():
     from tqdm import tqdm
 
     bar = tqdm(
@@ -310,7 +455,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   pending = []
   record = {}
   for step in range(start, total_steps):
-    batch = input_pipeline.train_batch(ds, step, config.batch_size, config.seed)
+    batch = input_pipeline.train_batch(
+      ds, step, config.batch_size, config.seed, process_index=proc, process_count=n_proc
+    )
     state, m = train_step(state, global_batch(batch, mesh))
     pending.append(m)
     done = step + 1
@@ -326,9 +473,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
           "(config.learning_rate) or the NRS alpha/radius; the last good checkpoint is kept."
         )
       p, bs = state["params"], state["batch_stats"]
-      tl, ta = _eval_metrics(eval_step, p, bs, ds.train, 1000)
-      _, va = _eval_metrics(eval_step, p, bs, ds.validation, 1000)
-      _, te = _eval_metrics(eval_step, p, bs, ds.test, 1000)
+      tl, ta = _eval_metrics(eval_step, p, bs, ds.train, 1000, mesh)
+      _, va = _eval_metrics(eval_step, p, bs, ds.validation, 1000, mesh)
+      _, te = _eval_metrics(eval_step, p, bs, ds.test, 1000, mesh)
       record = {
         "step": done,
         "epoch": done / steps_per_epoch,
@@ -341,10 +488,12 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       }
       n_eval = done // eval_every if eval_every else 0
       want_hessian = done == total_steps or (hess_every and n_eval % hess_every == 0)
-      if want_hessian and config.hessian.num_iters > 0:
-        record.update(_hessian(model, p, bs, ds, config, jax.random.fold_in(base_key, 2**31 - 1)))
-      with open(metrics_path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+      if want_hessian and config.hessian.num_iters > 0 and hessian_ok:
+        key = jax.random.fold_in(base_key, 2**31 - 1)
+        record.update(_hessian(model, p, bs, ds, config, key, mesh))
+      if _is_lead():
+        with open(metrics_path, "a") as f:
+          f.write(json.dumps(record) + "\n")
       if bar is not None:
         post = {"loss": f"{tl:.3f}", "acc": f"{ta:.3f}", "val": f"{va:.3f}"}
         if "nrs_penalty" in train_metrics:
@@ -358,7 +507,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   mngr.close()
   if bar is not None:
     bar.close()
-  np.savez(os.path.join(workdir, "final_state.npz"), **_flatten_state(state))
+  final = host_state(state)  # collective under several processes: every process calls it
+  if _is_lead():
+    np.savez(os.path.join(workdir, "final_state.npz"), **final)
   if not record:  # resumed after the end: reuse the last record
     record = history[-1] if history else {}
   return record
@@ -376,6 +527,7 @@ SUMMARY_KEYS = {
 
 def compare(config, workdir: str) -> dict[str, dict[str, float]]:
   """Trains each of ``config.compare_methods`` and writes a table, summary.json and plots."""
+  initialize_distributed(config)  # once, before the first run
   summary = {}
   for method in config.compare_methods:
     cfg = config.copy_and_resolve_references()
@@ -383,13 +535,15 @@ def compare(config, workdir: str) -> dict[str, dict[str, float]]:
       cfg.method = method
     rec = train_and_evaluate(cfg, os.path.join(workdir, method))
     summary[method] = {k: float(rec.get(src, float("nan"))) for k, src in SUMMARY_KEYS.items()}
-    print(f"{method}: test accuracy {summary[method]['test_accuracy']:.4f}", flush=True)
-  with open(os.path.join(workdir, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=2)
-  print(format_table(summary))
-  from experiments import plots
+    if _is_lead():
+      print(f"{method}: test accuracy {summary[method]['test_accuracy']:.4f}", flush=True)
+  if _is_lead():
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=2)
+    print(format_table(summary))
+    from experiments import plots
 
-  plots.plot_runs(workdir, list(config.compare_methods))
+    plots.plot_runs(workdir, list(config.compare_methods))
   return summary
 
 

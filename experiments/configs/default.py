@@ -40,7 +40,14 @@ def get_config():
   # Devices: "none" (default device), "replicated" (batch sharded over a `data`
   # mesh of all devices, params replicated) or "fsdp" (params sharded too).
   config.sharding = "none"
-  config.distributed = False  # True: jax.distributed.initialize() for multi-host
+  # Multi-host: True calls jax.distributed.initialize() first. Address, process count
+  # and id are for clusters JAX does not detect (TPU pods, SLURM, Open MPI and
+  # Kubernetes are detected): "host:port", N, i (the last two together).
+  config.distributed = False
+  config.coordinator_address = ""
+  config.num_processes = 0
+  config.process_id = -1
+  config.distributed_timeout_s = 300
   config.hessian = dict(
     num_examples=1024, batch_size=512, num_iters=30, num_samples=30, every_evals=2
   )
