@@ -175,10 +175,10 @@ def test_bad_distributed_flags_are_clear_errors(tmp_path):
     "from experiments.configs import digits\n"
     "c = digits.get_config()\n"
     "with c.unlocked():\n"
-    "  c.distributed = True; c.coordinator_address = '127.0.0.1:%d'\n"
+    f"  c.distributed = True; c.coordinator_address = '127.0.0.1:{_free_port()}'\n"
     "  c.num_processes = 2; c.process_id = 1; c.distributed_timeout_s = 5\n"
     "train.initialize_distributed(c)\n"
-  ) % _free_port()
+  )
   t = time.time()
   p = subprocess.run(
     [sys.executable, "-c", code],
