@@ -23,7 +23,8 @@ def main(argv):
     train.compare(config, FLAGS.workdir)
   else:
     rec = train.train_and_evaluate(config, FLAGS.workdir)
-    print({k: v for k, v in rec.items() if not k.startswith("train/")})
+    if train.is_lead():
+      print({k: v for k, v in rec.items() if not k.startswith("train/")})
 
 
 if __name__ == "__main__":

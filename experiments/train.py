@@ -319,7 +319,7 @@ def _wait_for_coordinator(addr: str, timeout: float) -> None:
       time.sleep(0.2)
 
 
-def _is_lead() -> bool:
+def is_lead() -> bool:
   return jax.process_index() == 0
 
 
@@ -339,7 +339,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   resuming = os.path.exists(os.path.join(workdir, "metrics.jsonl")) or (
     os.path.isdir(ckpts) and bool(os.listdir(ckpts))
   )
-  check_or_record_config(config, workdir, resuming, write=_is_lead())
+  check_or_record_config(config, workdir, resuming, write=is_lead())
   mesh = make_mesh(config)
   n_proc, proc = jax.process_count(), jax.process_index()
   if mesh is None and n_proc > 1:
@@ -420,7 +420,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   if os.path.exists(metrics_path):
     with open(metrics_path) as f:
       history = [r for r in map(json.loads, f) if r["step"] <= start]
-  if _is_lead():
+  if is_lead():
     with open(metrics_path, "w") as f:
       f.writelines(json.dumps(r) + "\n" for r in history)
 
@@ -438,7 +438,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   eval_every = config.eval_every_epochs * steps_per_epoch
   hess_every = config.hessian.get("every_evals", 0)
   hessian_ok = not (n_proc > 1 and config.sharding == "fsdp")
-  if not hessian_ok and config.hessian.num_iters > 0 and _is_lead():
+  if not hessian_ok and config.hessian.num_iters > 0 and is_lead():
     logging.warning(
       "Hessian metrics are skipped: with FSDP across %d processes the parameters are "
       "sharded over hosts; run them with --config.sharding=replicated.",
@@ -446,7 +446,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     )
   t0 = time.time()
   bar = None
-  if config.get("progress", True) and _is_lead():
+  if config.get("progress", True) and is_lead():
     from tqdm import tqdm
 
     bar = tqdm(
@@ -491,7 +491,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       if want_hessian and config.hessian.num_iters > 0 and hessian_ok:
         key = jax.random.fold_in(base_key, 2**31 - 1)
         record.update(_hessian(model, p, bs, ds, config, key, mesh))
-      if _is_lead():
+      if is_lead():
         with open(metrics_path, "a") as f:
           f.write(json.dumps(record) + "\n")
       if bar is not None:
@@ -508,7 +508,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   if bar is not None:
     bar.close()
   final = host_state(state)  # collective under several processes: every process calls it
-  if _is_lead():
+  if is_lead():
     np.savez(os.path.join(workdir, "final_state.npz"), **final)
   if not record:  # resumed after the end: reuse the last record
     record = history[-1] if history else {}
@@ -535,9 +535,9 @@ def compare(config, workdir: str) -> dict[str, dict[str, float]]:
       cfg.method = method
     rec = train_and_evaluate(cfg, os.path.join(workdir, method))
     summary[method] = {k: float(rec.get(src, float("nan"))) for k, src in SUMMARY_KEYS.items()}
-    if _is_lead():
+    if is_lead():
       print(f"{method}: test accuracy {summary[method]['test_accuracy']:.4f}", flush=True)
-  if _is_lead():
+  if is_lead():
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump(summary, f, indent=2)
     print(format_table(summary))
