@@ -242,6 +242,20 @@ def test_resume_with_a_changed_config_fails_and_names_the_keys(tmp_path):
     train.train_and_evaluate(nested, str(tmp_path))
 
 
+def test_restoring_into_another_optimiser_chain_is_a_clear_error(tmp_path):
+  config = _shrink(default.get_config(), method="nrs")
+  with config.unlocked():
+    config.checkpoint_every_steps = 1
+  train.train_and_evaluate(config, str(tmp_path))
+  (tmp_path / "config.json").unlink()  # past the config check: the checkpoint itself
+  (tmp_path / "metrics.jsonl").unlink()
+  other = _shrink(default.get_config(), method="nrs")
+  with other.unlocked():
+    other.nrs.implementation = "transform"  # an NRSState in the optimiser chain
+  with pytest.raises(ValueError, match="does not fit this run's state"):
+    train.train_and_evaluate(other, str(tmp_path))
+
+
 @pytest.mark.slow
 def test_sigkill_then_restart_is_bit_identical_to_uninterrupted(tmp_path):
   ref = tmp_path / "ref"
