@@ -62,8 +62,15 @@ def base_optimizer(config, total_steps: int) -> optax.GradientTransformation:
 def make_optimizer(config, total_steps: int) -> optax.GradientTransformation:
   base = base_optimizer(config, total_steps)
   if config.method == "nrs" and config.nrs.get("implementation", "loss") == "transform":
-    return optax.chain(nrs_jax.add_nrs_gradient(key=config.seed, **_nrs_options(config)), base)
+    opts = _nrs_options(config)
+    for name in _LOSS_ONLY:
+      opts.pop(name, None)
+    return optax.chain(nrs_jax.add_nrs_gradient(key=config.seed, **opts), base)
   return base
+
+
+# make_nrs_loss options that the transform path implements in the step instead.
+_LOSS_ONLY = ("neighbor_batch_size", "reuse_center_logits")
 
 
 def _nrs_options(config) -> dict:
@@ -92,12 +99,17 @@ def _sgd(apply_fn, tx, config):
 def _nrs(apply_fn, tx, config):
   opts = _nrs_options(config)
   if config.nrs.get("implementation", "loss") == "transform":
+    m = opts.get("neighbor_batch_size")
+    reuse = opts.get("reuse_center_logits", False)
 
     def step(params, bs, opt_state, batch, key):
       (loss, (logits, new_bs)), g = _grad_at(apply_fn, params, bs, batch, key)
-      extra = {"logits_fn": lambda p: apply_fn(p, bs, batch["x"], True, key)[0]}
-      if opts.get("stop_gradient_center", False):
-        extra["center_logits"] = logits  # a fixed target: share the centre pass
+      # Neighbours on the strided sub-batch when asked, as make_nrs_loss does.
+      pen_x = batch["x"] if m is None else nrs_jax.strided_subset(batch["x"], m)
+      extra = {"logits_fn": lambda p: apply_fn(p, bs, pen_x, True, key)[0]}
+      if opts.get("stop_gradient_center", False) and (m is None or reuse):
+        # A fixed target: share the centre pass (its subset with a sub-batch).
+        extra["center_logits"] = logits if m is None else nrs_jax.strided_subset(logits, m)
       params, opt_state = _finish(tx, params, opt_state, g, extra)
       return params, new_bs, opt_state, {"loss": loss, "accuracy": _accuracy(logits, batch["y"])}
 

@@ -16,6 +16,7 @@ from nrs_jax._penalty import AGGREGATIONS
 from nrs_jax._penalty import STRATEGIES
 from nrs_jax._penalty import make_nrs_loss
 from nrs_jax._penalty import nrs_penalty
+from nrs_jax._penalty import strided_subset
 from nrs_jax._transform import NRSState
 from nrs_jax._transform import add_nrs_gradient
 
@@ -39,5 +40,6 @@ __all__ = (
   "output_divergence",
   "reverse_kl",
   "sample_perturbations",
+  "strided_subset",
   "symmetric_kl",
 )

@@ -470,6 +470,54 @@ def _accumulated(
   return run(leaves, center)
 
 
+def strided_subset(tree: Any, size: int, *, batch_size: Optional[int] = None) -> Any:
+  """Rows ``0, B/size, 2 B/size, ...`` of every leaf whose leading dim is the batch size ``B``.
+
+  The subset the penalty sees with ``neighbor_batch_size``: spread evenly over
+  the batch, so with the batch sharded over ``S`` devices (``S`` dividing
+  ``size``) each shard keeps its own rows and nothing moves between devices.
+  It is written as a reshape to ``[size, B / size, ...]`` and the first
+  column. Leaves with another leading dim (a key, a scalar) pass through.
+
+  Args:
+    tree: an array or a pytree of arrays (a batch, logits).
+    size: how many rows to keep; must divide ``B``.
+    batch_size: ``B``; default: the largest leading dim among the leaves.
+
+  Raises:
+    ValueError: if ``size`` is not a positive int that divides ``B``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import nrs_jax
+    >>> nrs_jax.strided_subset({"x": jnp.arange(8), "key": jnp.zeros(2)}, 4)["x"]
+    Array([0, 2, 4, 6], dtype=int32)
+  """
+  leaves = jax.tree_util.tree_leaves(tree)
+  if batch_size is None:
+    dims = [jnp.shape(x)[0] for x in leaves if jnp.ndim(x) >= 1]
+    if not dims:
+      raise ValueError("strided_subset needs an array with a leading (batch) dimension.")
+    batch_size = max(dims)
+  b = batch_size
+  if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not 0 < size <= b:
+    raise ValueError(
+      f"neighbor_batch_size={size!r} must be a positive int no larger than the batch size {b}."
+    )
+  if b % size:
+    raise ValueError(
+      f"neighbor_batch_size={size} must divide the batch size {b}: pick a divisor of {b} "
+      "(under data-parallel sharding, also a multiple of the number of data shards)."
+    )
+
+  def take(x):
+    if jnp.ndim(x) == 0 or jnp.shape(x)[0] != b:
+      return x
+    return jnp.reshape(x, (size, b // size, *jnp.shape(x)[1:]))[:, 0]
+
+  return jax.tree_util.tree_map(take, tree)
+
+
 def make_nrs_loss(
   apply_fn: Callable[[Any, Any], Any],
   task_loss_fn: Callable[[jax.Array, Any], jax.Array],
@@ -486,12 +534,17 @@ def make_nrs_loss(
   strategy: str = "auto",
   neighbor_chunk_size: Optional[int] = None,
   where_fn: Optional[Callable[[Any], jax.Array]] = None,
+  neighbor_batch_size: Optional[int] = None,
+  reuse_center_logits: bool = False,
   has_aux: bool = False,
 ) -> Callable[[Any, Any, jax.Array], tuple[jax.Array, dict]]:
   """Builds ``loss(params, batch, key) -> (task_loss + alpha * penalty, aux)``.
 
   The centre forward pass is shared between the task loss and the penalty, so
   a step costs one forward/backward for the centre plus one per neighbour.
+  With ``neighbor_batch_size=m`` the penalty is taken on ``m`` of the ``B``
+  examples (the task loss still sees all of them): ``1 + (K + 1) m / B`` passes
+  by default, ``1 + K m / B`` with ``reuse_center_logits=True``.
 
   Args:
     apply_fn: ``(params, batch) -> logits`` (logits, not probabilities; shape
@@ -508,6 +561,23 @@ def make_nrs_loss(
     where_fn: optional ``batch -> where``, a boolean mask over the logits'
       leading dims (e.g. the non-padding tokens) passed to :func:`nrs_penalty`
       as ``where``. The task loss is yours: mask it there as you need.
+    neighbor_batch_size: ``None`` (the whole batch) or ``m``, a positive int
+      dividing the batch size ``B`` (the logits' leading dim): the penalty is
+      taken on the strided subset of ``m`` examples, rows ``0, B/m, 2B/m, ...``
+      (see :func:`strided_subset`), spread evenly over the batch so that under
+      data-parallel sharding every shard holds ``m / shards`` of them and
+      nothing is gathered (the number of data shards must then divide ``m``).
+      Every leaf of ``batch`` whose leading dim is ``B`` is subset (and
+      ``where_fn`` sees the subset batch); other leaves (a dropout key,
+      scalars) pass through unchanged.
+    reuse_center_logits: with ``neighbor_batch_size``, take the centre's
+      logits from the full task pass (subset) instead of re-evaluating the
+      centre on the subset. Exact only for models whose outputs are
+      per-example and deterministic given the batch row: not with train-mode
+      BatchNorm (batch statistics of B vs m examples) or a dropout mask drawn
+      for the batch shape. By default the centre is re-evaluated on the
+      subset, so centre and neighbours share statistics and masks and
+      ``radius=0`` gives exactly 0 for every model.
     has_aux: whether ``apply_fn`` returns ``(logits, model_aux)``.
 
   Returns:
@@ -549,6 +619,13 @@ def make_nrs_loss(
     strategy=strategy,
     neighbor_chunk_size=neighbor_chunk_size,
   )
+  m = neighbor_batch_size
+  if m is not None and (isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1):
+    raise ValueError(
+      f"neighbor_batch_size={m!r} must be a positive int (examples the penalty sees) or None."
+    )
+  if reuse_center_logits and m is None:
+    raise ValueError("reuse_center_logits=True needs neighbor_batch_size (a sub-batch).")
   skip = _is_static_number(alpha) and float(alpha) == 0.0
 
   def logits_of(out):
@@ -562,8 +639,12 @@ def make_nrs_loss(
       penalty = jnp.zeros((), jnp.promote_types(jnp.result_type(task), jnp.float32))
       total = task
     else:
+      pen_batch, center = batch, logits
+      if m is not None:
+        pen_batch = strided_subset(batch, m, batch_size=jnp.shape(logits)[0])
+        center = strided_subset(logits, m) if reuse_center_logits else None
       penalty = nrs_penalty(
-        lambda p: logits_of(apply_fn(p, batch)),
+        lambda p: logits_of(apply_fn(p, pen_batch)),
         params,
         key,
         radius=radius,
@@ -576,8 +657,8 @@ def make_nrs_loss(
         stop_gradient_center=stop_gradient_center,
         strategy=strategy,
         neighbor_chunk_size=neighbor_chunk_size,
-        center_logits=logits,
-        where=None if where_fn is None else where_fn(batch),
+        center_logits=center,
+        where=None if where_fn is None else where_fn(pen_batch),
       )
       total = task + alpha * penalty
     aux = {"task_loss": task, "nrs_penalty": penalty, "logits": logits}

@@ -82,6 +82,29 @@ for agg, strategy in [(a, s) for a in ("mean", "max") for s in ("vmap", "accumul
   axis[name]["per_replica_same_on_all"] = bool(np.all(np.asarray(vp) == np.asarray(vp)[0]))
   axis[name]["per_replica_differs"] = bool(abs(float(vp[0]) - float(rv)) > 1e-6 * float(rv))
 out["axis_name"] = axis
+
+# Sub-batch neighbours on a batch sharded over 8 devices: the strided subset keeps
+# each shard's own rows (16 of 64, 2 per device), so it equals the unsharded result
+# and no all-gather of the batch appears in the compiled step.
+import optax
+xb = jax.random.normal(jax.random.key(4), (64, 5))
+yb = jnp.arange(64) % 4
+sub_loss = nrs_jax.make_nrs_loss(
+  lambda p, b: apply(p, b["x"]),
+  lambda z, b: optax.softmax_cross_entropy_with_integer_labels(z, b["y"]).mean(),
+  alpha=1.0, radius=0.3, num_neighbors=2, neighbor_batch_size=16)
+step = jax.jit(jax.value_and_grad(lambda p, b: sub_loss(p, b, key)[0]))
+ref_v, ref_g = step(mp, {"x": xb, "y": yb})
+bsh = {"x": NamedSharding(mesh, P("data", None)), "y": NamedSharding(mesh, P("data"))}
+b_sharded = jax.device_put({"x": xb, "y": yb}, bsh)
+p_rep = jax.device_put(mp, NamedSharding(mesh, P()))
+v, g = step(p_rep, b_sharded)
+hlo = step.lower(p_rep, b_sharded).compile().as_text()
+out["sub_batch"] = {
+  "value_err": abs(float(v) - float(ref_v)) / abs(float(ref_v)),
+  "grad_err": max(float(np.max(np.abs(np.asarray(g[k]) - np.asarray(ref_g[k])))) for k in mp),
+  "all_gather": "all-gather" in hlo,
+}
 print("RESULT" + json.dumps(out))
 """
 
@@ -103,6 +126,8 @@ def test_eight_devices_replicated_and_fsdp_match_one_device():
     a = out["axis_name"][agg]
     assert a["value_err"] < 1e-5 and a["grad_err"] < 1e-4, out["axis_name"]
     assert a["per_replica_same_on_all"] and a["per_replica_differs"], out["axis_name"]
+  sub = out["sub_batch"]
+  assert sub["value_err"] < 1e-5 and sub["grad_err"] < 1e-5 and not sub["all_gather"], sub
   for mode in ("replicated", "fsdp"):
     assert out["max_param_diff"][mode] < 1e-5, out
     assert abs(out[mode]["train_loss"] - out["none"]["train_loss"]) < 1e-5, out

@@ -544,3 +544,125 @@ def test_where_errors_and_where_fn_in_make_nrs_loss():
   _, aux = loss(params, batch, KEY)
   want = nrs_jax.nrs_penalty(logits_fn, params, KEY, radius=0.3, where=batch["mask"])
   np.testing.assert_allclose(aux["nrs_penalty"], want, rtol=1e-6)
+
+
+def _xent(z, b):
+  return optax.softmax_cross_entropy_with_integer_labels(z, b["y"]).mean()
+
+
+def test_sub_batch_penalty_is_nrs_penalty_over_the_strided_subset():
+  params = mlp_init(jax.random.key(0))
+  x = jax.random.normal(jax.random.key(1), (16, 5))
+  batch = {"x": x, "y": jnp.arange(16) % 3, "key": jax.random.key(4)}
+  apply_fn = lambda p, b: mlp_apply(p, b["x"])
+  sub = x[::4]  # rows 0, 4, 8, 12
+  want = nrs_jax.nrs_penalty(lambda p: mlp_apply(p, sub), params, KEY, radius=0.3, num_neighbors=2)
+  for reuse in (False, True):  # per-example deterministic model: both centres agree
+    loss = nrs_jax.make_nrs_loss(
+      apply_fn,
+      _xent,
+      alpha=0.5,
+      radius=0.3,
+      num_neighbors=2,
+      neighbor_batch_size=4,
+      reuse_center_logits=reuse,
+    )
+    (total, aux), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params, batch, KEY)
+    np.testing.assert_allclose(aux["nrs_penalty"], want, rtol=1e-6)
+    np.testing.assert_allclose(total, _xent(mlp_apply(params, x), batch) + 0.5 * want, rtol=1e-6)
+    ref = jax.grad(
+      lambda p: (
+        _xent(mlp_apply(p, x), batch)
+        + 0.5
+        * nrs_jax.nrs_penalty(lambda q: mlp_apply(q, sub), p, KEY, radius=0.3, num_neighbors=2)
+      )
+    )(params)
+    _assert_trees_close(grads, ref, rtol=1e-5, atol=1e-7)
+  # The where mask is subset the same way (where_fn sees the subset batch).
+  seq = {"x": jax.random.normal(jax.random.key(2), (8, 3, 5)), "n": jnp.arange(8) % 3 + 1}
+  where_fn = lambda b: jnp.arange(3)[None, :] < b["n"][:, None]
+  loss = nrs_jax.make_nrs_loss(
+    lambda p, b: mlp_apply(p, b["x"]),
+    lambda z, b: jnp.mean(z),
+    alpha=1.0,
+    radius=0.3,
+    where_fn=where_fn,
+    neighbor_batch_size=2,
+  )
+  sub_seq = {"x": seq["x"][::4], "n": seq["n"][::4]}
+  want = nrs_jax.nrs_penalty(
+    lambda p: mlp_apply(p, sub_seq["x"]), params, KEY, radius=0.3, where=where_fn(sub_seq)
+  )
+  np.testing.assert_allclose(loss(params, seq, KEY)[1]["nrs_penalty"], want, rtol=1e-6)
+
+
+def test_reuse_center_logits_differs_under_train_mode_batchnorm():
+  # Batch statistics of 16 rows (the task pass) vs 4 (the subset): reusing the full
+  # pass's centre is then not the subset's centre, and radius 0 is no longer exactly 0.
+  params = mlp_init(jax.random.key(0))
+  x = jax.random.normal(jax.random.key(1), (16, 5))
+  batch = {"x": x, "y": jnp.arange(16) % 3}
+
+  def bn_apply(p, b):
+    h = b["x"] @ p["layer0"]["w"]
+    h = (h - h.mean(0)) / jnp.sqrt(h.var(0) + 1e-5)
+    return jnp.tanh(h) @ p["layer1"]["w"] + p["layer1"]["b"]
+
+  def pen(reuse, radius):
+    loss = nrs_jax.make_nrs_loss(
+      bn_apply, _xent, alpha=1.0, radius=radius, neighbor_batch_size=4, reuse_center_logits=reuse
+    )
+    return float(loss(params, batch, KEY)[1]["nrs_penalty"])
+
+  assert pen(False, 1e-9) < 1e-9  # default: exact radius-0 limit
+  assert pen(True, 1e-9) > 1e-3  # reused centre: the BatchNorm mismatch shows
+  assert abs(pen(True, 0.3) - pen(False, 0.3)) > 1e-4
+
+
+def test_transform_with_a_sub_batch_logits_fn_equals_the_loss():
+  # The optax route to the same computation: logits_fn over the subset, the task
+  # pass's logits of the subset as center_logits, a fixed centre.
+  params = mlp_init(jax.random.key(0))
+  x = jax.random.normal(jax.random.key(1), (16, 5))
+  batch = {"x": x, "y": jnp.arange(16) % 3}
+  kw = dict(radius=0.3, num_neighbors=2, stop_gradient_center=True)
+  loss = nrs_jax.make_nrs_loss(
+    lambda p, b: mlp_apply(p, b["x"]),
+    _xent,
+    alpha=1.0,
+    neighbor_batch_size=4,
+    reuse_center_logits=True,
+    **kw,
+  )
+  tx = nrs_jax.add_nrs_gradient(1.0, key=0, **kw)
+  logits = mlp_apply(params, x)
+  sub = nrs_jax.strided_subset(batch, 4)
+  # The transform's step key is fold_in(key, count); use it for the loss too.
+  step_key = jax.random.fold_in(jax.random.key(0), 0)
+  g_loss = jax.grad(lambda p: loss(p, batch, step_key)[0])(params)
+  u, _ = tx.update(
+    jax.grad(lambda p: _xent(mlp_apply(p, x), batch))(params),
+    tx.init(params),
+    params,
+    logits_fn=lambda p: mlp_apply(p, sub["x"]),
+    center_logits=nrs_jax.strided_subset(logits, 4),
+  )
+  _assert_trees_close(u, g_loss, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+  "m,match",
+  [(0, "positive int"), (3, "must divide the batch size 16"), (32, "no larger than"), (2.0, "int")],
+)
+def test_bad_neighbor_batch_size(m, match):
+  params = mlp_init(jax.random.key(0))
+  batch = {"x": jnp.ones((16, 5)), "y": jnp.zeros(16, jnp.int32)}
+  with pytest.raises(ValueError, match=match):
+    loss = nrs_jax.make_nrs_loss(
+      lambda p, b: mlp_apply(p, b["x"]), _xent, alpha=1.0, radius=0.1, neighbor_batch_size=m
+    )
+    loss(params, batch, KEY)
+  with pytest.raises(ValueError, match="needs neighbor_batch_size"):
+    nrs_jax.make_nrs_loss(
+      lambda p, b: mlp_apply(p, b["x"]), _xent, alpha=1.0, radius=0.1, reuse_center_logits=True
+    )

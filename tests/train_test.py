@@ -74,6 +74,20 @@ def test_nrs_transform_path_and_linen_path(tmp_path):
   assert rec["step"] == 2 and 0 <= rec["test_accuracy"] <= 1
 
 
+@pytest.mark.parametrize("implementation", ["loss", "transform"])
+def test_nrs_neighbours_on_a_sub_batch(implementation, tmp_path):
+  config = _shrink(default.get_config(), method="nrs")
+  with config.unlocked():
+    config.nrs.implementation = implementation
+    config.nrs.neighbor_batch_size = 2  # of the batch of 8
+    config.nrs.stop_gradient_center = True
+    config.nrs.reuse_center_logits = True
+  rec = train.train_and_evaluate(config, str(tmp_path))
+  assert rec["step"] == 2 and np.isfinite(rec["train_loss"])
+  if implementation == "loss":
+    assert rec["train/nrs_penalty"] > 0
+
+
 @pytest.mark.parametrize(
   "get_config,overrides",
   [
