@@ -115,7 +115,7 @@ def _optax_sam_step(apply, rho):
   return step, tx
 
 
-def _rows(k: int):
+def _rows(k: int, batch_size: int):
   """(label, dtype, method, nrs options) for every row, the most wanted first."""
   bf, f32 = jnp.bfloat16, jnp.float32
   rows = [
@@ -123,6 +123,14 @@ def _rows(k: int):
     ("sam", bf, "sam", {}),
     ("sam_optax_opaque", bf, "optax_sam", {}),
     ("nrs_k1_auto", bf, "nrs", dict(num_neighbors=1)),
+    # Neighbours on a quarter of the batch: 1 + 2/4 SGD passes, 1 + 1/4 reusing the centre.
+    ("nrs_k1_sub4", bf, "nrs", dict(num_neighbors=1, neighbor_batch_size=batch_size // 4)),
+    (
+      "nrs_k1_sub4_reuse",
+      bf,
+      "nrs",
+      dict(num_neighbors=1, neighbor_batch_size=batch_size // 4, reuse_center_logits=True),
+    ),
   ]
   for s in ("auto", "vmap", "loop", "chunked", "accumulate"):
     opts = dict(num_neighbors=k, strategy=s)
@@ -148,7 +156,7 @@ def _device_name() -> str:
   return re.sub(r"[^a-z0-9]+", "_", str(getattr(d, "device_kind", d.platform)).lower()).strip("_")
 
 
-def run(model: str, k: int = 4, repeats: int = 0, budget_s: float = 1e9) -> dict:
+def run(model: str, k: int = 4, repeats: int = 0, budget_s: float = 1e9, only: tuple = ()) -> dict:
   make, shape, batch_size, default_repeats = MODELS[model]
   repeats = repeats or default_repeats
   net = make()
@@ -161,7 +169,9 @@ def run(model: str, k: int = 4, repeats: int = 0, budget_s: float = 1e9) -> dict
   key = jax.random.key(0)
   rows, fns = {}, {}
   t_start = time.perf_counter()
-  for label, dtype, method, opts in _rows(k):
+  for label, dtype, method, opts in _rows(k, batch_size):
+    if only and label not in only:
+      continue
     if time.perf_counter() - t_start > budget_s:
       print(f"  budget reached: {label} not compiled", flush=True)
       continue
@@ -270,6 +280,9 @@ def summarize(rows: dict, k: int, model: str, batch_size: int, repeats: int) -> 
     checks[f"k{k}_fastest_strategy"] = fastest
     checks[f"k{k}_auto_vs_fastest"] = auto / strategies[fastest]
     checks[f"k{k}_auto_within_5pct"] = bool(auto <= 1.05 * strategies[fastest])
+  for label, work in (("nrs_k1_sub4", 1.5), ("nrs_k1_sub4_reuse", 1.25)):
+    if "seconds" in rows.get(label, {}):  # against the work count in SGD passes
+      checks[f"{label}_vs_work"] = rows[label]["vs_sgd"] / work
   if "seconds" in rows.get("nrs_k1_auto_f32", {}):
     checks["bf16_speedup_sgd"] = rows["sgd_f32"]["seconds"] / sgd
     checks["bf16_speedup_nrs_k1"] = (
@@ -332,12 +345,14 @@ def main(argv=None):
   parser.add_argument(
     "--check_only", action="store_true", help="only the strategy agreement check (printed)"
   )
+  parser.add_argument("--rows", default="", help="comma-separated row labels (default: all)")
   args = parser.parse_args(argv)
   if args.check_only:
     small = MODELS["tiny"]
     x = jnp.asarray(np.random.default_rng(0).normal(size=(small[2], *small[1])), jnp.float32)
     return check_strategies(small[0](), x, args.k)
-  result = run(args.model, args.k, args.repeats, args.budget_s)
+  only = tuple(r for r in args.rows.split(",") if r)
+  result = run(args.model, args.k, args.repeats, args.budget_s, only)
   out = args.out or "."
   if os.path.isdir(out):
     out = os.path.join(out, f"benchmark_gpu_{_device_name()}.json")

@@ -64,6 +64,7 @@ def test_accelerator_benchmark_runs_on_cpu_with_tiny_shapes(tmp_path):
   assert json.loads(out.read_text())["machine"]["device"] == result["machine"]["device"]
   rows = result["rows"]
   want = {"sgd", "sam", "sam_optax_opaque", "nrs_k1_auto", "sgd_f32", "nrs_k1_auto_f32"}
+  want |= {"nrs_k1_sub4", "nrs_k1_sub4_reuse"}
   want |= {f"nrs_k2_{s}" for s in ("auto", "vmap", "loop", "chunked", "accumulate")}
   assert want <= set(rows), sorted(rows)
   for label, r in rows.items():
@@ -71,5 +72,6 @@ def test_accelerator_benchmark_runs_on_cpu_with_tiny_shapes(tmp_path):
   assert rows["sgd"]["vs_sgd"] == 1.0 and rows["sam"]["vs_sam"] == 1.0
   assert rows["sgd_f32"]["dtype"] == "float32" and rows["sgd"]["dtype"] == "bfloat16"
   assert isinstance(result["checks"]["k2_auto_within_5pct"], bool)
+  assert result["checks"]["nrs_k1_sub4_vs_work"] > 0
   for s, r in result["strategy_agreement"].items():
     assert r["value_rel_diff"] < 1e-4 and r["grad_rel_diff"] < 1e-4, (s, r)
