@@ -1,9 +1,13 @@
-"""Datasets: mnist1d and sklearn digits (offline, in memory) and TFDS image sets.
+"""Datasets: mnist1d and sklearn digits (offline, in memory) and TFDS image sets (streamed).
 
 In-memory datasets give a batch for any step from the step number alone (a
 permutation seeded by the epoch), so a resumed run sees exactly the batches an
-uninterrupted run would. A validation split is always carved from the training
-set; hyperparameters are chosen on it, never on test.
+uninterrupted run would, whatever the number of processes. TFDS datasets are
+streamed with tf.data: each process reads only its own part of every split
+(``tfds.even_splits``, as ``tfds.split_for_jax_process`` does), never a whole
+split in memory; a resumed stream skips the batches already seen. A validation
+split is always carved from the training set; hyperparameters are chosen on
+it, never on test.
 """
 
 from __future__ import annotations
@@ -35,16 +39,17 @@ class Split:
 @dataclass
 class Dataset:
   name: str
-  train: Split
-  validation: Split
-  test: Split
+  train: Optional[Split]
+  validation: Optional[Split]
+  test: Optional[Split]
   num_classes: int
   input_shape: tuple
   augment: bool = False
+  stream: Optional[TfdsStream] = None  # TFDS: the splits are read per process, not held
 
   @property
   def num_train(self) -> int:
-    return len(self.train.y)
+    return self.stream.num_train if self.stream is not None else len(self.train.y)
 
 
 def default_cache_dir() -> str:
@@ -111,6 +116,11 @@ def load(
 ) -> Dataset:
   """Loads a dataset by name: ``mnist1d``, ``digits`` or a TFDS image set."""
   if name in TFDS:
+    if label_noise:
+      raise ValueError(
+        f"label_noise={label_noise} is for the in-memory datasets {IN_MEMORY}; "
+        f"{name!r} is streamed from TFDS."
+      )
     return _load_tfds(name, validation_fraction, seed, data_dir, max_examples)
   if name == "mnist1d":
     train, test, nc = _mnist1d(data_dir or default_cache_dir(), 42)
@@ -186,34 +196,61 @@ def eval_batches(split: Split, batch_size: int):
 
 
 def _load_tfds(name, validation_fraction, seed, data_dir, max_examples) -> Dataset:
-  """Loads a TFDS image dataset into memory (CIFAR) with a validation carve.
+  stream = TfdsStream(name, data_dir, validation_fraction, max_examples)
+  return Dataset(
+    name, None, None, None, stream.num_classes, TFDS[name], augment=True, stream=stream
+  )
 
-  ImageNet does not fit in memory on a laptop: for it this loads at most
-  ``max_examples`` per split (the mock-data smoke test), and a full run needs a
-  streaming pipeline on a large host (see configs/imagenet_resnet50.py).
+
+class TfdsStream:
+  """A TFDS image dataset read with tf.data, each process its own part of each split.
+
+  Splits: ``train`` is the first ``1 - validation_fraction`` of TFDS's train
+  split, ``validation`` the rest, ``test`` TFDS's test split (ImageNet: its
+  validation split); ``max_examples`` caps each. Process ``i`` of ``n`` reads
+  ``tfds.even_splits(split, n)[i]``. Training batches are shuffled with the
+  seed, augmented (random crop with padding 4 and horizontal flip, from
+  stateless seeds) and batched per process; evaluation batches are padded with
+  zero-weight rows so every process runs the same number of them.
   """
-  import tensorflow as tf
-  import tensorflow_datasets as tfds
 
-  shape = TFDS[name]
-  builder = None
-  try:
-    builder = tfds.builder(name, data_dir=data_dir)
-    splits = {}
-    for split in ("train", "test" if name != "imagenet2012" else "validation"):
-      spec = split if not max_examples else f"{split}[:{max_examples}]"
-      ds = tfds.load(name, split=spec, data_dir=data_dir, download=False)
-      # Images of varying size (ImageNet) are resized one by one before batching.
-      ds = ds.map(lambda d: {"image": tf.image.resize(d["image"], shape[:2]), "label": d["label"]})
-      parts = list(tfds.as_numpy(ds.batch(1024)))
-      splits[split] = {k: np.concatenate([p[k] for p in parts]) for k in ("image", "label")}
-  except Exception as e:  # tfds raises several types for missing data
-    msg = str(e).lower()
-    if (
-      isinstance(e, (AssertionError, FileNotFoundError))
-      or "not found" in msg
-      or "could not find" in msg
-    ):
+  def __init__(self, name, data_dir, validation_fraction, max_examples):
+    import tensorflow_datasets as tfds
+
+    self.name, self.data_dir = name, data_dir
+    if not 0 <= validation_fraction < 1:
+      raise ValueError(f"validation_fraction={validation_fraction} must be in [0, 1).")
+    test = "validation" if name == "imagenet2012" else "test"
+    v = int(round(100 * validation_fraction))
+    if max_examples:
+      n_val = max(1, int(round(max_examples * validation_fraction))) if v else 0
+      self.splits = {
+        "train": f"train[:{max_examples}]",
+        "validation": f"train[{max_examples}:{max_examples + n_val}]",
+        "test": f"{test}[:{max_examples}]",
+      }
+    else:
+      self.splits = {
+        "train": f"train[:{100 - v}%]",
+        "validation": f"train[{100 - v}%:]",
+        "test": test,
+      }
+    self.mean, self.std = (
+      (IMAGENET_MEAN, IMAGENET_STD) if name == "imagenet2012" else (CIFAR_MEAN, CIFAR_STD)
+    )
+    self._eval_counts: dict = {}
+    builder = None
+    try:
+      builder = tfds.builder(name, data_dir=data_dir)
+      next(iter(self._read("train", shard=False).take(1)))  # fails here if not prepared
+    except Exception as e:  # tfds raises several types for missing data
+      msg = str(e).lower()
+      if not (
+        isinstance(e, (AssertionError, FileNotFoundError))
+        or "not found" in msg
+        or "could not find" in msg
+      ):
+        raise
       where = data_dir or (builder.data_dir if builder is not None else "the default TFDS dir")
       raise DataNotFoundError(
         f"TFDS dataset {name!r} is not prepared in data_dir={where!r}. "
@@ -221,15 +258,100 @@ def _load_tfds(name, validation_fraction, seed, data_dir, max_examples) -> Datas
         f"--data_dir=DIR` (ImageNet needs the manual download, see the TFDS catalogue), "
         f"then pass --config.data_dir=DIR."
       ) from None
-    raise
-  tr, te = splits["train"], splits.get("test", splits.get("validation"))
-  mean, std = (IMAGENET_MEAN, IMAGENET_STD) if name == "imagenet2012" else (CIFAR_MEAN, CIFAR_STD)
+    self.num_classes = builder.info.features["label"].num_classes
+    try:
+      self.num_train = int(builder.info.splits[self.splits["train"]].num_examples)
+    except Exception:  # noqa: BLE001  (no split metadata, e.g. mock data)
+      self.num_train = int(max_examples or 50_000)
 
-  def prep(d):
-    x = (np.asarray(d["image"], np.float32) / 255.0 - mean) / std
-    return Split(x, np.asarray(d["label"], np.int32))
+  def _read(self, split: str, *, shard: bool = True, shuffle_seed=None):
+    """The process's part of a split as a tf.data stream of normalised (x, y)."""
+    import jax
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
 
-  train, test = prep(tr), prep(te)
-  train, val = _carve_validation(train, validation_fraction, seed)
-  nc = builder.info.features["label"].num_classes
-  return Dataset(name, train, val, test, nc, shape, augment=True)
+    spec = self.splits[split]
+    if shard and jax.process_count() > 1:
+      spec = tfds.even_splits(spec, n=jax.process_count())[jax.process_index()]
+    ds = tfds.load(
+      self.name,
+      split=spec,
+      data_dir=self.data_dir,
+      download=False,
+      shuffle_files=shuffle_seed is not None,
+      read_config=tfds.ReadConfig(shuffle_seed=shuffle_seed),
+    )
+    shape = TFDS[self.name]
+    mean, std = tf.constant(self.mean), tf.constant(self.std)
+
+    def prep(d):
+      x = tf.image.resize(tf.cast(d["image"], tf.float32), shape[:2]) / 255.0
+      return {"x": (x - mean) / std, "y": tf.cast(d["label"], tf.int32)}
+
+    options = tf.data.Options()
+    options.deterministic = True
+    return ds.map(prep, num_parallel_calls=tf.data.AUTOTUNE).with_options(options)
+
+  def train_batches(self, seed: int, start_step: int, per_process_batch: int):
+    """Host batches ``{"x", "y"}`` of this process for steps ``start_step, ...`` (numpy)."""
+    import jax
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+
+    pad = 4
+    h, w, c = TFDS[self.name]
+    proc = jax.process_index()
+    ds = self._read("train", shuffle_seed=seed + proc).repeat()
+    ds = ds.shuffle(16 * per_process_batch, seed=seed + proc, reshuffle_each_iteration=True)
+
+    def augment(i, d):
+      s1 = tf.stack([tf.constant(seed, tf.int64), i * 4096 + proc])
+      x = tf.image.pad_to_bounding_box(d["x"], pad, pad, h + 2 * pad, w + 2 * pad)
+      x = tf.image.stateless_random_crop(x, (h, w, c), seed=s1)
+      x = tf.image.stateless_random_flip_left_right(x, seed=s1 + 1)
+      return {"x": x, "y": d["y"]}
+
+    ds = ds.enumerate().map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(per_process_batch, drop_remainder=True).skip(start_step).prefetch(2)
+    return iter(tfds.as_numpy(ds))
+
+  def eval_batches(self, split: str, per_process_batch: int):
+    """``{"x", "y", "w"}`` host batches; every process yields the same number of them."""
+    import tensorflow_datasets as tfds
+
+    if split not in self._eval_counts:
+      local = sum(1 for _ in self._read(split).batch(per_process_batch))
+      self._eval_counts[split] = _max_over_processes(local)
+    count = 0
+    for b in tfds.as_numpy(self._read(split).batch(per_process_batch)):
+      yield _pad_rows(b, per_process_batch)
+      count += 1
+    shape = TFDS[self.name]
+    while count < self._eval_counts[split]:  # this process ran out first: weight-0 rows
+      empty = {"x": np.zeros((0, *shape), np.float32), "y": np.zeros((0,), np.int32)}
+      yield _pad_rows(empty, per_process_batch)
+      count += 1
+
+  def head(self, n: int) -> Split:
+    """The first ``n`` training examples of this process's part (for Hessian metrics)."""
+    import tensorflow_datasets as tfds
+
+    parts = list(tfds.as_numpy(self._read("train").take(n).batch(max(n, 1))))
+    return Split(parts[0]["x"], parts[0]["y"])
+
+
+def _pad_rows(b: dict, rows: int) -> dict:
+  n = len(b["y"])
+  out = {k: np.concatenate([v, np.zeros((rows - n, *v.shape[1:]), v.dtype)]) for k, v in b.items()}
+  out["w"] = np.concatenate([np.ones(n, np.float32), np.zeros(rows - n, np.float32)])
+  return out
+
+
+def _max_over_processes(value: int) -> int:
+  import jax
+
+  if jax.process_count() == 1:
+    return value
+  from jax.experimental import multihost_utils
+
+  return int(np.max(multihost_utils.process_allgather(np.int32(value))))

@@ -89,12 +89,23 @@ def _padded_global(arrays: dict, mesh) -> dict:
   return {k: place(v) for k, v in out.items()}
 
 
-def _eval_metrics(eval_step, params, bs, split, batch_size, mesh=None):
-  tot_l, tot_c, n = 0.0, 0.0, 0
-  for b in input_pipeline.eval_batches(split, batch_size):
-    g = _padded_global(b, mesh)
+def _eval_batches(ds, split: str, batch_size: int, mesh):
+  """Global ``{"x", "y", "w"}`` evaluation batches of a split (``w`` = 0 on padding)."""
+  if ds.stream is None:  # in memory on every process: each places its own rows
+    for b in input_pipeline.eval_batches(getattr(ds, split), batch_size):
+      yield _padded_global(b, mesh)
+    return
+  n_dev = 1 if mesh is None else mesh.devices.size
+  per_process = -(-batch_size // n_dev) * n_dev // jax.process_count()
+  for b in ds.stream.eval_batches(split, per_process):
+    yield global_batch(b, mesh)
+
+
+def _eval_metrics(eval_step, params, bs, ds, split, batch_size, mesh=None):
+  tot_l, tot_c, n = 0.0, 0.0, 0.0
+  for g in _eval_batches(ds, split, batch_size, mesh):
     loss, c = eval_step(params, bs, g["x"], g["y"], g["w"])
-    tot_l, tot_c, n = tot_l + float(loss), tot_c + float(c), n + len(b["y"])
+    tot_l, tot_c, n = tot_l + float(loss), tot_c + float(c), n + float(jnp.sum(g["w"]))
   return tot_l / max(n, 1), tot_c / max(n, 1)
 
 
@@ -105,10 +116,18 @@ def _hessian(model, params, bs, ds, config, key, mesh=None):
   bsz = min(hc.batch_size, n)
   if mesh is not None:
     bsz -= bsz % mesh.devices.size  # whole batches on every device: no padding in a Hessian
+  n -= n % bsz
   data = []
-  for i in range(0, n - n % bsz, bsz):
-    g = _padded_global({"x": ds.train.x[i : i + bsz], "y": ds.train.y[i : i + bsz]}, mesh)
-    data.append((g["x"], g["y"]))
+  if ds.stream is None:
+    for i in range(0, n, bsz):
+      g = _padded_global({"x": ds.train.x[i : i + bsz], "y": ds.train.y[i : i + bsz]}, mesh)
+      data.append((g["x"], g["y"]))
+  else:  # each process its own first examples, bsz / processes of them per batch
+    per = bsz // jax.process_count()
+    local = ds.stream.head(n // jax.process_count())
+    for i in range(0, len(local.y) - per + 1, per):
+      g = global_batch({"x": local.x[i : i + per], "y": local.y[i : i + per]}, mesh)
+      data.append((g["x"], g["y"]))
   loss = lambda p, b: methods.cross_entropy(model.apply(p, bs, b[0], False, None)[0], b[1])
   return {
     k: float(v)
@@ -454,10 +473,16 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     )
   pending = []
   record = {}
+  stream = None
+  if ds.stream is not None:  # TFDS: this process's stream, resumed at the step
+    stream = ds.stream.train_batches(config.seed, start, config.batch_size // n_proc)
   for step in range(start, total_steps):
-    batch = input_pipeline.train_batch(
-      ds, step, config.batch_size, config.seed, process_index=proc, process_count=n_proc
-    )
+    if stream is not None:
+      batch = next(stream)
+    else:
+      batch = input_pipeline.train_batch(
+        ds, step, config.batch_size, config.seed, process_index=proc, process_count=n_proc
+      )
     state, m = train_step(state, global_batch(batch, mesh))
     pending.append(m)
     done = step + 1
@@ -473,9 +498,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
           "(config.learning_rate) or the NRS alpha/radius; the last good checkpoint is kept."
         )
       p, bs = state["params"], state["batch_stats"]
-      tl, ta = _eval_metrics(eval_step, p, bs, ds.train, 1000, mesh)
-      _, va = _eval_metrics(eval_step, p, bs, ds.validation, 1000, mesh)
-      _, te = _eval_metrics(eval_step, p, bs, ds.test, 1000, mesh)
+      tl, ta = _eval_metrics(eval_step, p, bs, ds, "train", 1000, mesh)
+      _, va = _eval_metrics(eval_step, p, bs, ds, "validation", 1000, mesh)
+      _, te = _eval_metrics(eval_step, p, bs, ds, "test", 1000, mesh)
       record = {
         "step": done,
         "epoch": done / steps_per_epoch,

@@ -213,3 +213,74 @@ def test_sigkill_of_both_processes_then_restart_is_bit_identical(tmp_path):
   b = np.load(tmp_path / "killed" / "fsdp" / "final_state.npz")
   for k in a.files:
     np.testing.assert_array_equal(a[k], b[k])
+
+
+TFDS_SCRIPT = r"""
+import json, os, sys
+procs, pid, port, base = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+from experiments import train
+from experiments.configs import cifar100_wrn28_10
+config = cifar100_wrn28_10.get_config()
+with config.unlocked():
+  config.model_kwargs = dict(depth=10, widen=1, dropout=0.3)
+  config.sharding = "replicated"
+  config.num_steps = 2
+  config.batch_size = 8
+  config.eval_every_epochs = 10_000
+  config.progress = False
+  config.data_dir = os.path.join(base, "nodata")
+  config.hessian = dict(num_examples=8, batch_size=8, num_iters=2, num_samples=2, every_evals=0)
+  config.distributed = True
+  config.coordinator_address = "127.0.0.1:" + port
+  config.num_processes = procs
+  config.process_id = pid
+train.initialize_distributed(config)
+import tensorflow_datasets as tfds
+specs = []
+real_load = tfds.load
+def load(name, split=None, **kw):
+  specs.append(str(split))
+  return real_load(name, split=split, **kw)
+tfds.load = load
+with tfds.testing.mock_data(num_examples=16):
+  rec = train.train_and_evaluate(config, os.path.join(base, "run"))
+print("RESULT" + json.dumps({"specs": sorted(set(specs)), "step": rec["step"],
+                             "finite": bool(rec["train_loss"] == rec["train_loss"])}), flush=True)
+"""
+
+
+def test_tfds_streams_per_process(tmp_path):
+  env = {
+    **os.environ,
+    "JAX_PLATFORMS": "cpu",
+    "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+  }
+  port = str(_free_port())
+  ps = [
+    subprocess.Popen(
+      [sys.executable, "-c", TFDS_SCRIPT, "2", str(i), port, str(tmp_path)],
+      cwd=ROOT,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
+  outs = [p.communicate(timeout=600) for p in ps]
+  res = []
+  for p, (o, e) in zip(ps, outs):
+    assert p.returncode == 0, o[-2000:] + e[-4000:]
+    line = [x for x in o.splitlines() if x.startswith("RESULT")][-1]
+    res.append(json.loads(line[len("RESULT") :]))
+  assert all(r["step"] == 2 and r["finite"] for r in res)
+  # Every split is read in parts, process i its part i of 2 (only the one-example
+  # probe at start-up names a whole split).
+  for i, r in enumerate(res):
+    parts = [s for s in r["specs"] if s.startswith("_EvenSplit")]
+    assert {s.split("'")[1] for s in parts} == {"train[:90%]", "train[90%:]", "test"}, r
+    assert all(f"index={i}, count=2" in s for s in parts), r
+    assert set(r["specs"]) - set(parts) == {"train[:90%]"}, r
+  lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+  assert len(lines) == 1

@@ -11,9 +11,9 @@ Launch:
     --workdir workdir/imagenet_resnet50 --config.data_dir=$DATA
 
 Hardware: a TPU pod slice or a multi-GPU node (about 1.3 M training images;
-batch 1024, 5 warm-up epochs). The in-memory loader of this harness reads the
-whole split, which needs a host with ~600 GB RAM at 224x224; set
-config.max_examples to subsample on smaller hosts. Smoke-tested here under
+batch 1024, 5 warm-up epochs). TFDS data is streamed with tf.data, each
+process reading its own part of every split (add --config.distributed=True
+--config.sharding=fsdp on a pod). Smoke-tested here under
 tfds.testing.mock_data only.
 """
 
