@@ -31,7 +31,6 @@ import json
 import os
 import platform
 import re
-import statistics
 import time
 
 import jax
@@ -43,6 +42,7 @@ from flax import nnx
 import nrs_jax
 from experiments import methods
 from experiments import models
+from experiments import timing
 
 MODELS = {
   # name: (constructor, input shape, batch, timed rounds)
@@ -201,18 +201,9 @@ def run(model: str, k: int = 4, repeats: int = 0, budget_s: float = 1e9, only: t
     }
     fns[label] = (compiled, args)
     print(f"  {label:32s} compile {compile_s:7.2f} s", flush=True)
-  for fn, args in fns.values():  # warm-up
-    for _ in range(2):
-      jax.block_until_ready(fn(*args))
-  times = {label: [] for label in fns}
-  for _ in range(repeats):
-    for label, (fn, args) in fns.items():
-      t = time.perf_counter()
-      jax.block_until_ready(fn(*args))
-      times[label].append(time.perf_counter() - t)
-  for label, ts in times.items():
-    rows[label]["seconds"] = statistics.median(ts)
-    rows[label]["images_per_second"] = batch_size / statistics.median(ts)
+  for label, secs in timing.interleaved_medians(fns, repeats).items():
+    rows[label]["seconds"] = secs
+    rows[label]["images_per_second"] = batch_size / secs
   result = summarize(rows, k, model, batch_size, repeats)
   small = MODELS["tiny"]  # the agreement check needs a conv net with BatchNorm, not a big one
   x = jnp.asarray(rng.normal(size=(small[2], *small[1])), jnp.float32)

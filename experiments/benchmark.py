@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import platform
-import statistics
 import time
 from functools import partial
 from unittest import mock
@@ -31,6 +30,7 @@ from absl import flags
 import nrs_jax
 from experiments import input_pipeline
 from experiments import methods
+from experiments import timing
 from experiments import train
 from experiments.configs import default
 from nrs_jax import _random
@@ -59,25 +59,6 @@ def _config(model, kwargs, method, nrs=None):
     if nrs:
       config.nrs = ml_collections.ConfigDict({**config.nrs.to_dict(), **nrs})
   return config
-
-
-def _interleaved_medians(fns: dict, repeats: int) -> dict:
-  """Median seconds per call of each ``label: (fn, args)``, timed round-robin.
-
-  Two warm-up calls each, then ``repeats`` rounds that time every function once
-  in turn: a change in machine load hits all rows alike instead of whichever
-  row was running, which is what keeps the ratios comparable on a shared host.
-  """
-  for fn, args in fns.values():
-    for _ in range(2):
-      jax.block_until_ready(fn(*args))
-  times = {label: [] for label in fns}
-  for _ in range(repeats):
-    for label, (fn, args) in fns.items():
-      t = time.perf_counter()
-      jax.block_until_ready(fn(*args))
-      times[label].append(time.perf_counter() - t)
-  return {label: statistics.median(ts) for label, ts in times.items()}
 
 
 def bench_model(name, ks, repeats):
@@ -168,7 +149,7 @@ def bench_model(name, ks, repeats):
   for label in ("sampling_k1", "erf_inv_only", "scale_only"):
     rows[label] = {}
   print(f"  {name:9s} timing {len(fns)} rows, {repeats} interleaved rounds", flush=True)
-  for label, secs in _interleaved_medians(fns, repeats).items():
+  for label, secs in timing.interleaved_medians(fns, repeats).items():
     rows[label]["seconds"] = secs
   return rows
 
@@ -305,7 +286,7 @@ def bench_hessian(repeats: int = 10) -> dict:
 
     grad = jax.jit(jax.grad(loss))
     hvp = jax.jit(lambda p, v, b: flatness.hvp(loss, p, v, b))
-    t = _interleaved_medians(
+    t = timing.interleaved_medians(
       {"grad": (grad, (params, (x, y))), "hvp": (hvp, (params, params, (x, y)))}, repeats
     )
     t_grad, t_hvp = t["grad"], t["hvp"]

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy import special
 
 
 def mlp_init(key, sizes=(5, 8, 3), dtype=jnp.float32, zero_bias=False):
@@ -34,3 +35,25 @@ def tiny():
   x = jax.random.normal(jax.random.key(1), (16, 5))
   y = jnp.arange(16) % 3
   return params, x, y, (lambda p: mlp_apply(p, x))
+
+
+def np_divergence(name, center_logits, neighbor_logits):
+  """Independent float64 reference of each divergence (``[..., 1]``: Bernoulli)."""
+
+  def probs(z):
+    z = np.asarray(z, np.float64)
+    if z.shape[-1] == 1:  # one binary logit: Bernoulli(sigmoid(z))
+      p = special.expit(z)
+      return np.concatenate([1 - p, p], -1)
+    return special.softmax(z, -1)
+
+  p, q = probs(center_logits), probs(neighbor_logits)
+  kl = lambda a, b: special.rel_entr(a, b).sum(-1)
+  if name == "kl":
+    return kl(p, q)
+  if name == "reverse_kl":
+    return kl(q, p)
+  if name == "symmetric_kl":
+    return 0.5 * (kl(p, q) + kl(q, p))
+  m = 0.5 * (p + q)
+  return 0.5 * (kl(p, m) + kl(q, m))

@@ -4,27 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from scipy import special
 
 import nrs_jax
-
-
-def _np_softmax(z):
-  z = np.asarray(z, np.float64)
-  return special.softmax(z, axis=-1)
-
-
-def _reference(name, z0, z1):
-  p, q = _np_softmax(z0), _np_softmax(z1)
-  kl = lambda a, b: special.rel_entr(a, b).sum(-1)
-  if name == "kl":
-    return kl(p, q)
-  if name == "reverse_kl":
-    return kl(q, p)
-  if name == "symmetric_kl":
-    return 0.5 * (kl(p, q) + kl(q, p))
-  m = 0.5 * (p + q)
-  return 0.5 * (kl(p, m) + kl(q, m))
+from tests.conftest import np_divergence
 
 
 @pytest.mark.parametrize("name", nrs_jax.DIVERGENCES)
@@ -37,9 +19,9 @@ def test_matches_scipy(name, jit):
   if jit:
     fn = jax.jit(fn)
   got = fn(jnp.asarray(z0, jnp.float32), jnp.asarray(z1, jnp.float32))
-  np.testing.assert_allclose(got, _reference(name, z0, z1), rtol=2e-4, atol=1e-6)
+  np.testing.assert_allclose(got, np_divergence(name, z0, z1), rtol=2e-4, atol=1e-6)
   mean = jax.jit(nrs_jax.output_divergence, static_argnums=2)(z0, z1, name)
-  np.testing.assert_allclose(mean, _reference(name, z0, z1).mean(), rtol=2e-4)
+  np.testing.assert_allclose(mean, np_divergence(name, z0, z1).mean(), rtol=2e-4)
 
 
 @pytest.mark.parametrize("name", nrs_jax.DIVERGENCES)

@@ -249,6 +249,7 @@ print("RESULT" + json.dumps({"specs": sorted(set(specs)), "step": rec["step"],
 """
 
 
+@pytest.mark.slow
 def test_tfds_streams_per_process(tmp_path):
   env = {
     **os.environ,

@@ -12,6 +12,7 @@ from scipy import special
 import nrs_jax
 from tests.conftest import mlp_apply
 from tests.conftest import mlp_init
+from tests.conftest import np_divergence
 
 KEY = jax.random.key(42)
 
@@ -411,28 +412,6 @@ def test_auto_strategy_rule(backend, monkeypatch):
   assert _penalty.resolve_strategy("vmap", 8, conv, sel) == "vmap"
 
 
-def _np_log_probs(z):
-  z = np.asarray(z, np.float64)
-  if z.shape[-1] == 1:  # one binary logit: Bernoulli(sigmoid(z))
-    p = special.expit(z)
-    return np.log(np.concatenate([1 - p, p], -1))
-  return special.log_softmax(z, -1)
-
-
-def _np_divergence(name, zc, zn):
-  lp, lq = _np_log_probs(zc), _np_log_probs(zn)
-  p, q = np.exp(lp), np.exp(lq)
-  kl = lambda a, b: special.rel_entr(a, b).sum(-1)
-  if name == "kl":
-    return kl(p, q)
-  if name == "reverse_kl":
-    return kl(q, p)
-  if name == "symmetric_kl":
-    return 0.5 * (kl(p, q) + kl(q, p))
-  m = 0.5 * (p + q)
-  return 0.5 * (kl(p, m) + kl(q, m))
-
-
 def _neighbour_logits(logits_fn, params, key, k, **kw):
   perts = nrs_jax.sample_perturbations(params, key, radius=0.3, num_neighbors=k, **kw)
   tree = perts.as_tree(params)
@@ -454,7 +433,7 @@ def test_one_logit_is_a_bernoulli_classifier(divergence):
   zc = np.asarray(logits_fn(params))
   want = np.mean(
     [
-      _np_divergence(divergence, zc, zn).mean()
+      np_divergence(divergence, zc, zn).mean()
       for zn in _neighbour_logits(logits_fn, params, KEY, 3)
     ]
   )
@@ -487,8 +466,7 @@ def test_where_masks_padding_positions_against_numpy(strategy):
   )(params, where)
   zc = np.asarray(logits_fn(params))
   divs = [
-    _np_divergence("kl", zc, zn)[where].mean()
-    for zn in _neighbour_logits(logits_fn, params, KEY, 2)
+    np_divergence("kl", zc, zn)[where].mean() for zn in _neighbour_logits(logits_fn, params, KEY, 2)
   ]
   np.testing.assert_allclose(got, np.mean(divs), rtol=1e-4)
   # Padding does not count: garbage logits there change nothing.
