@@ -469,6 +469,14 @@ def test_where_masks_padding_positions_against_numpy(strategy):
     np_divergence("kl", zc, zn)[where].mean() for zn in _neighbour_logits(logits_fn, params, KEY, 2)
   ]
   np.testing.assert_allclose(got, np.mean(divs), rtol=1e-4)
+  grad = lambda s: jax.jit(
+    jax.grad(
+      lambda p: nrs_jax.nrs_penalty(
+        logits_fn, p, KEY, radius=0.3, num_neighbors=2, where=where, strategy=s
+      )
+    )
+  )(params)
+  _assert_trees_close(grad(strategy), grad("loop"), rtol=1e-5, atol=1e-8)
   # Padding does not count: garbage logits there change nothing.
   noisy = lambda p: jnp.where(jnp.asarray(where)[..., None], logits_fn(p), 1e4 * x[..., :3])
   again = nrs_jax.nrs_penalty(noisy, params, KEY, radius=0.3, num_neighbors=2, where=where)
