@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 import nrs_jax
@@ -76,7 +77,45 @@ _LOSS_ONLY = ("neighbor_batch_size", "reuse_center_logits")
 def _nrs_options(config) -> dict:
   opts = dict(config.nrs)
   opts.pop("implementation", None)
+  opts.pop("probability", None)
   return opts
+
+
+TWO_PASS = ("nrs", "sam", "asam", "rwp")
+
+
+def step_probability(config) -> float:
+  """``config.<method>.probability``: the share of steps that run the method's own step.
+
+  1 (the default) runs it every step; below 1 each step draws on the host
+  between the method's step and a plain SGD step (randomized SAM/NRS, as in
+  RST). Raises a ValueError naming the key for a value outside [0, 1], for a
+  one-pass method, or for the NRS transform path (its optimiser state needs
+  ``logits_fn`` on every step).
+  """
+  sub = config.get(config.method) if config.method in TWO_PASS else None
+  p = 1.0 if sub is None else sub.get("probability", 1.0)
+  if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p <= 1.0:
+    raise ValueError(
+      f"config.{config.method}.probability={p!r} must be a number in [0, 1] (the share of "
+      "steps that run the method's step; 1 = every step)."
+    )
+  if p < 1 and config.method == "nrs" and config.nrs.get("implementation", "loss") != "loss":
+    raise ValueError(
+      "config.nrs.probability < 1 needs config.nrs.implementation='loss' (choices: "
+      "'loss', 'transform'): the transform's state needs logits_fn on every step."
+    )
+  return float(p)
+
+
+def takes_expensive_step(seed: int, step: int, probability: float) -> bool:
+  """Whether ``step`` runs the method's step: a host draw from (seed, step) alone.
+
+  The same on every process and after a resume, with no device conditional.
+  """
+  if probability >= 1.0:
+    return True
+  return bool(np.random.default_rng([seed, step, 3]).random() < probability)
 
 
 def make_step(method: str, apply_fn: Callable, tx, config) -> Callable:
@@ -185,6 +224,7 @@ def _rwp(apply_fn, tx, config):
   """
   opts = dict(config.rwp)
   mix = opts.pop("mix")
+  opts.pop("probability", None)
 
   def step(params, bs, opt_state, batch, key):
     dkey, pkey = jax.random.split(key)
@@ -201,9 +241,12 @@ def _rwp(apply_fn, tx, config):
 
 def method_defaults() -> dict[str, Any]:
   """Per-method hyperparameters: one sub-dict per method in every config."""
+  # Each two-pass method also takes `probability` (default 1): see step_probability.
   return {
-    "nrs": dict(alpha=1.0, radius=0.05, num_neighbors=1, noise="gaussian", scale="absolute"),
-    "sam": dict(rho=0.2),
-    "asam": dict(rho=1.0, eta=0.01),
-    "rwp": dict(radius=0.05, scale="filter", mix=0.5),
+    "nrs": dict(
+      alpha=1.0, radius=0.05, num_neighbors=1, noise="gaussian", scale="absolute", probability=1.0
+    ),
+    "sam": dict(rho=0.2, probability=1.0),
+    "asam": dict(rho=1.0, eta=0.01, probability=1.0),
+    "rwp": dict(radius=0.05, scale="filter", mix=0.5, probability=1.0),
   }

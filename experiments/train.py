@@ -386,6 +386,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   total_steps = config.get("num_steps") or config.num_epochs * steps_per_epoch
   tx = methods.make_optimizer(config, total_steps)
   step_fn = methods.make_step(config.method, model.apply, tx, config)
+  probability = methods.step_probability(config)
 
   state = {
     "step": jnp.zeros([], jnp.int32),
@@ -401,14 +402,21 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     state = place_state(state, shardings)
     jit_kwargs = {"out_shardings": (shardings, None)}
 
-  @partial(jax.jit, **jit_kwargs)
-  def train_step(state, batch):
-    key = jax.random.fold_in(base_key, state["step"])
-    params, bs, opt_state, metrics = step_fn(
-      state["params"], state["batch_stats"], state["opt_state"], batch, key
-    )
-    new = {"step": state["step"] + 1, "params": params, "batch_stats": bs, "opt_state": opt_state}
-    return new, metrics
+  def compiled_step(fn):
+    @partial(jax.jit, **jit_kwargs)
+    def train_step(state, batch):
+      key = jax.random.fold_in(base_key, state["step"])
+      params, bs, opt_state, metrics = fn(
+        state["params"], state["batch_stats"], state["opt_state"], batch, key
+      )
+      new = {"step": state["step"] + 1, "params": params, "batch_stats": bs, "opt_state": opt_state}
+      return new, metrics
+
+    return train_step
+
+  train_step = compiled_step(step_fn)
+  # Randomized two-pass methods: a plain SGD step on the other steps (two programs).
+  plain_step = compiled_step(methods.make_step("sgd", model.apply, tx, config))
 
   mngr = ocp.CheckpointManager(
     os.path.abspath(ckpts),
@@ -483,7 +491,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       batch = input_pipeline.train_batch(
         ds, step, config.batch_size, config.seed, process_index=proc, process_count=n_proc
       )
-    state, m = train_step(state, global_batch(batch, mesh))
+    expensive = methods.takes_expensive_step(config.seed, step, probability)
+    state, m = (train_step if expensive else plain_step)(state, global_batch(batch, mesh))
     pending.append(m)
     done = step + 1
     if bar is not None:
@@ -491,7 +500,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     if done % eval_every == 0 or done == total_steps:
       m_host = jax.device_get(pending)
       pending = []
-      train_metrics = {k: float(np.mean([x[k] for x in m_host])) for k in m_host[0]}
+      keys = dict.fromkeys(k for x in m_host for k in x)  # plain steps lack method metrics
+      train_metrics = {k: float(np.mean([x[k] for x in m_host if k in x])) for k in keys}
       if not np.isfinite(train_metrics["loss"]):
         raise FloatingPointError(
           f"training loss is {train_metrics['loss']} at step {done}: lower the learning rate "

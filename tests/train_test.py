@@ -74,6 +74,50 @@ def test_nrs_transform_path_and_linen_path(tmp_path):
   assert rec["step"] == 2 and 0 <= rec["test_accuracy"] <= 1
 
 
+def test_randomized_schedule_draws_from_seed_and_step():
+  draws = [methods.takes_expensive_step(3, t, 0.25) for t in range(2000)]
+  assert draws == [methods.takes_expensive_step(3, t, 0.25) for t in range(2000)]
+  assert abs(np.mean(draws) - 0.25) < 0.03
+  assert draws != [methods.takes_expensive_step(4, t, 0.25) for t in range(2000)]
+  assert all(methods.takes_expensive_step(0, t, 1.0) for t in range(10))
+  assert not any(methods.takes_expensive_step(0, t, 0.0) for t in range(10))
+
+
+@pytest.mark.parametrize("method", ["nrs", "sam"])
+def test_randomized_two_pass_method_runs_a_plain_step_otherwise(method, tmp_path):
+  def run(name, method, probability=None, steps=4):
+    config = _shrink(default.get_config(), steps=steps, method=method)
+    if probability is not None:
+      with config.unlocked():
+        config[method].probability = probability
+    train.train_and_evaluate(config, str(tmp_path / name))
+    return np.load(tmp_path / name / "final_state.npz")
+
+  sgd, full = run("sgd", "sgd"), run("full", method)
+  never, always = run("never", method, 0.0), run("always", method, 1.0)
+  half = run("half", method, 0.5)
+  for k in sgd.files:  # probability 0 is SGD, 1 is the method, bit for bit
+    np.testing.assert_array_equal(never[k], sgd[k])
+    np.testing.assert_array_equal(always[k], full[k])
+  differs = lambda a, b: any(not np.array_equal(a[k], b[k]) for k in a.files)
+  assert differs(half, sgd) and differs(half, full)
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.5, 2])
+def test_bad_probability_is_a_config_error(value, tmp_path):
+  config = _shrink(default.get_config(), method="nrs")
+  with config.unlocked():
+    config.nrs.probability = value
+  with pytest.raises(ValueError, match=r"config.nrs.probability=.* must be a number in \[0, 1\]"):
+    train.train_and_evaluate(config, str(tmp_path))
+  config = _shrink(default.get_config(), method="nrs")
+  with config.unlocked():
+    config.nrs.probability = 0.5
+    config.nrs.implementation = "transform"
+  with pytest.raises(ValueError, match="choices: 'loss', 'transform'"):
+    train.train_and_evaluate(config, str(tmp_path / "t"))
+
+
 @pytest.mark.parametrize("implementation", ["loss", "transform"])
 def test_nrs_neighbours_on_a_sub_batch(implementation, tmp_path):
   config = _shrink(default.get_config(), method="nrs")
