@@ -15,12 +15,13 @@ undefined).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import inspect
 import math
 from collections.abc import Callable
 from collections.abc import Sequence
 from typing import Any
-from typing import NamedTuple
 from typing import Optional
 from typing import Union
 
@@ -165,8 +166,15 @@ def _scale_factor(w: jax.Array, scale: str, noise: str) -> Union[float, jax.Arra
   raise ValueError(f"scale={scale!r} is not supported: use one of {SCALES}.")
 
 
-class Perturbations(NamedTuple):
+@functools.partial(
+  jax.tree_util.register_dataclass, data_fields=["deltas"], meta_fields=["treedef"]
+)
+@dataclasses.dataclass(frozen=True)
+class Perturbations:
   """K sampled perturbations, aligned with the flattened params.
+
+  A pytree whose children are the deltas and whose static data is the tree
+  structure, so it can be returned from ``jax.jit`` and mapped by ``jax.vmap``.
 
   Attributes:
     deltas: one entry per leaf of ``params`` in flatten order: an array of shape

@@ -187,3 +187,21 @@ def test_bad_inputs():
     nrs_jax.sample_perturbations(params, key, radius=0.1, mask={"w": False})
   with pytest.raises(ValueError, match="key must be a PRNG key"):
     nrs_jax.sample_perturbations(params, jnp.ones(3), radius=0.1)
+
+
+def test_perturbations_cross_jit_and_vmap():
+  # treedef is static data of the pytree, not a leaf: the object can be a jit output.
+  params = mlp_init(jax.random.key(0))
+  draw = lambda k: nrs_jax.sample_perturbations(params, k, radius=0.1, num_neighbors=2)
+  eager = draw(jax.random.key(1))
+  jitted = jax.jit(draw)(jax.random.key(1))
+  assert jitted.treedef == eager.treedef
+  for a, b in zip(jax.tree_util.tree_leaves(jitted), jax.tree_util.tree_leaves(eager)):
+    np.testing.assert_array_equal(a, b)
+  batched = jax.vmap(draw)(jax.random.split(jax.random.key(1), 3))
+  assert batched.deltas[0].shape == (3, *eager.deltas[0].shape)
+  one = jax.tree_util.tree_map(lambda x: x[1], batched)
+  np.testing.assert_array_equal(
+    one.as_tree(params)["layer0"]["w"],
+    draw(jax.random.split(jax.random.key(1), 3)[1]).as_tree(params)["layer0"]["w"],
+  )
