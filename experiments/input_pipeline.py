@@ -165,7 +165,7 @@ def train_batch(
   if ds.augment:
     rng = np.random.default_rng([seed, step, 1])
     x = augment_images(x, rng, rows=(process_index * per, batch_size))
-  return {"x": x, "y": y}
+  return {"x": x, "y": y, "idx": idx.astype(np.int32)}
 
 
 def augment_images(

@@ -1,4 +1,4 @@
-"""Training methods as step builders: sgd, nrs, sam, asam, rwp.
+"""Training methods as step builders: sgd, nrs, sam, asam, rwp, saf, mesa.
 
 A step builder turns ``apply_fn(params, batch_stats, x, train, dropout_key) ->
 (logits, new_batch_stats)`` and an optax ``tx`` into a pure
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +20,7 @@ import optax
 
 import nrs_jax
 
-METHODS = ("sgd", "nrs", "sam", "asam", "rwp")
+METHODS = ("sgd", "nrs", "sam", "asam", "rwp", "saf", "mesa")
 
 
 def cross_entropy(logits, labels):
@@ -60,8 +61,55 @@ def base_optimizer(config, total_steps: int) -> optax.GradientTransformation:
   )
 
 
-def make_optimizer(config, total_steps: int) -> optax.GradientTransformation:
+class SAFState(NamedTuple):
+  """SAF's memory: each training example's logits of the last ``epochs`` epochs.
+
+  Attributes:
+    count: steps taken.
+    outputs: ``[epochs, num_train, num_classes]`` float32; slot ``e % epochs``
+      holds epoch ``e``'s logits until epoch ``e + epochs`` reads and replaces them.
+  """
+
+  count: jax.Array
+  outputs: jax.Array
+
+
+class TeacherState(NamedTuple):
+  """MESA's teacher: an exponential moving average of the parameters.
+
+  Attributes:
+    count: steps taken.
+    ema: ``decay * ema + (1 - decay) * params`` after every step.
+  """
+
+  count: jax.Array
+  ema: Any
+
+
+def _holder(init_fn) -> optax.GradientTransformation:
+  """A chain member that only carries state; the method's step updates it."""
+  return optax.GradientTransformation(init_fn, lambda updates, state, params=None: (updates, state))
+
+
+def make_optimizer(
+  config, total_steps: int, num_train: int = 0, num_classes: int = 0
+) -> optax.GradientTransformation:
   base = base_optimizer(config, total_steps)
+  if config.method == "saf":
+    if num_train <= 0 or num_classes <= 0:
+      raise ValueError("saf stores each training example's outputs: pass num_train, num_classes.")
+    e, c = int(config.saf.epochs), num_classes
+
+    def saf_init(params):
+      del params
+      return SAFState(jnp.zeros([], jnp.int32), jnp.zeros((e, num_train, c), jnp.float32))
+
+    return optax.chain(_holder(saf_init), base)
+  if config.method == "mesa":
+    teacher = lambda params: TeacherState(
+      jnp.zeros([], jnp.int32), jax.tree_util.tree_map(jnp.asarray, params)
+    )
+    return optax.chain(_holder(teacher), base)
   if config.method == "nrs" and config.nrs.get("implementation", "loss") == "transform":
     opts = _nrs_options(config)
     for name in _LOSS_ONLY:
@@ -118,12 +166,80 @@ def takes_expensive_step(seed: int, step: int, probability: float) -> bool:
   return bool(np.random.default_rng([seed, step, 3]).random() < probability)
 
 
-def make_step(method: str, apply_fn: Callable, tx, config) -> Callable:
+def make_step(method: str, apply_fn: Callable, tx, config, steps_per_epoch: int = 1) -> Callable:
   if method not in METHODS:
     raise ValueError(f"method={method!r} is not known: choose one of {METHODS}.")
+  if method in ("saf", "mesa"):
+    return {"saf": _saf, "mesa": _mesa}[method](apply_fn, tx, config, steps_per_epoch)
   return {"sgd": _sgd, "nrs": _nrs, "sam": _sam, "asam": _asam, "rwp": _rwp}[method](
     apply_fn, tx, config
   )
+
+
+def soft_kl(teacher_logits, logits, tau):
+  """Batch mean of KL(softmax(teacher / tau) || softmax(logits / tau)), teacher fixed."""
+  return jnp.mean(nrs_jax.kl(jax.lax.stop_gradient(teacher_logits) / tau, logits / tau))
+
+
+def _saf(apply_fn, tx, config, steps_per_epoch):
+  """SAF (Du et al., NeurIPS 2022): KL to each example's own outputs ``epochs`` epochs ago.
+
+  loss = CE + lam * KL(softmax(z_{e - E} / tau) || softmax(z / tau)) from epoch
+  E on (before that there is nothing to compare with), where ``z_{e - E}`` are
+  the logits the example got when it was seen E epochs earlier. One forward and
+  backward pass per step, plus the memory of E x N x C logits.
+  """
+  lam, tau, epochs = config.saf.lam, config.saf.tau, int(config.saf.epochs)
+
+  def step(params, bs, opt_state, batch, key):
+    mem = opt_state[0]
+    epoch = mem.count // steps_per_epoch
+    slot = epoch % epochs
+    old = mem.outputs[slot, batch["idx"]]
+    active = (epoch >= epochs).astype(jnp.float32)
+
+    def loss_fn(p):
+      logits, new_bs = apply_fn(p, bs, batch["x"], True, key)
+      task = cross_entropy(logits, batch["y"])
+      return task + lam * active * soft_kl(old, logits, tau), (task, logits, new_bs)
+
+    (_, (task, logits, new_bs)), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    params, opt_state = _finish(tx, params, opt_state, g)
+    outputs = mem.outputs.at[slot, batch["idx"]].set(logits.astype(jnp.float32))
+    opt_state = (SAFState(mem.count + 1, outputs), *opt_state[1:])
+    return params, new_bs, opt_state, {"loss": task, "accuracy": _accuracy(logits, batch["y"])}
+
+  return step
+
+
+def _mesa(apply_fn, tx, config, steps_per_epoch):
+  """MESA (Du et al., 2022): KL to an EMA teacher's outputs, from ``start_epoch`` on.
+
+  loss = CE + lam * KL(softmax(f_ema(x) / tau) || softmax(f(x) / tau)); the
+  teacher runs on the same batch, BatchNorm mode and dropout key as the
+  student (its statistics are discarded) and is updated as ``ema = decay * ema
+  + (1 - decay) * params`` after each step. Two forward passes and one backward.
+  """
+  lam, tau, decay = config.mesa.lam, config.mesa.tau, config.mesa.decay
+  start = int(config.mesa.start_epoch) * steps_per_epoch
+
+  def step(params, bs, opt_state, batch, key):
+    teacher = opt_state[0]
+    t_logits, _ = apply_fn(teacher.ema, bs, batch["x"], True, key)
+    active = (teacher.count >= start).astype(jnp.float32)
+
+    def loss_fn(p):
+      logits, new_bs = apply_fn(p, bs, batch["x"], True, key)
+      task = cross_entropy(logits, batch["y"])
+      return task + lam * active * soft_kl(t_logits, logits, tau), (task, logits, new_bs)
+
+    (_, (task, logits, new_bs)), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    new_params, opt_state = _finish(tx, params, opt_state, g)
+    ema = jax.tree_util.tree_map(lambda e, w: decay * e + (1 - decay) * w, teacher.ema, new_params)
+    opt_state = (TeacherState(teacher.count + 1, ema), *opt_state[1:])
+    return new_params, new_bs, opt_state, {"loss": task, "accuracy": _accuracy(logits, batch["y"])}
+
+  return step
 
 
 def _sgd(apply_fn, tx, config):
@@ -249,4 +365,8 @@ def method_defaults() -> dict[str, Any]:
     "sam": dict(rho=0.2, probability=1.0),
     "asam": dict(rho=1.0, eta=0.01, probability=1.0),
     "rwp": dict(radius=0.05, scale="filter", mix=0.5, probability=1.0),
+    # SAF: trajectory KL to the outputs of `epochs` epochs earlier; MESA: KL to an EMA
+    # teacher from `start_epoch` on.
+    "saf": dict(lam=1.0, tau=1.0, epochs=3),
+    "mesa": dict(lam=1.0, tau=1.0, decay=0.995, start_epoch=5),
   }

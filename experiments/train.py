@@ -384,8 +384,13 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   model = Model(config, ds)
   steps_per_epoch = max(ds.num_train // config.batch_size, 1)
   total_steps = config.get("num_steps") or config.num_epochs * steps_per_epoch
-  tx = methods.make_optimizer(config, total_steps)
-  step_fn = methods.make_step(config.method, model.apply, tx, config)
+  if config.method == "saf" and ds.stream is not None:
+    raise ValueError(
+      f"method='saf' remembers each training example's outputs; {config.dataset!r} is "
+      "streamed without example indices. Use it with the in-memory datasets."
+    )
+  tx = methods.make_optimizer(config, total_steps, ds.num_train, ds.num_classes)
+  step_fn = methods.make_step(config.method, model.apply, tx, config, steps_per_epoch)
   probability = methods.step_probability(config)
 
   state = {

@@ -45,6 +45,8 @@ def _shrink(config, steps=2, **overrides):
     (default.get_config, "sam"),
     (default.get_config, "asam"),
     (default.get_config, "rwp"),
+    (default.get_config, "saf"),
+    (default.get_config, "mesa"),
     (mnist1d_cnn.get_config, "nrs"),
     (digits.get_config, "nrs"),
   ],

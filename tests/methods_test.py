@@ -1,0 +1,98 @@
+"""SAF and MESA steps against hand-computed losses on a tiny batch."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from scipy import special
+
+from experiments import methods
+from experiments.configs import default
+
+X = np.random.default_rng(0).normal(size=(4, 5)).astype(np.float32)
+Y = np.array([0, 1, 2, 1], np.int32)
+IDX = np.array([3, 0, 6, 2], np.int32)  # rows of an 8-example training set
+BATCH = {"x": jnp.asarray(X), "y": jnp.asarray(Y), "idx": jnp.asarray(IDX)}
+PARAMS = {"w": jnp.asarray(np.random.default_rng(1).normal(size=(5, 3)), jnp.float32)}
+
+
+def apply_fn(params, bs, x, train, key):
+  return x @ params["w"], bs
+
+
+def _config(method, **sub):
+  config = default.get_config()
+  with config.unlocked():
+    config.method = method
+    config.learning_rate, config.momentum, config.weight_decay = 1.0, 0.0, 0.0
+    config[method] = ml_collections.ConfigDict({**config[method].to_dict(), **sub})
+  return config
+
+
+def _np_soft_kl(teacher, student, tau):
+  p = special.softmax(np.asarray(teacher, np.float64) / tau, -1)
+  q = special.softmax(np.asarray(student, np.float64) / tau, -1)
+  return special.rel_entr(p, q).sum(-1).mean()
+
+
+def test_soft_kl_matches_scipy():
+  a, b = np.random.default_rng(2).normal(size=(2, 6, 4))
+  for tau in (1.0, 2.5):
+    np.testing.assert_allclose(methods.soft_kl(a, b, tau), _np_soft_kl(a, b, tau), rtol=1e-5)
+
+
+def _hand_gradient(teacher_logits, lam, tau, at=PARAMS):
+  # CE + lam * KL(softmax(teacher / tau) || softmax(z / tau)), written out directly.
+  p = jax.nn.softmax(jnp.asarray(teacher_logits) / tau, -1)
+
+  def loss(params):
+    z = BATCH["x"] @ params["w"]
+    ce = -jnp.mean(jax.nn.log_softmax(z)[jnp.arange(4), BATCH["y"]])
+    kl = jnp.mean(jnp.sum(p * (jnp.log(p) - jax.nn.log_softmax(z / tau)), -1))
+    return ce + lam * kl, ce
+
+  return jax.grad(lambda q: loss(q)[0])(at), jax.grad(lambda q: loss(q)[1])(at)
+
+
+def test_saf_step_uses_the_outputs_of_epochs_ago():
+  config = _config("saf", lam=0.7, tau=2.0, epochs=1)
+  tx = methods.make_optimizer(config, 10**6, num_train=8, num_classes=3)
+  step = jax.jit(methods.make_step("saf", apply_fn, tx, config, steps_per_epoch=1))
+  state = tx.init(PARAMS)
+  p1, _, state, _ = step(PARAMS, {}, state, BATCH, jax.random.key(0))
+  # Epoch 0 has no past: the step is plain cross-entropy; the memory holds its logits.
+  _, g_ce = _hand_gradient(np.zeros((4, 3)), 0.7, 2.0)
+  np.testing.assert_allclose(PARAMS["w"] - p1["w"], g_ce["w"], rtol=1e-4, atol=1e-6)
+  stored = np.asarray(state[0].outputs[0])
+  np.testing.assert_allclose(stored[IDX], X @ np.asarray(PARAMS["w"]), rtol=1e-5)
+  assert not stored[[1, 4, 5, 7]].any()
+  # Epoch 1: KL to the logits these examples got one epoch earlier (at PARAMS).
+  old = X @ np.asarray(PARAMS["w"])
+  p2, _, state, _ = step(p1, {}, state, BATCH, jax.random.key(0))
+  want, g_ce1 = _hand_gradient(old, 0.7, 2.0, at=p1)
+  np.testing.assert_allclose(p1["w"] - p2["w"], want["w"], rtol=1e-4, atol=1e-6)
+  assert not np.allclose(want["w"], g_ce1["w"])  # the trajectory term is there
+  assert _np_soft_kl(old, X @ np.asarray(p1["w"]), 2.0) > 0
+  assert int(state[0].count) == 2
+
+
+def test_mesa_step_distils_from_the_ema_teacher():
+  config = _config("mesa", lam=0.5, tau=1.5, decay=0.9, start_epoch=1)
+  tx = methods.make_optimizer(config, 10**6)
+  step = jax.jit(methods.make_step("mesa", apply_fn, tx, config, steps_per_epoch=1))
+  state = tx.init(PARAMS)
+  p1, _, state, _ = step(PARAMS, {}, state, BATCH, jax.random.key(0))
+  ema = 0.9 * np.asarray(PARAMS["w"]) + 0.1 * np.asarray(p1["w"])
+  np.testing.assert_allclose(state[0].ema["w"], ema, rtol=1e-6)
+  _, g_ce = _hand_gradient(np.zeros((4, 3)), 0.5, 1.5)  # before start_epoch: plain CE
+  np.testing.assert_allclose(PARAMS["w"] - p1["w"], g_ce["w"], rtol=1e-4, atol=1e-6)
+  p2, _, state, _ = step(p1, {}, state, BATCH, jax.random.key(0))
+  want, g_ce1 = _hand_gradient(X @ ema, 0.5, 1.5, at=p1)
+  np.testing.assert_allclose(p1["w"] - p2["w"], want["w"], rtol=1e-4, atol=1e-6)
+  assert not np.allclose(want["w"], g_ce1["w"])
+
+
+def test_saf_needs_the_dataset_size():
+  with pytest.raises(ValueError, match="num_train"):
+    methods.make_optimizer(_config("saf"), 100)
