@@ -256,9 +256,11 @@ def check_or_record_config(config, workdir: str, resuming: bool, write: bool = T
         "it would continue that run, not start this one. Use another --workdir, or "
         f"delete {workdir} to start fresh."
       )
-  if write:
-    with open(path, "w") as f:
+  if write:  # atomically: other processes may be reading it
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
       json.dump(new, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
 
 
 def initialize_distributed(config) -> None:
