@@ -181,6 +181,18 @@ def soft_kl(teacher_logits, logits, tau):
   return jnp.mean(nrs_jax.kl(jax.lax.stop_gradient(teacher_logits) / tau, logits / tau))
 
 
+def _distilled_grad(apply_fn, params, bs, batch, key, teacher_logits, weight, tau):
+  """Gradient of CE + weight * soft_kl(teacher, logits, tau); returns (task, logits, bs, g)."""
+
+  def loss_fn(p):
+    logits, new_bs = apply_fn(p, bs, batch["x"], True, key)
+    task = cross_entropy(logits, batch["y"])
+    return task + weight * soft_kl(teacher_logits, logits, tau), (task, logits, new_bs)
+
+  (_, (task, logits, new_bs)), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  return task, logits, new_bs, g
+
+
 def _saf(apply_fn, tx, config, steps_per_epoch):
   """SAF (Du et al., NeurIPS 2022): KL to each example's own outputs ``epochs`` epochs ago.
 
@@ -197,13 +209,9 @@ def _saf(apply_fn, tx, config, steps_per_epoch):
     slot = epoch % epochs
     old = mem.outputs[slot, batch["idx"]]
     active = (epoch >= epochs).astype(jnp.float32)
-
-    def loss_fn(p):
-      logits, new_bs = apply_fn(p, bs, batch["x"], True, key)
-      task = cross_entropy(logits, batch["y"])
-      return task + lam * active * soft_kl(old, logits, tau), (task, logits, new_bs)
-
-    (_, (task, logits, new_bs)), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    task, logits, new_bs, g = _distilled_grad(
+      apply_fn, params, bs, batch, key, old, lam * active, tau
+    )
     params, opt_state = _finish(tx, params, opt_state, g)
     outputs = mem.outputs.at[slot, batch["idx"]].set(logits.astype(jnp.float32))
     opt_state = (SAFState(mem.count + 1, outputs), *opt_state[1:])
@@ -227,13 +235,9 @@ def _mesa(apply_fn, tx, config, steps_per_epoch):
     teacher = opt_state[0]
     t_logits, _ = apply_fn(teacher.ema, bs, batch["x"], True, key)
     active = (teacher.count >= start).astype(jnp.float32)
-
-    def loss_fn(p):
-      logits, new_bs = apply_fn(p, bs, batch["x"], True, key)
-      task = cross_entropy(logits, batch["y"])
-      return task + lam * active * soft_kl(t_logits, logits, tau), (task, logits, new_bs)
-
-    (_, (task, logits, new_bs)), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    task, logits, new_bs, g = _distilled_grad(
+      apply_fn, params, bs, batch, key, t_logits, lam * active, tau
+    )
     new_params, opt_state = _finish(tx, params, opt_state, g)
     ema = jax.tree_util.tree_map(lambda e, w: decay * e + (1 - decay) * w, teacher.ema, new_params)
     opt_state = (TeacherState(teacher.count + 1, ema), *opt_state[1:])
