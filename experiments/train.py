@@ -79,11 +79,9 @@ def _padded_global(arrays: dict, mesh) -> dict:
   out["w"] = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
   if mesh is None:
     return {k: jnp.asarray(v) for k, v in out.items()}
-  from jax.sharding import NamedSharding
-  from jax.sharding import PartitionSpec as P
 
   def place(v):
-    sharding = NamedSharding(mesh, P("data", *([None] * (v.ndim - 1))))
+    sharding = batch_sharding(mesh, v.ndim)
     return jax.make_array_from_callback(v.shape, sharding, lambda idx: v[idx])
 
   return {k: place(v) for k, v in out.items()}
@@ -171,17 +169,22 @@ def state_shardings(state, mesh, mode):
   return jax.tree_util.tree_map(one, state)
 
 
+def batch_sharding(mesh, ndim: int):
+  """Rows over the mesh's ``data`` axis, every other dim whole."""
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  return NamedSharding(mesh, P("data", *([None] * (ndim - 1))))
+
+
 def global_batch(local_batch, mesh):
   """This process's rows of the global batch as one global array sharded on ``data``."""
   if mesh is None:
     return {k: jnp.asarray(v) for k, v in local_batch.items()}
-  from jax.sharding import NamedSharding
-  from jax.sharding import PartitionSpec as P
-
   out = {}
   for k, v in local_batch.items():
     local = np.asarray(v)
-    sharding = NamedSharding(mesh, P("data", *([None] * (local.ndim - 1))))
+    sharding = batch_sharding(mesh, local.ndim)
     shape = (len(local) * jax.process_count(), *local.shape[1:])
     out[k] = jax.make_array_from_process_local_data(sharding, local, shape)
   return out

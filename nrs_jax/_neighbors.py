@@ -99,12 +99,17 @@ def resolve_mask(params: Any, mask: MaskLike) -> Any:
       f"of it), as in optax.masked; got structure {jax.tree_util.tree_structure(tree)}, "
       f"params structure {treedef}."
     )
-  for m in jax.tree_util.tree_leaves(full):
+  check_mask_leaves(full, what)
+  return full
+
+
+def check_mask_leaves(tree: Any, what: str = "mask") -> None:
+  """Raises a ValueError unless every leaf of ``tree`` is a static bool."""
+  for m in jax.tree_util.tree_leaves(tree):
     if isinstance(m, jax.core.Tracer) or not (
       isinstance(m, (bool, np.bool_)) or getattr(m, "dtype", None) == np.bool_
     ):
       raise ValueError(f"{what} must hold Python bools (static), got a leaf {m!r}.")
-  return full
 
 
 def perturbed_leaf_mask(params: Any, mask: MaskLike = None) -> list[bool]:

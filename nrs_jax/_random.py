@@ -71,9 +71,9 @@ def as_key(key: Any) -> jax.Array:
   )
 
 
-def padded(n: int) -> int:
-  """The length of the CPU kernel that draws ``n`` normals: ``n`` rounded up to PAD."""
-  return -(-n // PAD) * PAD
+def padded(n: int, pad: int = PAD) -> int:
+  """The length of the CPU kernel that draws ``n`` normals: ``n`` rounded up to ``pad``."""
+  return -(-n // pad) * pad
 
 
 def _threefry2x32(k1, k2, x1, x2):
@@ -91,7 +91,7 @@ def _threefry2x32(k1, k2, x1, x2):
 
 def _cpu_threefry_normal(kd: jax.Array, n: int, pad: int) -> jax.Array:
   """``jax.random.normal`` of threefry key data ``kd [rows, 2]``, as one fused CPU kernel."""
-  length = -(-n // pad) * pad
+  length = padded(n, pad)
 
   def draw(kd):
     hi, lo = _threefry2x32(
@@ -146,7 +146,7 @@ def standard_normal(keys: jax.Array, n: int, *, pad: int = PAD) -> jax.Array:
 
   if (
     impl_name(keys) != "threefry2x32"
-    or -(-n // pad) * pad >= 2**32
+    or padded(n, pad) >= 2**32
     or not jax.config.jax_threefry_partitionable
   ):
     return generic(keys)

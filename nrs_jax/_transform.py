@@ -157,9 +157,7 @@ def add_nrs_gradient(
   )
   if mask is not None and not callable(mask):
     # Structure is checked against params in init; a mask of non-bools is an error now.
-    for m in jax.tree_util.tree_leaves(mask):
-      if not isinstance(m, (bool, jnp.bool_)) and getattr(m, "dtype", None) != jnp.bool_:
-        raise ValueError(f"mask leaves must be bools; got {m!r}.")
+    _neighbors.check_mask_leaves(mask)
   if not isinstance(resample_every, jax.core.Tracer):  # traced under inject_hyperparams
     if isinstance(resample_every, bool) or jnp.ndim(resample_every) != 0:
       raise ValueError(f"resample_every={resample_every!r} must be an int >= 1.")
