@@ -8,12 +8,12 @@ from nrs_jax._divergence import kl
 from nrs_jax._divergence import output_divergence
 from nrs_jax._divergence import reverse_kl
 from nrs_jax._divergence import symmetric_kl
-from nrs_jax._neighbors import NOISES
-from nrs_jax._neighbors import SCALES
 from nrs_jax._neighbors import Perturbations
 from nrs_jax._neighbors import sample_perturbations
-from nrs_jax._penalty import AGGREGATIONS
-from nrs_jax._penalty import STRATEGIES
+from nrs_jax._options import AGGREGATIONS
+from nrs_jax._options import NOISES
+from nrs_jax._options import SCALES
+from nrs_jax._options import STRATEGIES
 from nrs_jax._penalty import make_nrs_loss
 from nrs_jax._penalty import nrs_penalty
 from nrs_jax._penalty import strided_subset

@@ -27,12 +27,13 @@ from typing import Union
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from nrs_jax import _random
-
-NOISES = ("gaussian", "ball", "sphere")
-SCALES = ("absolute", "tensor", "filter", "elementwise")
+from nrs_jax._options import NOISES
+from nrs_jax._options import SCALES
+from nrs_jax._options import check_choice
+from nrs_jax._options import check_mask_leaves
+from nrs_jax._options import static_num_neighbors
 
 # T(w)_i = |w_i| + floor, as in ASAM (Kwon et al., 2021), so zeros still move.
 ELEMENTWISE_FLOOR = 0.01
@@ -42,11 +43,6 @@ MaskLike = Union[None, Any, Callable[[Any], Any]]
 
 def is_float(x: Any) -> bool:
   return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)
-
-
-def check_choice(name: str, value: Any, allowed: Sequence[str]) -> None:
-  if not isinstance(value, str) or value not in allowed:
-    raise ValueError(f"{name}={value!r} is not supported: use one of {tuple(allowed)}.")
 
 
 def _takes_two_args(fn: Callable) -> bool:
@@ -101,15 +97,6 @@ def resolve_mask(params: Any, mask: MaskLike) -> Any:
     )
   check_mask_leaves(full, what)
   return full
-
-
-def check_mask_leaves(tree: Any, what: str = "mask") -> None:
-  """Raises a ValueError unless every leaf of ``tree`` is a static bool."""
-  for m in jax.tree_util.tree_leaves(tree):
-    if isinstance(m, jax.core.Tracer) or not (
-      isinstance(m, (bool, np.bool_)) or getattr(m, "dtype", None) == np.bool_
-    ):
-      raise ValueError(f"{what} must hold Python bools (static), got a leaf {m!r}.")
 
 
 def perturbed_leaf_mask(params: Any, mask: MaskLike = None) -> list[bool]:
@@ -294,11 +281,16 @@ class _Sampler:
 
   def __call__(self, keys: jax.Array) -> list:
     """Deltas (one entry per leaf; None if not perturbed) with a leading len(keys) axis."""
+    return self.draw(self.leaves, keys)
+
+  def draw(self, params: Any, keys: jax.Array) -> list:
+    """As ``__call__``, with relative scales taken from ``params`` (same structure)."""
+    leaves = jax.tree_util.tree_leaves(params)
     flat = self._flat(keys)
     n = keys.shape[0]
     deltas: list = []
     offset = 0
-    for x, size in zip(self.leaves, self.sizes):
+    for x, size in zip(leaves, self.sizes):
       if size == 0:
         deltas.append(None)
         continue
@@ -312,23 +304,6 @@ class _Sampler:
 def make_sampler(params: Any, *, radius, noise="gaussian", scale="absolute", mask=None) -> _Sampler:
   """A function ``keys [n] -> deltas`` drawing neighbour ``i`` from ``keys[i]``."""
   return _Sampler(params, radius=radius, noise=noise, scale=scale, mask=mask)
-
-
-def static_num_neighbors(num_neighbors: Any) -> int:
-  if isinstance(num_neighbors, jax.core.Tracer):
-    raise ValueError(
-      "num_neighbors must be a static Python int, got a traced value. With "
-      "optax.inject_hyperparams pass static_args=('num_neighbors',)."
-    )
-  if isinstance(num_neighbors, bool):
-    raise ValueError(f"num_neighbors={num_neighbors!r} must be an int >= 1.")
-  try:
-    k = int(num_neighbors)
-  except (TypeError, ValueError):
-    raise ValueError(f"num_neighbors={num_neighbors!r} must be an int >= 1.") from None
-  if k != num_neighbors or k < 1:
-    raise ValueError(f"num_neighbors={num_neighbors!r} must be an int >= 1.")
-  return k
 
 
 def neighbor_deltas(deltas: Sequence[Optional[jax.Array]], i: int) -> list:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 from typing import Optional
@@ -12,106 +11,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nrs_jax import _divergence
 from nrs_jax import _neighbors
 from nrs_jax import _random
-
-AGGREGATIONS = ("mean", "max")
-STRATEGIES = ("auto", "vmap", "loop", "accumulate", "chunked")
+from nrs_jax import _strategies
+from nrs_jax._options import NRSOptions
+from nrs_jax._options import check_nonnegative
+from nrs_jax._options import is_static_number
+from nrs_jax._options import is_static_zero
 
 Scalar = Union[float, jax.Array]
-
-
-def _is_static_number(x: Any) -> bool:
-  if isinstance(x, jax.core.Tracer):
-    return False
-  try:
-    float(x)
-  except (TypeError, ValueError):
-    return False
-  return jnp.ndim(x) == 0
-
-
-def check_nonnegative(name: str, value: Any, *, allow_schedule: bool = False) -> None:
-  """Raises if a static scalar is negative or not finite; traced values pass."""
-  if callable(value):
-    if allow_schedule:
-      return
-    raise ValueError(f"{name} must be a finite scalar >= 0, not a callable.")
-  if isinstance(value, jax.core.Tracer):
-    return
-  try:
-    v = float(value)
-  except (TypeError, ValueError):
-    raise ValueError(f"{name}={value!r} must be a finite scalar >= 0.") from None
-  if not math.isfinite(v) or v < 0:
-    raise ValueError(f"{name}={value!r} must be a finite scalar >= 0.")
-
-
-def validate_options(
-  *,
-  radius: Any,
-  num_neighbors: Any,
-  noise: str,
-  scale: str,
-  divergence: Any,
-  aggregation: str,
-  strategy: str,
-  neighbor_chunk_size: Optional[int],
-) -> tuple[int, str]:
-  """Checks the static options; returns (K, resolved strategy or 'auto')."""
-  check_nonnegative("radius", radius)
-  k = _neighbors.static_num_neighbors(num_neighbors)
-  _neighbors.check_choice("noise", noise, _neighbors.NOISES)
-  _neighbors.check_choice("scale", scale, _neighbors.SCALES)
-  _divergence.get_divergence(divergence)
-  _neighbors.check_choice("aggregation", aggregation, AGGREGATIONS)
-  _neighbors.check_choice("strategy", strategy, STRATEGIES)
-  if neighbor_chunk_size is not None:
-    c = neighbor_chunk_size
-    if isinstance(c, bool) or not isinstance(c, int) or c <= 0 or k % c:
-      raise ValueError(
-        f"neighbor_chunk_size={c!r} must be a positive int that divides num_neighbors={k}, or None."
-      )
-    if strategy in ("vmap", "loop", "accumulate"):
-      raise ValueError(
-        f"neighbor_chunk_size={c} asks for chunked evaluation but strategy={strategy!r}; "
-        "use strategy='chunked' or 'auto' with a chunk size, or drop the chunk size."
-      )
-    return k, "chunked"
-  if strategy == "chunked":
-    raise ValueError(
-      "strategy='chunked' needs neighbor_chunk_size, a positive int dividing num_neighbors."
-    )
-  return k, strategy
-
-
-def resolve_strategy(strategy: str, k: int, params_leaves: list, selected: list[bool]) -> str:
-  """Picks the neighbour strategy for ``strategy='auto'``.
-
-  The rule (the measurements behind it are in the README's benchmark section
-  and ``experiments/results/``):
-
-  - one neighbour: ``loop`` (nothing to batch);
-  - a model with a perturbed kernel of 3 or more dims (a convolution), on any
-    backend: ``loop`` for K < 8, ``accumulate`` for K >= 8 (one neighbour's
-    activations alive at a time). vmap over K conv kernels becomes a grouped
-    convolution, slower than K separate ones on the CPU and the GPU measured;
-  - dense-only models: on CPU ``loop`` for K <= 8 and ``vmap`` above (the
-    loop's compile time grows with K); on GPU/TPU ``vmap``.
-
-  ``accumulate`` is reverse-mode only: for ``jax.jvp`` of the penalty name a
-  strategy.
-  """
-  if strategy != "auto":
-    return strategy
-  if k == 1:
-    return "loop"
-  if any(s and jnp.ndim(x) >= 3 for x, s in zip(params_leaves, selected)):
-    return "accumulate" if k >= 8 else "loop"
-  if jax.default_backend() == "cpu":
-    return "loop" if k <= 8 else "vmap"
-  return "vmap"
 
 
 def _check_logits(logits: Any, what: str) -> jax.Array:
@@ -180,23 +88,26 @@ def nrs_penalty(
       prefix of it), or a callable ``params ->`` such a pytree. By path:
       ``lambda p: jax.tree_util.tree_map_with_path(lambda path, x: ..., p)``.
     stop_gradient_center: treat the centre outputs as a fixed target.
-    strategy: how the K neighbours are evaluated: ``"vmap"``, ``"loop"``
-      (unrolled), ``"accumulate"`` (unrolled, each neighbour drawn when needed
-      and its gradient taken in the forward pass through a custom VJP, so one
-      neighbour's perturbation and activations are alive at a time with no
-      recomputation; reverse-mode only: ``jax.jvp``/``jax.hessian`` of the
-      penalty need another strategy), ``"chunked"`` (the same over chunks of
-      ``neighbor_chunk_size`` vmapped neighbours under ``lax.scan``: memory
-      holds one chunk at a time, also reverse-mode only; on CPU, conv nets run
-      slowly this way, as XLA:CPU is slow at conv gradients inside loops),
-      or ``"auto"`` (see :func:`resolve_strategy`; chunked when
-      ``neighbor_chunk_size`` is set). All give the same value and gradient
-      to float tolerance. On GPUs, float32 convolutions and matmuls run in TF32
-      by default and ``vmap``/``chunked`` (batched kernels) round differently
-      from ``loop``: on a small ResNet on an H200 they differed by 1e-4 in value
-      and 1% in gradient norm, and by 1e-6 under
-      ``jax.default_matmul_precision("highest")``.
-    neighbor_chunk_size: neighbours per chunk; must divide ``num_neighbors``.
+    strategy: how the K neighbours are evaluated: ``"loop"`` (unrolled),
+      ``"vmap"``, ``"chunked"`` (chunks of ``neighbor_chunk_size`` neighbours,
+      each drawn when it is needed and differentiated in the forward pass
+      through a custom VJP, so one chunk's perturbations and activations are
+      alive at a time with no recomputation; chunks of one run unrolled, larger
+      chunks are vmapped under ``lax.scan``), or ``"auto"`` (the rule is in
+      ``nrs_jax._strategies``: a loop for one neighbour; for a model that runs
+      a convolution, a loop below 8 neighbours and chunks of one from 8; for
+      other models a loop on CPU up to 8 neighbours and ``vmap`` otherwise).
+      ``"accumulate"`` is a deprecated alias of ``"chunked"``. All give the
+      same value and gradient to float tolerance, gradients with respect to
+      values ``logits_fn`` closes over included, and all support
+      ``jax.hessian``; ``jax.jvp`` of the penalty needs ``"loop"`` or
+      ``"vmap"`` (``"chunked"`` raises a ValueError saying so). On GPUs,
+      float32 convolutions and matmuls run in TF32 by default and batched
+      kernels (``vmap``, chunks) round differently from ``loop``; use
+      ``jax.default_matmul_precision("highest")`` to compare them.
+    neighbor_chunk_size: neighbours per chunk of ``"chunked"`` (default 1);
+      must divide ``num_neighbors``. Setting it with ``"auto"`` means
+      ``"chunked"``.
     center_logits: the centre's logits if already computed (shares the centre
       forward pass with the task loss).
     where: optional boolean array, broadcastable to the logits' leading shape
@@ -224,8 +135,7 @@ def nrs_penalty(
 
   .. note::
     Memory: ``vmap`` and ``loop`` keep K neighbours' activations for the
-    backward pass; ``accumulate`` keeps one neighbour's, ``neighbor_chunk_size``
-    one chunk's. Dropout:
+    backward pass; ``chunked`` keeps one chunk's. Dropout:
     ``logits_fn`` must close over one dropout rng so the centre and every
     neighbour share a mask. BatchNorm: ``logits_fn`` should run in the centre's
     mode and discard updated statistics; only the centre pass may update them.
@@ -247,35 +157,63 @@ def nrs_penalty(
     Zhao and Zhang, Neighborhood Region Smoothing Regularization for Finding
     Flat Minima In Deep Neural Networks, arXiv 2201.06064, 2022.
   """
-  k, strategy = validate_options(
-    radius=radius,
+  options = NRSOptions(
     num_neighbors=num_neighbors,
     noise=noise,
     scale=scale,
     divergence=divergence,
     aggregation=aggregation,
+    mask=mask,
+    stop_gradient_center=stop_gradient_center,
     strategy=strategy,
     neighbor_chunk_size=neighbor_chunk_size,
   )
-  div_fn = _divergence.get_divergence(divergence)
-  selected = _neighbors.perturbed_leaf_mask(params, mask)
+  check_nonnegative("radius", radius)
+  return penalty(
+    options,
+    logits_fn,
+    params,
+    key,
+    radius,
+    center_logits=center_logits,
+    where=where,
+    axis_name=axis_name,
+    per_replica_neighbors=per_replica_neighbors,
+  )
+
+
+def penalty(
+  options: NRSOptions,
+  logits_fn: Callable[[Any], jax.Array],
+  params: Any,
+  key: jax.Array,
+  radius: Scalar,
+  *,
+  center_logits: Optional[jax.Array] = None,
+  where: Optional[jax.Array] = None,
+  axis_name: Optional[str] = None,
+  per_replica_neighbors: bool = False,
+) -> jax.Array:
+  """:func:`nrs_penalty` with its options already validated (every entry point calls this)."""
+  k = options.num_neighbors
+  div_fn = options.divergence_fn
+  selected = _neighbors.perturbed_leaf_mask(params, options.mask)
+  if per_replica_neighbors and axis_name is None:
+    raise ValueError("per_replica_neighbors=True needs axis_name, the mapped axis.")
   if center_logits is None:
     center_logits = logits_fn(params)
   center = _check_logits(center_logits, "the centre")
   weights = _position_weights(where, center.shape[:-1], axis_name)
-  if stop_gradient_center:
+  if options.stop_gradient_center:
     center = jax.lax.stop_gradient(center)
   out_dtype = jnp.promote_types(center.dtype, jnp.float32)
-  if _is_static_number(radius) and float(radius) == 0.0:
+  if is_static_zero(radius):
     return jnp.zeros((), out_dtype)
 
   key = _random.as_key(key)
   if per_replica_neighbors:
-    if axis_name is None:
-      raise ValueError("per_replica_neighbors=True needs axis_name, the mapped axis.")
     key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
   keys = jax.random.split(key, k)
-  leaves = jax.tree_util.tree_leaves(params)
 
   def one_at(p, c, deltas):
     z = _check_logits(logits_fn(_neighbors.apply_perturbation(p, deltas)), "a neighbour")
@@ -289,42 +227,39 @@ def nrs_penalty(
       return jnp.mean(d).astype(out_dtype)
     return jnp.sum(jnp.where(weights > 0, d * weights, 0.0)).astype(out_dtype)
 
-  def deltas_of(p, ks):  # the perturbations of keys ks, with a leading len(ks) axis
-    return _neighbors.make_sampler(p, radius=radius, noise=noise, scale=scale, mask=mask)(ks)
+  def divs_of(p, c, deltas):  # deltas with a leading axis of n neighbours -> [n]
+    n = next(d.shape[0] for d in deltas if d is not None)
+    if n == 1:
+      return one_at(p, c, [None if d is None else d[0] for d in deltas])[None]
+    return jax.vmap(lambda d: one_at(p, c, d))(deltas)
 
-  if strategy != "chunked":
-    strategy = resolve_strategy(strategy, k, leaves, selected)
-  if strategy in ("accumulate", "chunked"):
-    # Chunks of neighbours, each drawn when it is needed and differentiated in the
-    # forward pass: unrolled one by one (accumulate) or a lax.scan over vmapped chunks.
-    c = 1 if strategy == "accumulate" else neighbor_chunk_size
-
-    def divs_of(p, z, deltas):
-      if c == 1:
-        return one_at(p, z, _neighbors.neighbor_deltas(deltas, 0))[None]
-      return jax.vmap(lambda d: one_at(p, z, d))(deltas)
-
-    value = _accumulated(
-      divs_of,
-      deltas_of,
-      params,
-      center,
-      keys.reshape((k // c, c)),
-      unrolled=strategy == "accumulate",
-      aggregation=aggregation,
-      axis_name=axis_name,
-      fixed_center=stop_gradient_center,
+  # The perturbations are constants: stopping the radius's gradient here (rather than only
+  # the draw's) keeps a differentiated radius out of the chunked strategy's custom VJP.
+  sampler = _neighbors.make_sampler(
+    params,
+    radius=jax.lax.stop_gradient(radius),
+    noise=options.noise,
+    scale=options.scale,
+    mask=options.mask,
+  )
+  strategy = options.strategy
+  if strategy == "auto":
+    strategy = _strategies.choose(
+      k, k > 1 and _strategies.runs_convolution(logits_fn, params, selected)
     )
-  else:
-    deltas = deltas_of(params, keys)
-    if strategy == "loop":
-      divs = jnp.stack(
-        [one_at(params, center, _neighbors.neighbor_deltas(deltas, i)) for i in range(k)]
-      )
-    else:
-      divs = jax.vmap(lambda d: one_at(params, center, d))(deltas)
-    value = _aggregate(divs, aggregation, axis_name)
-  if not _is_static_number(radius):
+  value = _strategies.evaluate(
+    strategy,
+    divs_of,
+    lambda p, ks: sampler.draw(p, ks),
+    params,
+    center,
+    keys,
+    chunk_size=options.neighbor_chunk_size or 1,
+    aggregation=options.aggregation,
+    axis_name=axis_name,
+    fixed_center=options.stop_gradient_center,
+  )
+  if not is_static_number(radius):
     value = jnp.where(radius == 0, jnp.zeros_like(value), value)
   return value
 
@@ -356,118 +291,6 @@ def _position_weights(where, leading_shape, axis_name):
     count = jax.lax.psum(count, axis_name)
     replicas = jax.lax.psum(1.0, axis_name)
   return where * (replicas / jnp.maximum(count, 1.0))
-
-
-def _global_divs(divs: jax.Array, axis_name: Optional[str]) -> jax.Array:
-  """Each neighbour's divergence averaged over the mapped axis (global batch), if any."""
-  return divs if axis_name is None else jax.lax.pmean(divs, axis_name)
-
-
-def _aggregate(divs: jax.Array, aggregation: str, axis_name: Optional[str]) -> jax.Array:
-  """``A_k d_k``: the mean or the max of the K (global) divergences."""
-  divs = _global_divs(divs, axis_name)
-  return jnp.mean(divs) if aggregation == "mean" else jnp.max(divs)
-
-
-def _accumulated(
-  divs_of, deltas_of, params, center, key_groups, *, unrolled, aggregation, axis_name, fixed_center
-):
-  """``A_k d_k`` whose gradient is taken group by group in the forward pass.
-
-  A custom VJP. The forward pass visits the groups of neighbours (a row of
-  ``key_groups`` each): it draws the group's perturbations, runs ``jax.vjp`` of
-  its divergences and applies the group's share of the cotangent at once (1/K
-  each for ``mean``; one-hot on the group's largest for ``max``), keeping only
-  the running value and gradient. So one group's perturbations and activations
-  are alive at a time and nothing is recomputed; the backward pass scales the
-  kept gradient by the incoming cotangent. Groups run unrolled (``unrolled``,
-  for XLA:CPU, ordered by a data dependence) or under ``lax.scan``. Same value
-  and gradient as differentiating the whole; exact ties under ``max`` take the
-  first neighbour instead of splitting, and a NaN divergence propagates.
-  Reverse mode only.
-  """
-  leaves, treedef = jax.tree_util.tree_flatten(params)
-  floats = [_neighbors.is_float(x) for x in leaves]
-  n_groups, group = key_groups.shape
-  k = n_groups * group
-
-  def tree(fl, all_leaves):
-    it = iter(fl)
-    return jax.tree_util.tree_unflatten(
-      treedef, [next(it) if f else x for x, f in zip(all_leaves, floats)]
-    )
-
-  @jax.custom_vjp
-  def run(all_leaves, c):
-    p = jax.tree_util.tree_unflatten(treedef, all_leaves)
-    group_divs = lambda ks: divs_of(p, c, deltas_of(p, ks))
-    if unrolled:
-      divs = jnp.concatenate([group_divs(ks) for ks in key_groups])
-    else:
-      divs = jax.lax.map(group_divs, key_groups).reshape(k)
-    return _aggregate(divs, aggregation, axis_name)
-
-  def fwd(all_leaves, c):
-    p = jax.tree_util.tree_unflatten(treedef, all_leaves)
-    fl = [x for x, f in zip(all_leaves, floats) if f]
-    acc = lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32))
-
-    def visit(carry, ks):
-      value, g_fl, g_c, tie = carry
-      ds = deltas_of(p, ks)
-      if unrolled:
-        # A zero that depends on the previous group's gradients, added to this group's
-        # deltas (fused into w + delta): XLA must finish that backward pass before this
-        # forward pass. (An optimization_barrier does not order XLA:CPU's schedule.)
-        ds = [None if x is None else x + tie.astype(x.dtype) for x in ds]
-      divs, vjp = jax.vjp(lambda q, z: divs_of(tree(q, all_leaves), z, ds), fl, c)
-      divs_g = _global_divs(divs, axis_name)  # under max, the global divergence decides
-      if aggregation == "mean":
-        gq, gz = vjp(jnp.full(divs.shape, 1.0 / k, divs.dtype))
-        value = value + jnp.sum(divs_g) / k
-        g_fl = [a + acc(b) for a, b in zip(g_fl, gq)]
-        g_c = g_c + acc(gz)
-      else:
-        j = jnp.argmax(divs_g)
-        gq, gz = vjp(jax.nn.one_hot(j, group, dtype=divs.dtype))
-        d = divs_g[j]
-        take = (d > value) | jnp.isnan(d)
-        value = jnp.where(take, d, value)
-        g_fl = [jnp.where(take, acc(b), a) for a, b in zip(g_fl, gq)]
-        g_c = jnp.where(take, acc(gz), g_c)
-      if unrolled:  # (lax.scan orders the groups itself)
-        t = sum(g.reshape(-1)[0] for g in g_fl if g.size) + jnp.sum(g_c.reshape(-1)[:1])
-        tie = jnp.where(jnp.isfinite(t), t, 0.0) * 0.0
-      return (value, g_fl, g_c, tie), None
-
-    dtype = jnp.promote_types(c.dtype, jnp.float32)
-    start = jnp.zeros((), dtype) if aggregation == "mean" else jnp.full((), -jnp.inf, dtype)
-    carry = (
-      start,
-      [jnp.zeros(x.shape, jnp.promote_types(x.dtype, jnp.float32)) for x in fl],
-      jnp.zeros(c.shape, dtype),
-      jnp.zeros((), dtype),
-    )
-    if unrolled:
-      for ks in key_groups:
-        carry, _ = visit(carry, ks)
-    else:
-      carry, _ = jax.lax.scan(visit, carry, key_groups)
-    value, g_fl, g_c, _ = carry
-    return value, (g_fl, g_c)
-
-  def bwd(res, ct):
-    g_fl, g_c = res
-    it = iter(g_fl)
-    ct_leaves = [
-      (ct * next(it)).astype(x.dtype) if f else np.zeros(jnp.shape(x), jax.dtypes.float0)
-      for x, f in zip(leaves, floats)
-    ]
-    ct_c = jnp.zeros(center.shape, center.dtype) if fixed_center else ct * g_c
-    return ct_leaves, ct_c.astype(center.dtype)
-
-  run.defvjp(fwd, bwd)
-  return run(leaves, center)
 
 
 def strided_subset(tree: Any, size: int, *, batch_size: Optional[int] = None) -> Any:
@@ -609,13 +432,15 @@ def make_nrs_loss(
     Flat Minima In Deep Neural Networks, arXiv 2201.06064, 2022.
   """
   check_nonnegative("alpha", alpha)
-  validate_options(
-    radius=radius,
+  check_nonnegative("radius", radius)
+  options = NRSOptions(
     num_neighbors=num_neighbors,
     noise=noise,
     scale=scale,
     divergence=divergence,
     aggregation=aggregation,
+    mask=mask,
+    stop_gradient_center=stop_gradient_center,
     strategy=strategy,
     neighbor_chunk_size=neighbor_chunk_size,
   )
@@ -626,7 +451,7 @@ def make_nrs_loss(
     )
   if reuse_center_logits and m is None:
     raise ValueError("reuse_center_logits=True needs neighbor_batch_size (a sub-batch).")
-  skip = _is_static_number(alpha) and float(alpha) == 0.0
+  skip = is_static_zero(alpha)
 
   def logits_of(out):
     return out[0] if has_aux else out
@@ -636,32 +461,24 @@ def make_nrs_loss(
     logits = logits_of(out)
     task = task_loss_fn(logits, batch)
     if skip:
-      penalty = jnp.zeros((), jnp.promote_types(jnp.result_type(task), jnp.float32))
+      value = jnp.zeros((), jnp.promote_types(jnp.result_type(task), jnp.float32))
       total = task
     else:
       pen_batch, center = batch, logits
       if m is not None:
         pen_batch = strided_subset(batch, m, batch_size=jnp.shape(logits)[0])
         center = strided_subset(logits, m) if reuse_center_logits else None
-      penalty = nrs_penalty(
+      value = penalty(
+        options,
         lambda p: logits_of(apply_fn(p, pen_batch)),
         params,
         key,
-        radius=radius,
-        num_neighbors=num_neighbors,
-        noise=noise,
-        scale=scale,
-        divergence=divergence,
-        aggregation=aggregation,
-        mask=mask,
-        stop_gradient_center=stop_gradient_center,
-        strategy=strategy,
-        neighbor_chunk_size=neighbor_chunk_size,
+        radius,
         center_logits=center,
         where=None if where_fn is None else where_fn(pen_batch),
       )
-      total = task + alpha * penalty
-    aux = {"task_loss": task, "nrs_penalty": penalty, "logits": logits}
+      total = task + alpha * value
+    aux = {"task_loss": task, "nrs_penalty": value, "logits": logits}
     if has_aux:
       aux["model_aux"] = out[1]
     return total, aux

@@ -16,6 +16,10 @@ import optax
 from nrs_jax import _neighbors
 from nrs_jax import _penalty
 from nrs_jax import _random
+from nrs_jax._options import NRSOptions
+from nrs_jax._options import check_nonnegative
+from nrs_jax._options import check_positive_int
+from nrs_jax._options import is_static_zero
 
 
 class NRSState(NamedTuple):
@@ -144,33 +148,30 @@ def add_nrs_gradient(
     Zhao and Zhang, Neighborhood Region Smoothing Regularization for Finding
     Flat Minima In Deep Neural Networks, arXiv 2201.06064, 2022.
   """
-  _penalty.check_nonnegative("alpha", alpha, allow_schedule=True)
-  _penalty.validate_options(
-    radius=radius,
+  check_nonnegative("alpha", alpha, allow_schedule=True)
+  check_nonnegative("radius", radius)
+  options = NRSOptions(
     num_neighbors=num_neighbors,
     noise=noise,
     scale=scale,
     divergence=divergence,
     aggregation=aggregation,
+    mask=mask,
+    stop_gradient_center=stop_gradient_center,
     strategy=strategy,
     neighbor_chunk_size=neighbor_chunk_size,
   )
-  if mask is not None and not callable(mask):
-    # Structure is checked against params in init; a mask of non-bools is an error now.
-    _neighbors.check_mask_leaves(mask)
   if not isinstance(resample_every, jax.core.Tracer):  # traced under inject_hyperparams
-    if isinstance(resample_every, bool) or jnp.ndim(resample_every) != 0:
-      raise ValueError(f"resample_every={resample_every!r} must be an int >= 1.")
-    if not jnp.issubdtype(jnp.result_type(resample_every), jnp.integer) or resample_every < 1:
-      raise ValueError(f"resample_every={resample_every!r} must be an int >= 1.")
+    resample_every = check_positive_int("resample_every", resample_every)
   if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
     impl = _random.default_impl_name()  # the key itself is made in init: no backend yet
   else:
     impl = _random.impl_name(_random.as_key(key))
-  alpha_is_zero = _penalty._is_static_number(alpha) and float(alpha) == 0.0
+  alpha_is_zero = is_static_zero(alpha)
 
   def init_fn(params):
-    _neighbors.perturbed_leaf_mask(params, mask)
+    if jax.tree_util.tree_leaves(params):  # (optax.tree_utils.tree_map_params inits with none)
+      _neighbors.perturbed_leaf_mask(params, options.mask)
     base_key = _random.as_key(key)
     return NRSState(
       count=jnp.zeros([], jnp.int32),
@@ -191,7 +192,7 @@ def add_nrs_gradient(
         "model.apply(p, x)) (with nnx: optimizer.update(model, grads, "
         "logits_fn=...))."
       )
-    if center_logits is not None and not stop_gradient_center:
+    if center_logits is not None and not options.stop_gradient_center:
       raise ValueError(
         "center_logits can only be used with stop_gradient_center=True: with a "
         "differentiable centre the penalty's gradient needs the centre's own backward "
@@ -206,20 +207,12 @@ def add_nrs_gradient(
     a = alpha(state.count) if callable(alpha) else alpha
 
     def penalty(p):
-      return _penalty.nrs_penalty(
+      return _penalty.penalty(
+        options,
         logits_fn,
         p,
         step_key,
-        radius=radius,
-        num_neighbors=num_neighbors,
-        noise=noise,
-        scale=scale,
-        divergence=divergence,
-        aggregation=aggregation,
-        mask=mask,
-        stop_gradient_center=stop_gradient_center,
-        strategy=strategy,
-        neighbor_chunk_size=neighbor_chunk_size,
+        radius,
         axis_name=axis_name,
         per_replica_neighbors=per_replica_neighbors,
         center_logits=center_logits,

@@ -65,7 +65,7 @@ x = jax.random.normal(jax.random.key(3), (32, 5))
 xs = x.reshape(8, 4, 5)
 key = jax.random.key(9)
 axis = {}
-for agg, strategy in [(a, s) for a in ("mean", "max") for s in ("vmap", "accumulate")]:
+for agg, strategy in [(a, s) for a in ("mean", "max") for s in ("vmap", "chunked")]:
   kw = dict(radius=0.3, num_neighbors=4, aggregation=agg, strategy=strategy)
   def local(p, xb, per_replica=False):
     f = lambda q: nrs_jax.nrs_penalty(lambda r: apply(r, xb), q, key, axis_name="d", per_replica_neighbors=per_replica, **kw)
@@ -122,7 +122,7 @@ def test_eight_devices_replicated_and_fsdp_match_one_device():
   line = [x for x in p.stdout.splitlines() if x.startswith("RESULT")][-1]
   out = json.loads(line[len("RESULT") :])
   assert out["neighbours_identical"]
-  for agg in ("mean_vmap", "max_vmap", "mean_accumulate", "max_accumulate"):
+  for agg in ("mean_vmap", "max_vmap", "mean_chunked", "max_chunked"):
     a = out["axis_name"][agg]
     assert a["value_err"] < 1e-5 and a["grad_err"] < 1e-4, out["axis_name"]
     assert a["per_replica_same_on_all"] and a["per_replica_differs"], out["axis_name"]

@@ -79,9 +79,8 @@ def test_strategies_agree_on_value_and_gradient(
   variants = (
     {"strategy": "loop"},
     {"strategy": "vmap"},
-    {"strategy": "accumulate"},
+    {"strategy": "chunked"},
     {"neighbor_chunk_size": 2},
-    {"strategy": "chunked", "neighbor_chunk_size": 1},
     {"strategy": "auto"},
   )
 
@@ -168,7 +167,7 @@ def _fixed_penalty(p, p0, key):
   return jnp.mean(jnp.stack(divs))
 
 
-@pytest.mark.parametrize("strategy", ["vmap", "accumulate"])
+@pytest.mark.parametrize("strategy", ["vmap", "chunked"])
 def test_max_picks_largest_neighbour_and_its_gradient(tiny, strategy):
   params, x, _, logits_fn = tiny
   divs = _brute_force_divergences(params, x, KEY, radius=0.5, k=6)
@@ -296,12 +295,15 @@ BAD = [
   ({"num_neighbors": 4, "neighbor_chunk_size": 3}, "neighbor_chunk_size=3"),
   ({"num_neighbors": 4, "neighbor_chunk_size": 0}, "neighbor_chunk_size=0"),
   ({"num_neighbors": 4, "neighbor_chunk_size": 2, "strategy": "loop"}, "strategy='loop'"),
-  ({"num_neighbors": 4, "strategy": "chunked"}, "needs neighbor_chunk_size"),
+  ({"num_neighbors": 4, "neighbor_chunk_size": 2, "strategy": "vmap"}, "strategy='vmap'"),
+  ({"num_neighbors": 4, "neighbor_chunk_size": 2, "strategy": "accumulate"}, "'chunked'"),
+  ({"stop_gradient_center": "yes"}, "stop_gradient_center='yes'"),
   ({"mask": {"w": True}}, "mask must be a pytree of bools"),
   ({"per_replica_neighbors": True}, "per_replica_neighbors=True needs axis_name"),
 ]
 
 
+@pytest.mark.filterwarnings("ignore:strategy=.accumulate. is deprecated:DeprecationWarning")
 @pytest.mark.parametrize("kw,match", BAD)
 def test_bad_options_raise_naming_the_argument(tiny, kw, match):
   params, _, _, logits_fn = tiny
@@ -327,7 +329,7 @@ def test_make_nrs_loss_rejects_bad_alpha():
     nrs_jax.make_nrs_loss(_apply, _task, alpha=optax.constant_schedule(1.0), radius=0.1)
 
 
-def test_accumulate_handles_int_leaves_bf16_and_holds_one_neighbour_in_memory():
+def test_chunked_handles_int_leaves_bf16_and_holds_one_neighbour_in_memory():
   # Integer leaves ride along (float0 gradient under allow_int), and so does an empty float
   # leaf (no element to order the schedule by); bf16 gradients keep their dtype.
   params = mlp_init(jax.random.key(0), (5, 8, 3))
@@ -338,12 +340,12 @@ def test_accumulate_handles_int_leaves_bf16_and_holds_one_neighbour_in_memory():
     logits_fn = lambda q: mlp_apply(q["net"] if "net" in q else q, x)
     return nrs_jax.nrs_penalty(logits_fn, p, KEY, radius=0.2, num_neighbors=k, strategy=strategy)
 
-  g_acc = jax.jit(jax.grad(lambda p: pen(p, "accumulate"), allow_int=True))(params_int)
+  g_acc = jax.jit(jax.grad(lambda p: pen(p, "chunked"), allow_int=True))(params_int)
   g_loop = jax.jit(jax.grad(lambda p: pen(p, "loop"), allow_int=True))(params_int)
   assert g_acc["step"].dtype == jax.dtypes.float0
   _assert_trees_close(g_acc["net"], g_loop["net"], rtol=1e-4)
   p16 = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), params)
-  g16 = jax.jit(jax.grad(lambda p: pen(p, "accumulate")))(p16)
+  g16 = jax.jit(jax.grad(lambda p: pen(p, "chunked")))(p16)
   assert all(g.dtype == jnp.bfloat16 for g in jax.tree_util.tree_leaves(g16))
   _assert_trees_close(
     jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), g16),
@@ -353,7 +355,7 @@ def test_accumulate_handles_int_leaves_bf16_and_holds_one_neighbour_in_memory():
   )
 
   # XLA's temp memory: the loop keeps all K neighbours' activations for the backward
-  # pass, accumulate one at a time (wide layer and batch so activations dominate).
+  # pass, chunked (chunks of one) one at a time (wide layer and batch so activations dominate).
   big = mlp_init(jax.random.key(0), (32, 512, 10))
   xb = jax.random.normal(jax.random.key(1), (512, 32))
 
@@ -364,22 +366,22 @@ def test_accumulate_handles_int_leaves_bf16_and_holds_one_neighbour_in_memory():
     mem = jax.jit(jax.grad(f)).lower(big).compile().memory_analysis()
     return mem.temp_size_in_bytes
 
-  loop8, acc8, acc1 = temp("loop", 8), temp("accumulate", 8), temp("accumulate", 1)
+  loop8, acc8, acc1 = temp("loop", 8), temp("chunked", 8), temp("chunked", 1)
   assert acc8 < 0.6 * loop8, (acc8, loop8)  # CPU 0.5x or less; an H200 gave 0.56x
   assert acc8 < 2.0 * acc1, (acc8, acc1)
 
 
 @pytest.mark.parametrize("aggregation", ["mean", "max"])
-def test_accumulate_and_chunked_without_gradient_and_nan_propagation(tiny, aggregation):
+def test_chunked_without_gradient_and_nan_propagation(tiny, aggregation):
   params, _, _, logits_fn = tiny
   kw = dict(radius=0.3, num_neighbors=4, aggregation=aggregation)
   ref = nrs_jax.nrs_penalty(logits_fn, params, KEY, strategy="loop", **kw)
-  for extra in ({"strategy": "accumulate"}, {"neighbor_chunk_size": 2}):
+  for extra in ({"strategy": "chunked"}, {"neighbor_chunk_size": 2}):
     got = jax.jit(lambda p, e=extra: nrs_jax.nrs_penalty(logits_fn, p, KEY, **kw, **e))(params)
     np.testing.assert_allclose(got, ref, rtol=1e-5)
   # A NaN in the outputs is never hidden by the running max or sum, value or gradient.
   bad = lambda p: logits_fn(p) * jnp.where(p["layer0"]["w"][0, 0] > -1e9, jnp.nan, 1.0)
-  for extra in ({"strategy": "accumulate"}, {"neighbor_chunk_size": 2}):
+  for extra in ({"strategy": "chunked"}, {"neighbor_chunk_size": 2}):
     v, g = jax.value_and_grad(lambda p, e=extra: nrs_jax.nrs_penalty(bad, p, KEY, **kw, **e))(
       params
     )
@@ -387,29 +389,68 @@ def test_accumulate_and_chunked_without_gradient_and_nan_propagation(tiny, aggre
     assert all(bool(np.isnan(leaf).any()) for leaf in jax.tree_util.tree_leaves(g)), extra
 
 
-@pytest.mark.parametrize("backend", ["cpu", "gpu", "tpu"])
-def test_auto_strategy_rule(backend, monkeypatch):
-  from nrs_jax import _penalty
+def test_auto_strategy_rule():
+  from nrs_jax import _strategies
 
-  monkeypatch.setattr(jax, "default_backend", lambda: backend)
-  dense = [jnp.zeros((4, 3)), jnp.zeros(3)]
-  conv = [jnp.zeros((3, 3, 4, 8)), jnp.zeros(8)]
-  sel = [True, True]
-  # Conv nets: the loop below 8 neighbours, accumulate from 8 on, on every backend
-  # (measured on CPU and on an H200: experiments/results/benchmark_gpu_nvidia_h200.json).
-  assert _penalty.resolve_strategy("auto", 1, conv, sel) == "loop"
-  assert _penalty.resolve_strategy("auto", 4, conv, sel) == "loop"
-  assert _penalty.resolve_strategy("auto", 8, conv, sel) == "accumulate"
-  assert _penalty.resolve_strategy("auto", 1, dense, sel) == "loop"
-  assert _penalty.resolve_strategy("auto", 8, dense, sel) == (
-    "loop" if backend == "cpu" else "vmap"
-  )
-  assert _penalty.resolve_strategy("auto", 16, dense, sel) == "vmap"
-  # A conv kernel that is not perturbed does not count; explicit choices pass through.
-  assert _penalty.resolve_strategy("auto", 8, conv, [False, True]) == _penalty.resolve_strategy(
-    "auto", 8, dense, sel
-  )
-  assert _penalty.resolve_strategy("vmap", 8, conv, sel) == "vmap"
+  # Conv nets: the loop below 8 neighbours, chunks of one from 8 on, on every backend
+  # (measured on CPU and on an H200: experiments/results/benchmark_gpu_nvidia_h200.json);
+  # dense nets: "dense" (loop on CPU, vmap elsewhere) up to 8, vmap above.
+  assert _strategies.choose(1, True) == _strategies.choose(1, False) == "loop"
+  assert _strategies.choose(4, True) == "loop"
+  assert _strategies.choose(8, True) == "chunked"
+  assert _strategies.choose(8, False) == "dense"
+  assert _strategies.choose(16, False) == "vmap"
+
+
+def test_auto_detects_convolutions_by_what_the_model_runs():
+  from flax import nnx
+
+  from nrs_jax import _strategies
+
+  class Attention(nnx.Module):  # DenseGeneral kernels of 3 dims, no convolution
+    def __init__(self, rngs):
+      self.attn = nnx.MultiHeadAttention(2, 8, decode=False, rngs=rngs)
+      self.head = nnx.Linear(8, 3, rngs=rngs)
+
+    def __call__(self, x):
+      return self.head(self.attn(x, x).mean(1))
+
+  class Conv(nnx.Module):
+    def __init__(self, rngs):
+      self.conv = nnx.Conv(2, 4, (3,), rngs=rngs)
+
+    def __call__(self, x):
+      return jax.checkpoint(self.conv)(x).mean(1)  # nested jaxprs are searched too
+
+  for cls, x, want in ((Attention, jnp.ones((2, 5, 8)), False), (Conv, jnp.ones((2, 5, 2)), True)):
+    graphdef, params = nnx.split(cls(nnx.Rngs(0)), nnx.Param)
+    assert any(jnp.ndim(a) >= 3 for a in jax.tree_util.tree_leaves(params))
+    fn = lambda p, g=graphdef, x=x: nnx.merge(g, p)(x)
+    sel = [True] * len(jax.tree_util.tree_leaves(params))
+    assert _strategies.runs_convolution(fn, params, sel) is want, cls
+  # Without a perturbed leaf of 3+ dims nothing is traced.
+  boom = lambda p: (_ for _ in ()).throw(AssertionError("traced"))
+  assert not _strategies.runs_convolution(boom, {"w": jnp.ones((3, 2))}, [True])
+  assert not _strategies.runs_convolution(boom, {"w": jnp.ones((3, 2, 2))}, [False])
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="reads XLA:CPU's compiled program")
+def test_auto_on_a_dense_net_compiles_to_the_loop_on_cpu():
+  # "dense" is a platform_dependent(cpu=loop, default=vmap): on CPU the compiled program
+  # is the loop's (the vmap branch is folded away, memory included).
+  params = mlp_init(jax.random.key(0), (5, 16, 3))
+  x = jnp.ones((8, 5))
+
+  def compiled(strategy):
+    f = lambda p: nrs_jax.nrs_penalty(
+      lambda q: mlp_apply(q, x), p, KEY, radius=0.1, num_neighbors=4, strategy=strategy
+    )
+    c = jax.jit(jax.grad(f)).lower(params).compile()
+    return c.as_text().count(" dot("), c.memory_analysis().temp_size_in_bytes
+
+  auto, loop, vmap = compiled("auto"), compiled("loop"), compiled("vmap")
+  assert auto == loop, (auto, loop)
+  assert loop[0] != vmap[0], (loop, vmap)
 
 
 def _neighbour_logits(logits_fn, params, key, k, **kw):
@@ -452,7 +493,7 @@ def test_one_logit_is_a_bernoulli_classifier(divergence):
   assert float(nrs_jax.output_divergence(zc, zc, divergence)) == 0.0
 
 
-@pytest.mark.parametrize("strategy", ["loop", "vmap", "accumulate"])
+@pytest.mark.parametrize("strategy", ["loop", "vmap", "chunked"])
 def test_where_masks_padding_positions_against_numpy(strategy):
   params = mlp_init(jax.random.key(0))
   x = jax.random.normal(jax.random.key(1), (4, 6, 5))  # [batch, tokens, features]
@@ -652,3 +693,18 @@ def test_bad_neighbor_batch_size(m, match):
     nrs_jax.make_nrs_loss(
       lambda p, b: mlp_apply(p, b["x"]), _xent, alpha=1.0, radius=0.1, reuse_center_logits=True
     )
+
+
+def test_accumulate_is_a_deprecated_alias_of_chunks_of_one(tiny):
+  params, _, _, logits_fn = tiny
+  kw = dict(radius=0.3, num_neighbors=3)
+  with pytest.warns(DeprecationWarning, match="strategy='chunked'"):
+    old = jax.value_and_grad(
+      lambda p: nrs_jax.nrs_penalty(logits_fn, p, KEY, strategy="accumulate", **kw)
+    )(params)
+  new = jax.value_and_grad(
+    lambda p: nrs_jax.nrs_penalty(logits_fn, p, KEY, strategy="chunked", **kw)
+  )(params)
+  np.testing.assert_array_equal(old[0], new[0])
+  _assert_trees_close(old[1], new[1], rtol=0)
+  assert "accumulate" not in nrs_jax.STRATEGIES

@@ -416,7 +416,10 @@ def test_center_logits_shares_the_centre_pass_with_stop_gradient_center():
     calls.append(1)  # counts traces of a forward pass
     return logits_fn(p)
 
-  tx = nrs_jax.add_nrs_gradient(ALPHA, RADIUS, 2, key=key, stop_gradient_center=True)
+  # (The loop traces each neighbour once; auto's platform choice would trace both loop and vmap.)
+  tx = nrs_jax.add_nrs_gradient(
+    ALPHA, RADIUS, 2, key=key, stop_gradient_center=True, strategy="loop"
+  )
   state = tx.init(params)
   grads = jax.grad(loss)(params)
   center = logits_fn(params)

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nrs_jax import _neighbors
+from nrs_jax import _options
 from nrs_jax import _penalty
 from nrs_jax.flatness import _data
 
@@ -35,7 +36,7 @@ def average_sharpness(
     ``{"sharpness/average": mean increase, "sharpness/average_stderr": its
     standard error, "loss": L(w)}``.
   """
-  _penalty.check_nonnegative("radius", radius)
+  _options.check_nonnegative("radius", radius)
   batches, weights = _data.as_batches(data)
   _data.check_scalar_loss(loss_fn, params, batches[0])
 
@@ -109,7 +110,7 @@ def worst_case_sharpness(
   Returns:
     ``{"sharpness/worst_case": increase, "loss": L(w)}``.
   """
-  _penalty.check_nonnegative("rho", rho)
+  _options.check_nonnegative("rho", rho)
   batches, weights = _data.as_batches(data)
   _data.check_scalar_loss(loss_fn, params, batches[0])
   vg = jax.jit(jax.value_and_grad(loss_fn))

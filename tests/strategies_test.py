@@ -1,0 +1,192 @@
+"""Every strategy against ``loop``: random pytrees, keys under vmap, closed-over values, jvp, hessian."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import nrs_jax
+
+KEY = jax.random.key(0)
+# (strategy, chunk size); "chunked" without a size is chunks of one (unrolled).
+VARIANTS = [("vmap", None), ("chunked", None), ("chunked", 2), ("auto", None)]
+
+
+def _random_tree(seed):
+  """Params of mixed leaves, a mask of them, and a logits_fn that uses every float leaf."""
+  rng = np.random.default_rng(seed)
+  shapes = {
+    "dense": (int(rng.integers(2, 5)), 3),
+    "conv": (3, 3, int(rng.integers(1, 3)), 2),
+    "scalar": (),
+    "vector": (int(rng.integers(1, 4)),),
+  }
+  params = {
+    name: jnp.asarray(rng.normal(size=shape) * 0.5, jnp.float32) for name, shape in shapes.items()
+  }
+  params["half"] = jnp.asarray(rng.normal(size=(4,)), jnp.bfloat16)
+  params["count"] = jnp.asarray(3, jnp.int32)
+  params["empty"] = jnp.zeros((0, 2), jnp.float32)
+  params = {"a": {k: params[k] for k in ("dense", "conv", "count")}, "b": params}
+  for k in ("dense", "conv", "count"):
+    del params["b"][k]
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  mask = [bool(rng.random() < 0.7) for _ in leaves]
+  mask[0] = True  # at least one non-empty float leaf moves
+  mask = jax.tree_util.tree_unflatten(treedef, mask)
+  coef = [jnp.asarray(rng.normal(size=jnp.shape(x)), jnp.float32) for x in leaves]
+  heads = jnp.asarray(rng.normal(size=(len(leaves), 3)), jnp.float32)
+  x = jnp.asarray(rng.normal(size=(6, 3)), jnp.float32)
+
+  def logits_fn(p, x=x):
+    feats = [
+      jnp.tanh(jnp.sum(jnp.asarray(leaf, jnp.float32) * c) + 0.1 * i)
+      for i, (leaf, c) in enumerate(zip(jax.tree_util.tree_leaves(p), coef))
+    ]
+    return jnp.tanh(x @ jnp.ones((3, 3))) * (jnp.stack(feats) @ heads) + x
+
+  return params, mask, logits_fn
+
+
+def _close(a, b, rtol=1e-4, atol=1e-6):
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    if x.dtype == jax.dtypes.float0:
+      continue
+    tol = 3e-2 if x.dtype == jnp.bfloat16 else rtol
+    np.testing.assert_allclose(
+      np.asarray(x, np.float32), np.asarray(y, np.float32), rtol=tol, atol=atol + tol * 1e-2
+    )
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_every_strategy_equals_the_loop_on_random_pytrees(seed, k):
+  params, mask, logits_fn = _random_tree(seed)
+  variants = [(s, c) for s, c in VARIANTS if c is None or k % c == 0]
+  agg = "max" if seed % 2 else "mean"
+
+  def pen(p, strategy, chunk):
+    return nrs_jax.nrs_penalty(
+      logits_fn,
+      p,
+      KEY,
+      radius=0.3,
+      num_neighbors=k,
+      mask=mask,
+      scale="filter" if seed % 2 else "absolute",
+      aggregation=agg,
+      strategy=strategy,
+      neighbor_chunk_size=chunk,
+    )
+
+  @jax.jit
+  def all_of(p):
+    vg = lambda s, c: jax.value_and_grad(lambda q: pen(q, s, c), allow_int=True)(p)
+    return vg("loop", None), [vg(s, c) for s, c in variants]
+
+  (v_loop, g_loop), results = all_of(params)
+  assert float(v_loop) > 0
+  assert any(float(jnp.abs(g).sum()) > 0 for g in jax.tree_util.tree_leaves(g_loop["a"])[:2])
+  for (s, c), (v, g) in zip(variants, results):
+    np.testing.assert_allclose(v, v_loop, rtol=1e-5, err_msg=f"{s}/{c}")
+    _close(g, g_loop)
+    assert jax.tree_util.tree_structure(g) == jax.tree_util.tree_structure(g_loop)
+    assert all(a.dtype == b.dtype for a, b in zip(*map(jax.tree_util.tree_leaves, (g, g_loop))))
+
+
+@pytest.mark.parametrize("strategy,chunk", [("loop", None), *VARIANTS])
+def test_penalty_and_gradient_under_vmap_over_keys_equal_a_loop_over_keys(strategy, chunk):
+  params, mask, logits_fn = _random_tree(7)
+  keys = jax.random.split(KEY, 3)
+  f = lambda p, key: nrs_jax.nrs_penalty(
+    logits_fn,
+    p,
+    key,
+    radius=0.3,
+    num_neighbors=4,
+    mask=mask,
+    strategy=strategy,
+    neighbor_chunk_size=chunk,
+  )
+  vg = jax.value_and_grad(f, allow_int=True)
+  mapped_v, mapped_g = jax.jit(jax.vmap(vg, in_axes=(None, 0)))(params, keys)
+  for i, key in enumerate(keys):
+    v, g = jax.jit(vg)(params, key)
+    np.testing.assert_allclose(mapped_v[i], v, rtol=1e-5)
+    _close(jax.tree_util.tree_map(lambda a, i=i: a[i] if a.ndim else a, mapped_g), g)
+
+
+def _tiny():
+  rng = np.random.default_rng(0)
+  params = {"w": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32), "b": jnp.zeros(4)}
+  x = jnp.asarray(rng.normal(size=(5, 3)), jnp.float32)
+  return params, x, lambda p, x: jnp.tanh(x @ p["w"] + p["b"]) * 2.0
+
+
+ALL = [("loop", None), *VARIANTS]
+
+
+def _pen(logits, params, strategy, chunk, radius=0.3, k=4):
+  return nrs_jax.nrs_penalty(
+    logits,
+    params,
+    KEY,
+    radius=radius,
+    num_neighbors=k,
+    strategy=strategy,
+    neighbor_chunk_size=chunk,
+  )
+
+
+def test_gradients_with_respect_to_closed_over_values_under_every_strategy():
+  params, x, apply = _tiny()
+  # The input (adversarial use): logits_fn closes over x, which is being differentiated.
+  gx = {
+    s + str(c): jax.jit(jax.grad(lambda x, s=s, c=c: _pen(lambda p: apply(p, x), params, s, c)))(x)
+    for s, c in ALL
+  }
+  assert float(jnp.abs(gx["loopNone"]).sum()) > 0
+  for name, g in gx.items():
+    np.testing.assert_allclose(g, gx["loopNone"], rtol=1e-4, atol=1e-7, err_msg=name)
+  # Input and params together, and a radius being differentiated: the perturbations
+  # are constants (drawn under stop_gradient), so d/d radius is 0 under every strategy.
+  for s, c in ALL:
+    gp, gxx, gr = jax.grad(
+      lambda p, x, r, s=s, c=c: _pen(lambda q: apply(q, x), p, s, c, radius=r), argnums=(0, 1, 2)
+    )(params, x, 0.3)
+    _close(gxx, gx["loopNone"])
+    _close(gp, jax.grad(lambda p: _pen(lambda q: apply(q, x), p, "loop", None))(params))
+    assert float(gr) == 0.0, (s, c)
+
+
+def test_jvp_and_hessian_of_the_penalty_under_every_strategy():
+  params, x, apply = _tiny()
+  logits = lambda p: apply(p, x)
+  tangent = jax.tree_util.tree_map(jnp.ones_like, params)
+  flat, unravel = jax.flatten_util.ravel_pytree(params)
+  hess = lambda s, c: jax.jit(jax.hessian(lambda v: _pen(logits, unravel(v), s, c, k=2)))(flat)
+  ref_jvp = jax.jvp(lambda p: _pen(logits, p, "loop", None), (params,), (tangent,))
+  ref_hess = hess("loop", None)
+  assert float(jnp.abs(ref_hess).max()) > 0
+  for s, c in VARIANTS:
+    np.testing.assert_allclose(hess(s, c), ref_hess, rtol=1e-4, atol=1e-6, err_msg=f"{s}/{c}")
+    if s == "chunked":  # its gradient is computed in the forward pass: no forward mode
+      with pytest.raises(ValueError, match="strategy='loop' or strategy='vmap'"):
+        jax.jvp(lambda p, s=s, c=c: _pen(logits, p, s, c), (params,), (tangent,))
+      continue
+    got = jax.jvp(lambda p, s=s, c=c: _pen(logits, p, s, c), (params,), (tangent,))
+    np.testing.assert_allclose(got, ref_jvp, rtol=1e-5)
+
+
+def test_perturbations_cross_jit_and_vmap():
+  params, _, _ = _tiny()
+  sample = lambda key: nrs_jax.sample_perturbations(params, key, radius=0.1, num_neighbors=2)
+  p = jax.jit(sample)(KEY)
+  assert isinstance(p, nrs_jax.Perturbations)
+  eager = sample(KEY)
+  for a, b in zip(p.deltas, eager.deltas):
+    np.testing.assert_array_equal(a, b)
+  batched = jax.vmap(sample)(jax.random.split(KEY, 3))
+  assert batched.treedef == eager.treedef
+  assert batched.deltas[0].shape == (3, 2, *jnp.shape(jax.tree_util.tree_leaves(params)[0]))
+  np.testing.assert_array_equal(batched.deltas[1][0], sample(jax.random.split(KEY, 3)[0]).deltas[1])
