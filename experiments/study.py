@@ -8,7 +8,7 @@ an interrupted study continues where it stopped. Hyperparameters are tuned on a
 validation split carved from the training set (never on test), with the same
 number of tuning runs per method; the chosen settings then run with several
 seeds. Writes experiments/RESULTS.md (or --report) with tables, plots and the
-comparisons' confidence intervals.
+comparisons' confidence intervals (study_report.py).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import concurrent.futures as cf
 import json
 import multiprocessing
 import os
-import platform
 import time
 from dataclasses import dataclass
 from dataclasses import field
@@ -25,6 +24,8 @@ from dataclasses import field
 import numpy as np
 from absl import app
 from absl import flags
+
+from experiments import study_report
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "workdir/study", "Where the runs go.")
@@ -108,20 +109,32 @@ def _run(args):
   return workdir
 
 
-def _init_worker():
-  # One thread per worker: small models parallelise better across processes.
+def _init_worker(cores=None):
+  """One CPU core per worker: small models parallelise better across processes.
+
+  XLA:CPU sizes its thread pool from the CPUs this process may run on, so the
+  worker is pinned to one core (taken from ``cores``, a queue shared by the
+  pool) before it imports JAX; Eigen's own thread pool is switched off with
+  the XLA flag that controls it.
+  """
   os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "")
-    + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-  )
+    os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
+  ).strip()
+  if cores is not None and hasattr(os, "sched_setaffinity"):
+    os.sched_setaffinity(0, {cores.get()})
 
 
 def run_all(jobs, workers):
   if workers <= 1:
-    _init_worker()
     return [_run(j) for j in jobs]
   ctx = multiprocessing.get_context("spawn")
-  with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker) as ex:
+  cores = ctx.Queue()
+  available = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+  for i in range(workers):
+    cores.put(available[i % len(available)] if available else 0)
+  with cf.ProcessPoolExecutor(
+    workers, mp_context=ctx, initializer=_init_worker, initargs=(cores if available else None,)
+  ) as ex:
     return list(ex.map(_run, jobs))
 
 
@@ -132,39 +145,6 @@ def _key(overrides):
 def read(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f]
-
-
-def ci95(xs):
-  from scipy import stats
-
-  xs = np.asarray(xs, float)
-  if len(xs) < 2:
-    return float(xs.mean()), 0.0, float("nan")
-  half = stats.t.ppf(0.975, len(xs) - 1) * xs.std(ddof=1) / np.sqrt(len(xs))
-  return float(xs.mean()), float(xs.std(ddof=1)), float(half)
-
-
-def diff_ci(a, b):
-  """Welch 95% CI of mean(a) - mean(b)."""
-  from scipy import stats
-
-  a, b = np.asarray(a, float), np.asarray(b, float)
-  va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
-  d = a.mean() - b.mean()
-  se = np.sqrt(va + vb)
-  dof = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1)) if se > 0 else 1
-  half = stats.t.ppf(0.975, dof) * se
-  return float(d), float(d - half), float(d + half)
-
-
-def lambda_at_loss(rows, level):
-  """log-log interpolation of the top eigenvalue at a training loss level."""
-  pts = [(r["train_loss"], r["hessian/lambda_max"]) for r in rows if "hessian/lambda_max" in r]
-  pts = sorted(pts)
-  if not pts or not (pts[0][0] <= level <= pts[-1][0]):
-    return float("nan")
-  ls, lam = np.log([p[0] for p in pts]), np.log(np.maximum([p[1] for p in pts], 1e-12))
-  return float(np.exp(np.interp(np.log(level), ls, lam)))
 
 
 def study(workdir, quick, tasks, ablations, workers):
@@ -275,123 +255,6 @@ def run_ablations(workdir, quick, workers, seeds):
   return out
 
 
-def plots(results, outdir):
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  os.makedirs(outdir, exist_ok=True)
-  paths = []
-  for tname, r in results.items():
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for m, runs in r["runs"].items():
-      acc = [x[-1]["test_accuracy"] for x in runs]
-      mean, _, half = ci95(acc)
-      axes[0].errorbar([m], [mean], yerr=[0 if np.isnan(half) else half], fmt="o", capsize=4)
-      pts = sorted(
-        (row["train_loss"], row["hessian/lambda_max"])
-        for x in runs
-        for row in x
-        if "hessian/lambda_max" in row
-      )
-      if pts:
-        axes[1].plot(*zip(*pts), "o", alpha=0.5, label=m)
-    axes[0].set(ylabel="test accuracy (mean, 95% CI)", title=tname)
-    axes[1].set(
-      xlabel="training loss",
-      ylabel="top Hessian eigenvalue",
-      xscale="log",
-      yscale="log",
-      title="flatness at matched loss",
-    )
-    axes[1].legend(fontsize=8)
-    fig.tight_layout()
-    path = os.path.join(outdir, f"{tname}.png")
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    paths.append(path)
-  return paths
-
-
-def report(results, abl, seconds, path, command, reading=None):
-  import jax
-
-  lines = ["# NRS evidence study", ""]
-  lines += [
-    f"Regenerate: `{command}` ({seconds / 60:.1f} min on this machine: {os.cpu_count()} CPU cores, "
-    f"{platform.platform()}, jax {jax.__version__}, backend {jax.default_backend()}).",
-    "",
-    "Protocol: each method gets the same number of tuning runs (one seed) on a validation split "
-    "carved from the training set; the best setting by validation accuracy then runs with every "
-    "seed; test accuracy is read once at the end. `sgd_2x` is SGD with twice the epochs: the pass "
-    "budget of NRS with K=1 (two forward/backward passes per step). Mean +- std and the 95% "
-    "confidence interval (t distribution) over seeds. Flatness: the top Hessian eigenvalue "
-    "(Lanczos) and trace (Hutchinson) of the training loss on 1024 training examples, at the end and "
-    "interpolated at a training loss that every method reaches (matched loss).",
-    "",
-  ]
-  figdir = os.path.join(os.path.dirname(path), "results")
-  plots(results, figdir)
-  for tname, r in results.items():
-    lines += [f"## {tname}", "", f"Chosen on validation: {json.dumps(r['chosen'])}", ""]
-    lines += [
-      "| method | test acc (mean +- std) | 95% CI | final lambda_max | final trace | lambda_max at matched loss | train loss |",
-      "|---|---|---|---|---|---|---|",
-    ]
-    finals = {m: [x[-1] for x in runs] for m, runs in r["runs"].items()}
-    level = max(min(row["train_loss"] for x in runs for row in x) for runs in r["runs"].values())
-    for m, recs in finals.items():
-      mean, std, half = ci95([x["test_accuracy"] for x in recs])
-      lam = np.mean([x.get("hessian/lambda_max", np.nan) for x in recs])
-      tr = np.mean([x.get("hessian/trace", np.nan) for x in recs])
-      lam_m = np.nanmean([lambda_at_loss(x, level) for x in r["runs"][m]])
-      tl = np.mean([x["train_loss"] for x in recs])
-      lines.append(
-        f"| {m} | {100 * mean:.2f} +- {100 * std:.2f} | [{100 * (mean - half):.2f}, {100 * (mean + half):.2f}] "
-        f"| {lam:.3g} | {tr:.3g} | {lam_m:.3g} | {tl:.3g} |"
-      )
-    lines += ["", f"Matched training loss level: {level:.3g}.", ""]
-    nrs = [x["test_accuracy"] for x in finals["nrs"]]
-    for other in ("sgd", "sgd_2x", "sam", "rwp"):
-      d, lo, hi = diff_ci(nrs, [x["test_accuracy"] for x in finals[other]])
-      verdict = "NRS better" if lo > 0 else ("NRS worse" if hi < 0 else "no significant difference")
-      lines.append(
-        f"- NRS - {other}: {100 * d:+.2f} pp, 95% CI [{100 * lo:+.2f}, {100 * hi:+.2f}]: {verdict}."
-      )
-    lines += ["", f"![{tname}](results/{tname}.png)", ""]
-  if abl:
-    lines += ["## NRS ablations (mnist1d MLP, other settings as the default config)", ""]
-    for name, rows in abl.items():
-      lines += [
-        f"### {name}",
-        "",
-        "| variant | test acc | 95% CI | val acc | lambda_max | train loss |",
-        "|---|---|---|---|---|---|",
-      ]
-      for ov, recs in rows:
-        te, _, half = ci95([100 * x["test_accuracy"] for x in recs])
-        ci = "" if np.isnan(half) else f"[{te - half:.2f}, {te + half:.2f}]"
-        va = np.mean([x["val_accuracy"] for x in recs])
-        lam = np.mean([x.get("hessian/lambda_max", np.nan) for x in recs])
-        tl = np.mean([x["train_loss"] for x in recs])
-        lines.append(
-          f"| {json.dumps(ov)} | {te:.2f} | {ci} | {100 * va:.2f} | {lam:.3g} | {tl:.3g} |"
-        )
-      lines.append("")
-    lines.append(
-      f"Ablations use {len(next(iter(abl.values()))[0][1])} seeds each. The variants were not "
-      "tuned on validation: read a variant that beats the default as a lead for a tuned "
-      "follow-up, not as a result."
-    )
-  if reading and os.path.exists(reading):
-    with open(reading) as f:
-      lines += ["", f.read().rstrip()]
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  with open(path, "w") as f:
-    f.write("\n".join(lines) + "\n")
-
-
 def main(argv):
   del argv
   tasks = FLAGS.tasks or list(TASKS)
@@ -405,7 +268,7 @@ def main(argv):
   if FLAGS.tasks:
     cmd += " --tasks=" + ",".join(FLAGS.tasks)
   reading = None if FLAGS.quick else os.path.join(os.path.dirname(__file__), "results_reading.md")
-  report(results, abl, secs, FLAGS.report, cmd, reading)
+  study_report.report(results, abl, secs, FLAGS.report, cmd, reading)
   print(open(FLAGS.report).read())
 
 

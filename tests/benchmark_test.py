@@ -65,7 +65,7 @@ def test_accelerator_benchmark_runs_on_cpu_with_tiny_shapes(tmp_path):
   rows = result["rows"]
   want = {"sgd", "sam", "sam_optax_opaque", "nrs_k1_auto", "sgd_f32", "nrs_k1_auto_f32"}
   want |= {"nrs_k1_sub4", "nrs_k1_sub4_reuse"}
-  want |= {f"nrs_k2_{s}" for s in ("auto", "vmap", "loop", "chunked", "accumulate")}
+  want |= {f"nrs_k2_{s}" for s in ("auto", "vmap", "loop", "chunked", "chunked2")}
   assert want <= set(rows), sorted(rows)
   for label, r in rows.items():
     assert r["seconds"] > 0 and r["images_per_second"] > 0 and r["compile_seconds"] > 0, label
