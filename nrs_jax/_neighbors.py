@@ -82,7 +82,7 @@ def resolve_mask(params: Any, mask: MaskLike) -> Any:
     what, tree = "the pytree returned by the callable mask", mask(params)
   else:
     what, tree = "mask", mask
-  treedef = jax.tree_util.tree_structure(params)
+  treedef: Any = jax.tree_util.tree_structure(params)
   try:
     full = jax.tree_util.tree_map(
       lambda m, sub: jax.tree_util.tree_map(lambda _: m, sub), tree, params
@@ -173,6 +173,18 @@ class Perturbations:
       ``(K, *leaf.shape)`` in the leaf's dtype, or ``None`` for a leaf that is
       not perturbed.
     treedef: the tree structure of ``params``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> import nrs_jax
+    >>> params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+    >>> p = jax.jit(lambda k: nrs_jax.sample_perturbations(
+    ...     params, k, radius=0.1, num_neighbors=4, mask={"w": True, "b": False}))(
+    ...     jax.random.key(0))
+    >>> [None if d is None else d.shape for d in p.deltas]  # flatten order: b, w
+    [None, (4, 3, 2)]
+    >>> p.as_tree(params)["b"].shape
+    (4, 2)
   """
 
   deltas: list

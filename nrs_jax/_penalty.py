@@ -378,9 +378,8 @@ def make_nrs_loss(
     task_loss_fn: ``(logits, batch) -> scalar``, e.g. ``lambda z, b:
       optax.softmax_cross_entropy_with_integer_labels(z, b["y"]).mean()``.
     alpha: weight of the penalty (>= 0; 0 gives exactly the task loss).
-    radius, num_neighbors, noise, scale, divergence, aggregation, mask,
-      stop_gradient_center, strategy, neighbor_chunk_size: as in
-      :func:`nrs_penalty`.
+    radius, num_neighbors, noise, scale, divergence, aggregation, mask, stop_gradient_center, strategy, neighbor_chunk_size: as
+      in :func:`nrs_penalty`.
     where_fn: optional ``batch -> where``, a boolean mask over the logits'
       leading dims (e.g. the non-padding tokens) passed to :func:`nrs_penalty`
       as ``where``. The task loss is yours: mask it there as you need.

@@ -33,7 +33,7 @@ def impl_name(key: jax.Array) -> str:
 
 def default_impl_name() -> str:
   """The implementation ``jax.random.key`` uses now (``JAX_DEFAULT_PRNG_IMPL``)."""
-  return str(jax.config.jax_default_prng_impl)
+  return str(jax.config.jax_default_prng_impl)  # type: ignore[attr-defined]
 
 
 def as_key(key: Any) -> jax.Array:
@@ -147,7 +147,7 @@ def standard_normal(keys: jax.Array, n: int, *, pad: int = PAD) -> jax.Array:
   if (
     impl_name(keys) != "threefry2x32"
     or padded(n, pad) >= 2**32
-    or not jax.config.jax_threefry_partitionable
+    or not jax.config.jax_threefry_partitionable  # type: ignore[attr-defined]
   ):
     return generic(keys)
   kd = jax.random.key_data(keys)

@@ -146,7 +146,7 @@ def evaluate(
     deltas_of,
     params,
     center,
-    keys.reshape((k // chunk_size, chunk_size)),
+    keys.reshape((k // (chunk_size or 1), chunk_size or 1)),
     aggregation=aggregation,
     axis_name=axis_name,
     fixed_center=fixed_center,

@@ -36,9 +36,19 @@ class NRSState(NamedTuple):
     penalty: the raw NRS penalty (before ``alpha``) of the last update, a
       float32 scalar for logging; 0 before the first update and when ``alpha``
       is 0.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> import nrs_jax
+    >>> tx = nrs_jax.add_nrs_gradient(alpha=1.0, radius=0.1, key=0)
+    >>> params = {"w": jnp.ones((3, 2))}
+    >>> state = tx.init(params)
+    >>> _, state = tx.update(params, state, params, logits_fn=lambda p: jnp.eye(3) @ p["w"])
+    >>> int(state.count), bool(state.penalty > 0)
+    (1, True)
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # (shadows tuple.count, as optax states do)
   key: jax.Array
   penalty: jax.Array
 
@@ -92,8 +102,8 @@ def add_nrs_gradient(
     num_neighbors: K, a static int (with ``optax.inject_hyperparams`` list it
       in ``static_args``).
     key: an int seed or a PRNG key; a 0-d integer array counts as a seed.
-    noise, scale, divergence, aggregation, mask, stop_gradient_center,
-      strategy, neighbor_chunk_size: as in :func:`nrs_penalty`.
+    noise, scale, divergence, aggregation, mask, stop_gradient_center, strategy, neighbor_chunk_size: as
+      in :func:`nrs_penalty`.
     resample_every: draw new neighbours every this many updates (static int).
       For gradient accumulation over k micro-batches, put this transform
       *outside* ``optax.MultiSteps`` with ``resample_every=k``: every

@@ -82,10 +82,10 @@ def hvp_operator(
     return jax.jvp(jax.grad(f), (view.x0,), (v,))[1]
 
   def matvec(v: np.ndarray) -> np.ndarray:
-    v = jnp.asarray(v, view.dtype)
+    x = jnp.asarray(v, view.dtype)
     out = np.zeros(view.size, np.float64)
     for b, w in zip(batches, weights):
-      out += w * np.asarray(one(v, b), np.float64)
+      out += w * np.asarray(one(x, b), np.float64)
     return out
 
   return matvec

@@ -58,6 +58,15 @@ class EigenResult(NamedTuple):
       the selected leaves, zeros on the others).
     residual_norms: ``[k]``, ``||H v - lambda v||`` measured with one more HVP each.
     num_iters: Lanczos iterations run.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from nrs_jax import flatness
+    >>> loss = lambda p, b: 0.5 * jnp.sum(b * p ** 2)
+    >>> r = flatness.top_hessian_eigenvalues(loss, jnp.zeros(3), jnp.array([1.0, 3.0, 2.0]),
+    ...                                      jax.random.key(0), k=1)
+    >>> round(float(r.eigenvalues[0]), 4), r.eigenvectors.shape
+    (3.0, (1, 3))
   """
 
   eigenvalues: jax.Array
@@ -185,7 +194,17 @@ def top_hessian_eigenvalues(
 
 
 class TraceResult(NamedTuple):
-  """Hutchinson estimate of tr(H): ``trace`` and its standard error ``stderr``."""
+  """Hutchinson estimate of tr(H): ``trace`` and its standard error ``stderr``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from nrs_jax import flatness
+    >>> loss = lambda p, b: 0.5 * jnp.sum(b * p ** 2)  # a diagonal Hessian: exact
+    >>> r = flatness.hessian_trace(loss, jnp.zeros(3), jnp.array([1.0, 3.0, 2.0]),
+    ...                            jax.random.key(0), num_samples=4)
+    >>> round(float(r.trace), 4), float(r.stderr)
+    (6.0, 0.0)
+  """
 
   trace: jax.Array
   stderr: jax.Array
@@ -271,6 +290,17 @@ def hessian_spectral_density(
     ``{"grid", "density", "nodes", "weights"}``: the density (integrating to 1
     over the grid) and the quadrature nodes and weights (``[runs, m]``; each run's
     weights sum to 1).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from nrs_jax import flatness
+    >>> loss = lambda p, b: 0.5 * jnp.sum(b * p ** 2)  # eigenvalues 1, 2, 3, 4
+    >>> d = flatness.hessian_spectral_density(loss, jnp.zeros(4), jnp.arange(1.0, 5.0),
+    ...                                       jax.random.key(0), num_iters=4)
+    >>> sorted(round(float(x), 3) for x in d["nodes"][0])
+    [1.0, 2.0, 3.0, 4.0]
+    >>> round(float(jnp.sum(d["weights"])), 4)
+    1.0
   """
   num_iters = _check_int("num_iters", num_iters, 1)
   num_runs = _check_int("num_runs", num_runs, 1)
@@ -330,11 +360,21 @@ def layerwise_hessian(
 
   Returns:
     A flat dict ``{"hessian/<name>/lambda_max": ..., "hessian/<name>/trace": ...}``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from nrs_jax import flatness
+    >>> params = {"a": jnp.zeros(2), "b": jnp.zeros(2)}
+    >>> loss = lambda p, s: jnp.sum(s * p["a"] ** 2) + 5.0 * jnp.sum(p["b"] ** 2)
+    >>> m = flatness.layerwise_hessian(loss, params, jnp.array([1.0, 2.0]),
+    ...                                jax.random.key(0), num_iters=2, num_samples=2)
+    >>> {k: round(float(v), 3) for k, v in sorted(m.items())}
+    {'hessian/a/lambda_max': 4.0, 'hessian/a/trace': 6.0, 'hessian/b/lambda_max': 10.0, 'hessian/b/trace': 20.0}
   """
   if group not in ("leaf", "module"):
     raise ValueError(f"group={group!r} is not supported: use 'leaf' or 'module'.")
   path_leaves, _ = jax.tree_util.tree_flatten_with_path(params)
-  names = []
+  names: list[Optional[str]] = []
   for path, leaf in path_leaves:
     if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
       names.append(None)
@@ -374,9 +414,24 @@ def hessian_metrics(
 ) -> dict[str, jax.Array]:
   """Top-k eigenvalues and trace as a flat dict for a metrics writer.
 
+  Args:
+    loss_fn, params, data, key, mask: as in :func:`top_hessian_eigenvalues`.
+    k: how many top eigenvalues.
+    num_iters: Lanczos iterations.
+    num_samples: Hutchinson probes for the trace.
+
   Returns:
     ``{"hessian/lambda_max", "hessian/lambda_<i>" (i < k), "hessian/trace",
     "hessian/trace_stderr", "hessian/residual_max"}``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from nrs_jax import flatness
+    >>> loss = lambda p, b: 0.5 * jnp.sum(b * p ** 2)
+    >>> m = flatness.hessian_metrics(loss, jnp.zeros(3), jnp.array([1.0, 3.0, 2.0]),
+    ...                              jax.random.key(0), num_iters=3, num_samples=2)
+    >>> round(float(m["hessian/lambda_max"]), 4), round(float(m["hessian/trace"]), 4)
+    (3.0, 6.0)
   """
   k1, k2 = jax.random.split(key)
   eig = top_hessian_eigenvalues(loss_fn, params, data, k1, k=k, num_iters=num_iters, mask=mask)

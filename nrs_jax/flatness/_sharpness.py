@@ -32,9 +32,26 @@ def average_sharpness(
   ``E_delta[L(w + delta)] - L(w)``, ``delta`` drawn as in NRS (same noise,
   scale and mask options, see :func:`nrs_jax.sample_perturbations`).
 
+  Args:
+    loss_fn: ``(params, batch) -> scalar``.
+    params: pytree.
+    data: one batch or a list of batches.
+    key: PRNG key of the perturbations.
+    radius, noise, scale, mask: as in :func:`nrs_jax.sample_perturbations`.
+    num_samples: perturbations averaged.
+
   Returns:
-    ``{"sharpness/average": mean increase, "sharpness/average_stderr": its
-    standard error, "loss": L(w)}``.
+    A dict: ``"sharpness/average"`` the mean increase,
+    ``"sharpness/average_stderr"`` its standard error, ``"loss"`` ``L(w)``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from nrs_jax import flatness
+    >>> loss = lambda p, b: 0.5 * jnp.sum(b * p ** 2)  # E[increase] = r^2 tr(H) / 2
+    >>> out = flatness.average_sharpness(loss, jnp.zeros(100), jnp.ones(100), jax.random.key(0),
+    ...                                  radius=0.1, num_samples=64)
+    >>> bool(abs(float(out["sharpness/average"]) - 0.5) < 0.05)
+    True
   """
   _options.check_nonnegative("radius", radius)
   batches, weights = _data.as_batches(data)
@@ -89,6 +106,15 @@ def nrs_divergence(
 
   Returns:
     ``{"sharpness/nrs_divergence": value}``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from nrs_jax import flatness
+    >>> apply_fn = lambda p, x: x @ p
+    >>> out = flatness.nrs_divergence(apply_fn, jnp.ones((3, 4)), jnp.eye(3), jax.random.key(0),
+    ...                               radius=0.1, num_neighbors=4)
+    >>> bool(out["sharpness/nrs_divergence"] > 0)
+    True
   """
   fn = lambda p, b: _penalty.nrs_penalty(
     lambda q: apply_fn(q, b), p, key, radius=radius, num_neighbors=num_neighbors, **options
@@ -109,6 +135,14 @@ def worst_case_sharpness(
 
   Returns:
     ``{"sharpness/worst_case": increase, "loss": L(w)}``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from nrs_jax import flatness
+    >>> loss = lambda p, b: 0.5 * jnp.sum(b * p ** 2)
+    >>> out = flatness.worst_case_sharpness(loss, jnp.ones(2), jnp.array([1.0, 1.0]), rho=0.1)
+    >>> round(float(out["sharpness/worst_case"]), 4)  # ||w + 0.1 g/|g| ||^2 / 2 - 1
+    0.1464
   """
   _options.check_nonnegative("rho", rho)
   batches, weights = _data.as_batches(data)

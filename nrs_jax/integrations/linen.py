@@ -7,6 +7,8 @@ from typing import Any
 import optax
 from flax.training import train_state
 
+__all__ = ("NRSTrainState",)
+
 
 class NRSTrainState(train_state.TrainState):
   """``flax.training.train_state.TrainState`` that passes extra args to ``tx.update``.

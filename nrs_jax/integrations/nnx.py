@@ -9,6 +9,8 @@ from typing import Any
 import jax
 from flax import nnx
 
+__all__ = ("flatness_inputs", "logits_fn_for")
+
 
 def _check_module(model: Any, fn: str) -> None:
   if not isinstance(model, nnx.Module):
@@ -59,8 +61,8 @@ def logits_fn_for(
 
   Args:
     model: the NNX model (``nnx.Module``).
-    *args, **kwargs: what the task pass calls ``model`` with (the batch, and an
-      ``rngs=`` if you pass one).
+    args: the positional and keyword arguments (``*args, **kwargs``) the task
+      pass calls ``model`` with: the batch, and an ``rngs=`` if you pass one.
     wrt: the filter of the state that ``params`` replaces (``nnx.Param``, as
       in ``nnx.Optimizer(..., wrt=nnx.Param)``).
 
