@@ -1,4 +1,11 @@
-"""Entry point: ``python -m experiments.main --config experiments/configs/default.py --workdir DIR``."""
+"""Entry point: ``python -m experiments.main --config experiments/configs/default.py --workdir DIR``.
+
+``python -m experiments.main --list`` names the configs (with their launch commands and
+hardware) and the methods with their hyperparameters (``--config.<method>.<name>``).
+"""
+
+import importlib
+import pkgutil
 
 from absl import app
 from absl import flags
@@ -9,13 +16,60 @@ from experiments import train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots.")
-config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
-flags.mark_flags_as_required(["config", "workdir"])
+flags.DEFINE_bool("list", False, "List the configs and the methods with their hyperparameters.")
+config_flags.DEFINE_config_file(
+  "config",
+  None,
+  "Training configuration file, e.g. experiments/configs/default.py (see --list); "
+  "override any field with --config.<field>=<value>.",
+  lock_config=True,
+)
+
+
+def configs() -> dict[str, str]:
+  """Config name -> its docstring (what it trains, launch command, hardware)."""
+  from experiments import configs as package
+
+  out = {}
+  for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
+    module = importlib.import_module(f"experiments.configs.{info.name}")
+    out[info.name] = (module.__doc__ or "").strip()
+  return out
+
+
+def listing() -> str:
+  from experiments import methods
+
+  lines = ["Configs (experiments/configs/<name>.py):", ""]
+  for name, doc in configs().items():
+    lines.append(f"{name}:")
+    lines += [f"    {line}" if line else "" for line in doc.splitlines()]
+    lines.append("")
+  lines += ["Methods (--config.method=<name>; hyperparameters --config.<name>.<key>=<value>):", ""]
+  defaults = methods.method_defaults()
+  for name in methods.METHODS:
+    params = ", ".join(f"{k}={v!r}" for k, v in defaults.get(name, {}).items()) or "-"
+    lines.append(f"  {name:6s} {params}")
+  lines += [
+    "",
+    "Common fields: --config.num_epochs, --config.batch_size, --config.learning_rate,",
+    "--config.seed, --config.sharding=replicated|fsdp, --config.distributed=True (see",
+    "experiments/configs/default.py for all of them and their defaults).",
+  ]
+  return "\n".join(lines)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
+  if FLAGS.list:
+    print(listing())
+    return
+  if FLAGS.config is None or FLAGS.workdir is None:
+    raise app.UsageError(
+      "--config and --workdir are required, e.g. --config experiments/configs/default.py "
+      "--workdir workdir/demo (python -m experiments.main --list names the configs)."
+    )
   logging.set_verbosity(logging.WARNING)
   config = FLAGS.config
   train.initialize_distributed(config)  # multi-host: before any other JAX call

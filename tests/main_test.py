@@ -1,0 +1,41 @@
+"""``python -m experiments.main --list`` names every config (with its launch command) and method."""
+
+import os
+import subprocess
+import sys
+
+from experiments import methods  # (not experiments.main: its absl flags clash with study's)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_list_names_every_config_and_method_with_hyperparameters():
+  out = subprocess.run(
+    [sys.executable, "-m", "experiments.main", "--list"],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert out.returncode == 0, out.stderr[-2000:]
+  text = out.stdout
+  configs = sorted(
+    f[:-3] for f in os.listdir(os.path.join(ROOT, "experiments", "configs")) if f[0] != "_"
+  )
+  for name in configs:
+    assert f"\n{name}:\n" in "\n" + text, name
+    assert f"experiments/configs/{name}.py" in text, f"{name}'s docstring has no launch command"
+  for name in methods.METHODS:
+    assert f"  {name} " in text
+  assert "alpha=1.0, radius=0.05" in text
+
+
+def test_missing_config_is_a_usage_error_naming_list():
+  out = subprocess.run(
+    [sys.executable, "-m", "experiments.main"],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert out.returncode != 0 and "--list" in out.stderr
