@@ -1,17 +1,18 @@
 # Two commands on a fresh machine with python3 and make:
 #   make demo   trains SGD, SAM and NRS on embedded data and prints a comparison
-#   make test   lint + format check + the fast test suite (doctests included)
+#   make test   lint + format check + type check + the fast test suite (doctests included)
+# and the documentation site (tutorials executed): make docs -> docs/_build/html
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint format benchmark clean
+.PHONY: demo test test-slow lint format benchmark docs dist clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -e ".[dev,experiments]"
+	$(PY) -m pip install -e ".[dev,experiments,docs]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -20,6 +21,7 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 test: lint
 	$(PY) -m pytest -n 2 -q --durations=15
@@ -31,8 +33,17 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
+docs: $(STAMP)
+	rm -rf docs/_build docs/_autosummary
+	$(PY) -m sphinx -W --keep-going -b html docs docs/_build/html
+
+dist: $(STAMP)
+	rm -rf dist
+	$(PY) -m build
+	$(VENV)/bin/twine check --strict dist/*
+
 benchmark: $(STAMP)
 	$(PY) -m experiments.benchmark
 
 clean:
-	rm -rf $(VENV) workdir .pytest_cache
+	rm -rf $(VENV) workdir .pytest_cache docs/_build docs/_autosummary dist
