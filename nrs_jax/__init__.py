@@ -20,7 +20,7 @@ from nrs_jax._penalty import strided_subset
 from nrs_jax._transform import NRSState
 from nrs_jax._transform import add_nrs_gradient
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = (
   "AGGREGATIONS",
