@@ -48,13 +48,31 @@ def _finish(tx, params, opt_state, grads, update_kwargs=None):
   return optax.apply_updates(params, updates), opt_state
 
 
+OPTIMIZERS = ("sgd", "adamw")
+
+
 def base_optimizer(config, total_steps: int) -> optax.GradientTransformation:
-  """SGD with momentum, coupled weight decay and a (warmup +) cosine schedule."""
+  """The base optimiser with a (warmup +) cosine schedule; every method composes with it.
+
+  ``config.optimizer``: ``"sgd"`` (momentum ``config.momentum``, coupled weight
+  decay, as in the CNN recipes) or ``"adamw"`` (``config.adam_b1``, ``adam_b2``,
+  decoupled weight decay ``config.weight_decay``, as in ViT recipes).
+  """
+  name = config.get("optimizer", "sgd")
+  if name not in OPTIMIZERS:
+    raise ValueError(f"optimizer={name!r} is not known: choose one of {OPTIMIZERS}.")
   warmup = min(int(config.get("warmup_steps", 0)), max(total_steps - 1, 0))
   if warmup:
     lr = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, warmup, total_steps)
   else:
     lr = optax.cosine_decay_schedule(config.learning_rate, total_steps)
+  if name == "adamw":
+    return optax.adamw(
+      lr,
+      b1=config.get("adam_b1", 0.9),
+      b2=config.get("adam_b2", 0.999),
+      weight_decay=config.weight_decay,
+    )
   return optax.chain(
     optax.add_decayed_weights(config.weight_decay),
     optax.sgd(lr, momentum=config.momentum or None, nesterov=config.get("nesterov", False)),

@@ -267,6 +267,124 @@ class VGG(nnx.Module):
     return self.head(jnp.mean(x, axis=(1, 2)))
 
 
+# ViT sizes (Dosovitskiy et al., 2021; Steiner et al., 2022): width, depth, heads, MLP width.
+VIT_SIZES = {
+  "Ti": dict(dim=192, depth=12, heads=3, mlp_dim=768),
+  "S": dict(dim=384, depth=12, heads=6, mlp_dim=1536),
+  "B": dict(dim=768, depth=12, heads=12, mlp_dim=3072),
+}
+
+
+class _EncoderBlock(nnx.Module):
+  """Pre-LayerNorm transformer block: x + MHSA(LN(x)), then x + MLP(LN(x)), with dropout."""
+
+  def __init__(self, dim, heads, mlp_dim, dropout, *, rngs):
+    self.ln1 = nnx.LayerNorm(dim, rngs=rngs)
+    self.attn = nnx.MultiHeadAttention(
+      num_heads=heads, in_features=dim, decode=False, deterministic=True, rngs=rngs
+    )
+    self.ln2 = nnx.LayerNorm(dim, rngs=rngs)
+    self.fc1 = nnx.Linear(dim, mlp_dim, rngs=rngs)
+    self.fc2 = nnx.Linear(mlp_dim, dim, rngs=rngs)
+    self.dropout = nnx.Dropout(dropout) if dropout else None
+
+  def _drop(self, y, train, key):
+    if self.dropout is None:
+      return y
+    return self.dropout(y, deterministic=not train, rngs=key)
+
+  def __call__(self, x, train, key):
+    k1, k2 = _split(key, 2)
+    x = x + self._drop(self.attn(self.ln1(x)), train, k1)
+    return x + self._drop(self.fc2(jax.nn.gelu(self.fc1(self.ln2(x)))), train, k2)
+
+
+class ViT(nnx.Module):
+  """Vision Transformer (Dosovitskiy et al., 2021) for images or 1-D signals.
+
+  Non-overlapping patches, flattened and embedded by a linear layer (no
+  convolution), learned position embeddings, a class token (``pool="cls"``) or
+  mean pooling (``"mean"``), pre-LayerNorm encoder blocks with dropout, a final
+  LayerNorm and a linear head. Inputs ``[B, H, W, C]`` with ``patch=(ph, pw)``,
+  or ``[B, L]`` / ``[B, L, C]`` with ``patch=(pl,)``. ``size`` (``"Ti"``,
+  ``"S"``, ``"B"``) sets width, depth, heads and MLP width as in ViT-Ti/S/B.
+  """
+
+  def __init__(
+    self,
+    in_shape,
+    num_classes,
+    patch=(16, 16),
+    size=None,
+    dim=192,
+    depth=12,
+    heads=3,
+    mlp_dim=768,
+    dropout=0.0,
+    pool="cls",
+    *,
+    rngs,
+  ):
+    if size is not None:
+      if size not in VIT_SIZES:
+        raise ValueError(f"size={size!r} is not a ViT size: choose one of {sorted(VIT_SIZES)}.")
+      dim, depth, heads, mlp_dim = (
+        VIT_SIZES[size][k] for k in ("dim", "depth", "heads", "mlp_dim")
+      )
+    if pool not in ("cls", "mean"):
+      raise ValueError(f"pool={pool!r} is not supported: use 'cls' or 'mean'.")
+    in_shape = tuple(in_shape)
+    if len(in_shape) == 1:  # a 1-D signal of one channel
+      in_shape = (*in_shape, 1)
+    spatial, channels = in_shape[:-1], in_shape[-1]
+    patch = tuple(patch)
+    if len(patch) != len(spatial) or any(s % p for s, p in zip(spatial, patch)):
+      raise ValueError(
+        f"patch={patch} must have one size per spatial dim of the input {spatial}, each "
+        "dividing it."
+      )
+    self.spatial, self.patch, self.pool = spatial, patch, pool
+    num_patches = 1
+    patch_size = channels
+    for s, p in zip(spatial, patch):
+      num_patches *= s // p
+      patch_size *= p
+    self.embed = nnx.Linear(patch_size, dim, rngs=rngs)
+    n_tokens = num_patches + (pool == "cls")
+    self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (1, n_tokens, dim)))
+    self.cls = nnx.Param(jnp.zeros((1, 1, dim))) if pool == "cls" else None
+    self.blocks = nnx.List(
+      [_EncoderBlock(dim, heads, mlp_dim, dropout, rngs=rngs) for _ in range(depth)]
+    )
+    self.ln = nnx.LayerNorm(dim, rngs=rngs)
+    self.head = nnx.Linear(dim, num_classes, rngs=rngs)
+    self.dropout = nnx.Dropout(dropout) if dropout else None
+
+  def patches(self, x):
+    """``[B, *spatial, C]`` (or ``[B, L]``) -> ``[B, num_patches, patch_size]``."""
+    b = x.shape[0]
+    x = x.reshape(b, *self.spatial, -1)
+    if len(self.spatial) == 1:
+      (length,), (p,) = self.spatial, self.patch
+      return x.reshape(b, length // p, p * x.shape[-1])
+    (h, w), (ph, pw) = self.spatial, self.patch
+    x = x.reshape(b, h // ph, ph, w // pw, pw, x.shape[-1]).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, (h // ph) * (w // pw), ph * pw * x.shape[-1])
+
+  def __call__(self, x, *, train=False, dropout_key=None):
+    keys = _split(dropout_key, len(self.blocks) + 1)
+    x = self.embed(self.patches(x))
+    if self.cls is not None:
+      x = jnp.concatenate([jnp.broadcast_to(self.cls[...], (x.shape[0], 1, x.shape[-1])), x], 1)
+    x = x + self.pos[...]
+    if self.dropout is not None:
+      x = self.dropout(x, deterministic=not train, rngs=keys[-1])
+    for block, k in zip(self.blocks, keys):
+      x = block(x, train, k)
+    x = self.ln(x)
+    return self.head(x[:, 0] if self.pool == "cls" else jnp.mean(x, axis=1))
+
+
 class LinenMLP(linen.Module):
   """The MLP in Linen, for the Linen path (``nrs_jax.integrations.linen``)."""
 
@@ -310,6 +428,7 @@ MODELS = {
     nc, **{"depth": 28, "widen": 10, **kw}, in_channels=in_shape[-1], rngs=rngs
   ),
   "vgg16_bn": lambda in_shape, nc, rngs, **kw: VGG(nc, in_channels=in_shape[-1], rngs=rngs, **kw),
+  "vit": lambda in_shape, nc, rngs, **kw: ViT(in_shape, nc, rngs=rngs, **kw),
 }
 LINEN_MODELS = {"linen_mlp": partial(LinenMLP)}
 

@@ -28,6 +28,7 @@ def get_config():
   config.batch_size = 128
   config.num_epochs = 200
   config.num_steps = 0  # > 0 overrides num_epochs
+  config.optimizer = "sgd"  # or "adamw" (config.adam_b1, adam_b2; decoupled weight decay)
   config.learning_rate = 0.2
   config.momentum = 0.9
   config.weight_decay = 5e-4
