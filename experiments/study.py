@@ -26,6 +26,7 @@ from absl import app
 from absl import flags
 
 from experiments import study_report
+from experiments.study_report import diverged
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "workdir/study", "Where the runs go.")
@@ -34,6 +35,13 @@ flags.DEFINE_bool("quick", False, "Tiny budgets (for the test suite).")
 flags.DEFINE_integer("workers", 2, "Runs in parallel (one CPU thread each).")
 flags.DEFINE_list("tasks", [], "Subset of tasks (default: all).")
 flags.DEFINE_bool("ablations", True, "Run the NRS ablations.")
+flags.DEFINE_enum(
+  "part",
+  "headline",
+  ["headline", "cost"],
+  "headline: NRS vs SGD, SAM and RWP (RESULTS.md); cost: the cost-accuracy comparison of "
+  "NRS's cheaper settings and its relatives (RESULTS_COST.md, tasks default to mnist1d).",
+)
 
 # Tuning grids: the same number of runs for every method.
 GRIDS = {
@@ -92,6 +100,9 @@ def make_config(task: Task, method: str, overrides: dict, seed: int, quick: bool
       config.hessian = dict(
         num_examples=64, batch_size=64, num_iters=4, num_samples=4, every_evals=1
       )
+    for k, v in overrides.items():  # evaluation overrides win over the defaults above
+      if k.startswith("hessian."):
+        _set(config, k, v)
   return config
 
 
@@ -188,14 +199,133 @@ def study(workdir, quick, tasks, ablations, workers):
   if ablations:
     abl = run_ablations(workdir, quick, workers, seeds if not quick else seeds[:1])
   # Wall time accumulates over the invocations of a resumed study.
-  path = os.path.join(workdir, "study_time.json")
-  total = time.time() - t0
+  return results, abl, _accumulated_seconds(workdir, "study_time.json", time.time() - t0)
+
+
+# The cost-accuracy comparison (--part=cost): NRS's cheaper settings and its cheap
+# relatives, each tuned on validation with the same number of runs (5), 5 seeds.
+COST_METHODS = {
+  "sgd": ("sgd", {}),
+  "sam": ("sam", {}),
+  "sam_half": ("sam", {"sam.probability": 0.5}),
+  "saf": ("saf", {}),
+  "mesa": ("mesa", {}),
+  "nrs": ("nrs", {}),
+  "nrs_b4": ("nrs", {"nrs.neighbor_batch_size": 32}),
+  "nrs_b8": ("nrs", {"nrs.neighbor_batch_size": 16}),
+  "nrs_fixed": ("nrs", {"nrs.stop_gradient_center": True}),
+  "nrs_b4_fixed": ("nrs", {"nrs.neighbor_batch_size": 32, "nrs.stop_gradient_center": True}),
+  "nrs_half": ("nrs", {"nrs.probability": 0.5}),
+}
+# Forward/backward passes per step (B = 128; sub-batches of B/4 and B/8).
+COST_PASSES = {
+  "sgd": 1.0,
+  "sam": 2.0,
+  "sam_half": 1.5,
+  "saf": 1.0,
+  "mesa": 1.5,  # + one forward pass of the EMA teacher
+  "nrs": 2.0,
+  "nrs_b4": 1.5,
+  "nrs_b8": 1.25,
+  "nrs_fixed": 2.0,
+  "nrs_b4_fixed": 1.5,
+  "nrs_half": 1.5,
+}
+# Six settings per method, widened until the best is interior where the run allows it
+# (absolute NRS noise of radius 0.2 diverged on every task in a first, five-point run).
+_NRS_GRID = [{"nrs.radius": r} for r in (0.025, 0.05, 0.1)] + [
+  {"nrs.scale": "filter", "nrs.radius": r} for r in (0.25, 0.5, 1.0)
+]
+COST_GRIDS = {
+  "sgd": [{"learning_rate": v} for v in (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)],
+  "sam": [{"sam.rho": v} for v in (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)],
+  "sam_half": [{"sam.rho": v} for v in (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)],
+  "saf": [{"saf.lam": v} for v in (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)],
+  "mesa": [{"mesa.lam": v} for v in (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)],
+  **{m: _NRS_GRID for m in COST_METHODS if m.startswith("nrs")},
+}
+COST_TASKS = ("mnist1d_mlp", "mnist1d_mlp_noise20", "mnist1d_cnn")
+
+
+def cost_study(workdir, quick, tasks, workers):
+  """Tunes and runs every COST_METHODS entry on each task; returns (results, seconds)."""
+  seeds = [0, 1] if quick else [0, 1, 2, 3, 4]
+  t0 = time.time()
+  results = {}
+  for tname in tasks:
+    base = os.path.join(workdir, tname, "cost")
+    grids = {m: (g[:2] if quick else g) for m, g in COST_GRIDS.items()}
+    common = {"hessian.every_evals": 0}
+    jobs = []
+    for m, (method, fixed) in COST_METHODS.items():
+      for ov in grids[m]:
+        path = os.path.join(base, "tune", m, _key(ov))
+        jobs.append((path, tname, method, {**fixed, **ov, **common}, 100, quick))
+    run_all(jobs, workers)
+    chosen, tuning = {}, {}
+    for m in COST_METHODS:
+      recs = [read(os.path.join(base, "tune", m, _key(ov)))[-1] for ov in grids[m]]
+      scores = [(-1.0 if diverged(r) else r["val_accuracy"], i) for i, r in enumerate(recs)]
+      chosen[m] = grids[m][max(scores)[1]]
+      tuning[m] = [(ov, r["val_accuracy"], diverged(r)) for ov, r in zip(grids[m], recs)]
+
+    # Keyed by the chosen setting: a resumed study whose choice changed reruns the seeds.
+    def final(m, s, base=base, chosen=chosen):
+      return os.path.join(base, "final", m, _key(chosen[m]), f"seed{s}")
+
+    jobs = []
+    for m, (method, fixed) in COST_METHODS.items():
+      for s in seeds:
+        jobs.append((final(m, s), tname, method, {**fixed, **chosen[m], **common}, s, quick))
+    run_all(jobs, workers)
+    runs = {m: [read(final(m, s))[-1] for s in seeds] for m in COST_METHODS}
+    results[tname] = {"chosen": chosen, "tuning": tuning, "runs": runs}
+  return results, _accumulated_seconds(workdir, "cost_time.json", time.time() - t0)
+
+
+def _accumulated_seconds(workdir, name, seconds):
+  """Wall time summed over the invocations of a resumed study (kept in workdir/name)."""
+  path = os.path.join(workdir, name)
   if os.path.exists(path):
     with open(path) as f:
-      total += json.load(f)["seconds"]
+      seconds += json.load(f)["seconds"]
+  os.makedirs(workdir, exist_ok=True)
   with open(path, "w") as f:
-    json.dump({"seconds": total}, f)
-  return results, abl, total
+    json.dump({"seconds": seconds}, f)
+  return seconds
+
+
+def measure_step_costs(task_name: str, repeats: int = 30) -> dict:
+  """Each COST_METHODS step's median time over SGD's, timed round-robin in this process.
+
+  The randomized methods (``probability`` p) cost p expensive steps and 1 - p
+  plain ones; their expensive step is timed and the mix computed.
+  """
+  import jax
+
+  from experiments import input_pipeline
+  from experiments import methods
+  from experiments import timing
+  from experiments import train
+
+  fns, probs = {}, {}
+  for m, (method, fixed) in COST_METHODS.items():
+    config = make_config(TASKS[task_name], method, fixed, 0, False)
+    ds = input_pipeline.load(config.dataset, seed=0)
+    b = config.batch_size
+    batch = {
+      "x": jax.numpy.asarray(ds.train.x[:b]),
+      "y": jax.numpy.asarray(ds.train.y[:b]),
+      "idx": jax.numpy.arange(b),
+    }
+    model = train.Model(config, ds)
+    tx = methods.make_optimizer(config, 1000, len(ds.train.y), ds.num_classes)
+    step = jax.jit(methods.make_step(method, model.apply, tx, config, steps_per_epoch=10))
+    args = (model.params, model.batch_stats, tx.init(model.params), batch, jax.random.key(0))
+    fns[m] = (step, args)
+    probs[m] = methods.step_probability(config)
+  secs = timing.interleaved_medians(fns, repeats)
+  return {m: (p * secs[m] + (1 - p) * secs["sgd"]) / secs["sgd"] for m, p in probs.items()}
 
 
 ABLATIONS = [
@@ -257,16 +387,38 @@ def run_ablations(workdir, quick, workers, seeds):
 
 def main(argv):
   del argv
-  tasks = FLAGS.tasks or list(TASKS)
+  default_tasks = COST_TASKS if FLAGS.part == "cost" else list(TASKS)
+  tasks = FLAGS.tasks or list(default_tasks)
   for t in tasks:
     if t not in TASKS:
       raise ValueError(f"task={t!r} is not known: choose from {sorted(TASKS)}.")
-  results, abl, secs = study(FLAGS.workdir, FLAGS.quick, tasks, FLAGS.ablations, FLAGS.workers)
   cmd = (
     "python -m experiments.study --workdir " + FLAGS.workdir + (" --quick" if FLAGS.quick else "")
   )
+  if FLAGS.part == "cost":
+    cmd += " --part=cost"
   if FLAGS.tasks:
     cmd += " --tasks=" + ",".join(FLAGS.tasks)
+  if FLAGS.part == "cost":
+    results, secs = cost_study(FLAGS.workdir, FLAGS.quick, tasks, FLAGS.workers)
+    costs = {}
+    for t in tasks:  # measured once and kept, so that a regenerated report is the same
+      path = os.path.join(FLAGS.workdir, t, "step_costs.json")
+      if not os.path.exists(path):
+        with open(path, "w") as f:
+          json.dump(measure_step_costs(t, repeats=3 if FLAGS.quick else 60), f)
+      with open(path) as f:
+        costs[t] = json.load(f)
+    path = (
+      FLAGS.report if FLAGS.report != "experiments/RESULTS.md" else "experiments/RESULTS_COST.md"
+    )
+    reading = (
+      None if FLAGS.quick else os.path.join(os.path.dirname(__file__), "results_cost_reading.md")
+    )
+    study_report.cost_report(results, costs, secs, path, cmd, COST_PASSES, COST_GRIDS, reading)
+    print(open(path).read())
+    return
+  results, abl, secs = study(FLAGS.workdir, FLAGS.quick, tasks, FLAGS.ablations, FLAGS.workers)
   reading = None if FLAGS.quick else os.path.join(os.path.dirname(__file__), "results_reading.md")
   study_report.report(results, abl, secs, FLAGS.report, cmd, reading)
   print(open(FLAGS.report).read())

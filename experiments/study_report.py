@@ -160,3 +160,112 @@ def report(results, abl, seconds, path, command, reading=None):
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   with open(path, "w") as f:
     f.write("\n".join(lines) + "\n")
+
+
+def _edge(grid: list, chosen: dict) -> str:
+  """Where the chosen setting sits among the grid's settings of the same kind.
+
+  Settings of the same kind have the same keys and the same non-numeric values
+  (e.g. NRS's absolute and filter-scaled radii are two kinds): 'low edge' or
+  'high edge' when the chosen one is the first or last of its kind.
+  """
+  kind = [
+    g
+    for g in grid
+    if set(g) == set(chosen)
+    and all(g[k] == chosen[k] for k in g if not isinstance(g[k], (int, float)))
+  ]
+  i = kind.index(chosen)
+  return "low edge" if i == 0 else ("high edge" if i == len(kind) - 1 else "interior")
+
+
+def diverged(record: dict, num_classes: int = 10) -> bool:
+  """A run that ended at chance accuracy (or with a non-finite loss) has diverged."""
+  loss = record.get("train_loss", float("nan"))
+  return not np.isfinite(loss) or record["test_accuracy"] < 2.0 / num_classes
+
+
+def cost_report(results, costs, seconds, path, command, passes, grids, reading=None):
+  """RESULTS_COST.md: accuracy against measured step cost, per task, with a plot."""
+  import jax
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  lines = ["# NRS cost-accuracy study", ""]
+  lines += [
+    f"Regenerate: `{command}` ({seconds / 60:.1f} min on this machine: {os.cpu_count()} CPU "
+    f"cores, {platform.platform()}, jax {jax.__version__}).",
+    "",
+    "Protocol: every method gets the same number of tuning runs (6 settings, one seed) on a "
+    "validation split carved from the training set; the setting with the best validation "
+    "accuracy then runs with every seed, and test accuracy is read once at the end. All "
+    "methods share the base recipe of the task (SGD with momentum, learning rate 0.2 cosine, "
+    "weight decay 5e-4, batch 128); SGD tunes its learning rate, the others their own "
+    "parameter (NRS: the radius of absolute Gaussian noise, and one filter-scaled setting). "
+    "A run that ends at chance accuracy (test accuracy < 2/10) or with a non-finite loss is "
+    "reported as diverged and left out of the mean. Cost: each method's step time over SGD's, "
+    "measured side by side in one process on this CPU (`measure_step_costs`; randomized "
+    "methods as p expensive + (1 - p) plain steps), and the forward/backward passes per step.",
+    "",
+  ]
+  figdir = os.path.join(os.path.dirname(path) or ".", "results")
+  os.makedirs(figdir, exist_ok=True)
+  for tname, r in results.items():
+    lines += [f"## {tname}", ""]
+    lines += [
+      "| method | passes / step | step time x SGD | chosen (validation) | grid position "
+      "| test acc (mean +- std) | 95% CI | diverged seeds |",
+      "|---|---|---|---|---|---|---|---|",
+    ]
+    points = []
+    for m, recs in r["runs"].items():
+      ok = [x["test_accuracy"] for x in recs if not diverged(x)]
+      n_div = len(recs) - len(ok)
+      mean, std, half = ci95(ok) if ok else (float("nan"), float("nan"), float("nan"))
+      ci = "" if np.isnan(half) else f"[{100 * (mean - half):.2f}, {100 * (mean + half):.2f}]"
+      cost = costs.get(tname, {}).get(m, float("nan"))
+      chosen = r["chosen"][m]
+      lines.append(
+        f"| {m} | {passes[m]:.2f} | {cost:.2f} | {json.dumps(chosen)} | "
+        f"{_edge(grids[m][: len(r['tuning'][m])], chosen)} | {100 * mean:.2f} +- "
+        f"{100 * std:.2f} | {ci} | {n_div} |"
+      )
+      points.append((m, cost, mean, half))
+    lines.append("")
+    full = [x["test_accuracy"] for x in r["runs"]["nrs"] if not diverged(x)]
+    for other in r["runs"]:
+      if other == "nrs":
+        continue
+      vals = [x["test_accuracy"] for x in r["runs"][other] if not diverged(x)]
+      if len(vals) > 1 and len(full) > 1:
+        d, lo, hi = diff_ci(vals, full)
+        lines.append(
+          f"- {other} - nrs: {100 * d:+.2f} pp, 95% CI [{100 * lo:+.2f}, {100 * hi:+.2f}]."
+        )
+    lines += ["", "Tuning (validation accuracy of each setting; * diverged):", ""]
+    for m, rows in r["tuning"].items():
+      cells = ", ".join(
+        f"{json.dumps(ov)}: {100 * acc:.1f}{'*' if div else ''}" for ov, acc, div in rows
+      )
+      lines.append(f"- {m}: {cells}")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for m, cost, mean, half in points:
+      ax.errorbar(
+        [cost], [100 * mean], yerr=[0 if np.isnan(half) else 100 * half], fmt="o", capsize=3
+      )
+      ax.annotate(m, (cost, 100 * mean), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set(
+      xlabel="step time x SGD (measured)", ylabel="test accuracy % (mean, 95% CI)", title=tname
+    )
+    fig.tight_layout()
+    fig.savefig(os.path.join(figdir, f"cost_{tname}.png"), dpi=90)
+    plt.close(fig)
+    lines += ["", f"![cost-accuracy, {tname}](results/cost_{tname}.png)", ""]
+  if reading and os.path.exists(reading):
+    with open(reading) as f:
+      lines += [f.read().rstrip()]
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  with open(path, "w") as f:
+    f.write("\n".join(lines) + "\n")

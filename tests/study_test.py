@@ -50,3 +50,31 @@ def test_quick_study_writes_the_report(tmp_path):
   again, _, secs2 = study.study(str(tmp_path / "runs"), True, ["digits_bn"], False, 1)
   assert time.time() - t < 0.5 * secs
   assert secs2 >= secs
+
+
+def test_diverged_runs_and_grid_edges():
+  assert study_report.diverged({"test_accuracy": 0.11, "train_loss": 2.3})
+  assert study_report.diverged({"test_accuracy": 0.9, "train_loss": float("nan")})
+  assert not study_report.diverged({"test_accuracy": 0.5, "train_loss": 0.3})
+  grid = [{"a": 1}, {"a": 2}, {"a": 3}]
+  assert [study_report._edge(grid, g) for g in grid] == ["low edge", "interior", "high edge"]
+  mixed = [{"r": 0.1}, {"r": 0.2}, {"s": "filter", "r": 0.5}, {"s": "filter", "r": 1.0}]
+  assert [study_report._edge(mixed, g) for g in mixed] == ["low edge", "high edge"] * 2
+  # Every cost-study method has a grid of the same size and a pass count.
+  assert {len(g) for g in study.COST_GRIDS.values()} == {6}
+  assert set(study.COST_GRIDS) == set(study.COST_METHODS) == set(study.COST_PASSES)
+
+
+@pytest.mark.slow
+def test_quick_cost_study_writes_the_report(tmp_path):
+  results, secs = study.cost_study(str(tmp_path / "runs"), True, ["mnist1d_mlp"], 1)
+  assert set(results["mnist1d_mlp"]["runs"]) == set(study.COST_METHODS)
+  costs = {"mnist1d_mlp": study.measure_step_costs("mnist1d_mlp", repeats=2)}
+  assert costs["mnist1d_mlp"]["sgd"] == 1.0 and costs["mnist1d_mlp"]["sam"] > 1.0
+  report = tmp_path / "RESULTS_COST.md"
+  study_report.cost_report(
+    results, costs, secs, str(report), "cmd", study.COST_PASSES, study.COST_GRIDS
+  )
+  text = report.read_text()
+  assert "| nrs_b4 | 1.50 |" in text and "nrs_b4 - nrs:" in text and "diverged seeds" in text
+  assert (tmp_path / "results" / "cost_mnist1d_mlp.png").stat().st_size > 1000
