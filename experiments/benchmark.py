@@ -41,6 +41,9 @@ flags.DEFINE_list("ks", ["1", "2", "4", "8"], "Numbers of neighbours.")
 flags.DEFINE_integer("repeats", 0, "Timed calls per row (0: per-model default).")
 flags.DEFINE_string("out", "benchmark.json", "Where to write the results.")
 flags.DEFINE_bool("hessian", True, "Also time HVPs and Lanczos (flatness toolkit).")
+flags.DEFINE_list(
+  "token_vocabs", [], "Token-level rows ([B, T, V] logits, padding mask) at these vocab sizes."
+)
 
 MODELS = {
   # name: (config model, model_kwargs, input shape, batch, default repeats, classes)
@@ -228,10 +231,77 @@ def main(argv):
   if FLAGS.hessian:
     print("[hessian]", flush=True)
     result["hessian"] = bench_hessian()
+  if FLAGS.token_vocabs:
+    print("[tokens]", flush=True)
+    result["tokens"] = bench_tokens([int(v) for v in FLAGS.token_vocabs])
   with open(FLAGS.out, "w") as f:
     json.dump(result, f, indent=2)
   print()
   print(markdown_table(result))
+
+
+def bench_tokens(vocabs, k=4, batch=16, length=128, width=128, repeats=10) -> dict:
+  """Token-level NRS: the gradient of task loss + penalty over ``[B, T, V]`` logits.
+
+  A small causal-free token model (embedding, one hidden layer, a V-way output
+  head) on a batch of ``B`` sequences of ``T`` tokens with a padding mask
+  (``where``, a quarter of the positions padded). Per vocab size, XLA's temp
+  memory and the step time of the loop, vmap and chunked (chunks of one)
+  strategies with K neighbours, over plain cross-entropy's. The K neighbours'
+  ``[B, T, V]`` logits are what grows with V; chunked keeps one neighbour's.
+  """
+  import optax
+
+  out = {}
+  rng = np.random.default_rng(0)
+  for v in vocabs:
+    tokens = jnp.asarray(rng.integers(0, v, (batch, length)))
+    where = jnp.asarray(np.arange(length)[None, :] < rng.integers(length // 2, length, (batch, 1)))
+    keys = jax.random.split(jax.random.key(0), 3)
+    params = {
+      "emb": jax.random.normal(keys[0], (v, width)) * 0.02,
+      "hidden": jax.random.normal(keys[1], (width, width)) / np.sqrt(width),
+      "out": jax.random.normal(keys[2], (width, v)) / np.sqrt(width),
+    }
+
+    def logits_fn(p, tokens=tokens):
+      return jax.nn.gelu(p["emb"][tokens] @ p["hidden"]) @ p["out"]
+
+    def task(p, tokens=tokens, where=where):
+      ce = optax.softmax_cross_entropy_with_integer_labels(logits_fn(p), tokens)
+      return jnp.sum(ce * where) / jnp.sum(where)
+
+    def loss(p, strategy, where=where, logits_fn=logits_fn, task=task):
+      pen = nrs_jax.nrs_penalty(
+        logits_fn,
+        p,
+        jax.random.key(1),
+        radius=0.01,
+        num_neighbors=k,
+        strategy=strategy,
+        where=where,
+      )
+      return task(p) + pen
+
+    fns, rows = {}, {}
+    for label, f in [("ce", task)] + [
+      (s, partial(loss, strategy=s)) for s in ("loop", "vmap", "chunked")
+    ]:
+      compiled = jax.jit(jax.grad(f)).lower(params).compile()
+      rows[label] = {"temp_bytes": int(compiled.memory_analysis().temp_size_in_bytes)}
+      fns[label] = (compiled, (params,))
+    secs = timing.interleaved_medians(fns, repeats)
+    for label, r in rows.items():
+      r["seconds"] = secs[label]
+      r["vs_ce"] = secs[label] / secs["ce"]
+      r["temp_mib"] = r["temp_bytes"] / 2**20
+    out[f"V{v}"] = rows
+    print(
+      f"  V={v}: "
+      + ", ".join(f"{s} {r['vs_ce']:.2f}x CE, {r['temp_mib']:.1f} MiB" for s, r in rows.items()),
+      flush=True,
+    )
+  return out
 
 
 def markdown_table(result) -> str:
@@ -260,6 +330,11 @@ def markdown_table(result) -> str:
         else ""
       )
       lines.append(f"| {name} | {r['params']} | {r['hvp_vs_grad']:.2f} | {lz} |")
+  if "tokens" in result:
+    lines += ["", "| vocab | row | step x CE | XLA temp MiB |", "|---|---|---|---|"]
+    for v, rows in result["tokens"].items():
+      for label, r in rows.items():
+        lines.append(f"| {v} | {label} | {r['vs_ce']:.2f} | {r['temp_mib']:.1f} |")
   return "\n".join(lines)
 
 

@@ -150,3 +150,12 @@ def strategies_before_after(
         )
   header = ["model", "K", "row", "x SAM before", "after", "compile x SGD before", "after"]
   return _table(header + ["temp MiB before", "after"], out)
+
+
+def cpu_tokens(name: str = "benchmark_cpu_tokens.json") -> str:
+  """Token-level NRS (K = 4, [B, T, V] logits with a padding mask) per vocab size."""
+  out = []
+  for vocab, rows in load(name)["tokens"].items():
+    for label, r in rows.items():
+      out.append([vocab[1:], label, _fmt(r["vs_ce"]), f"{r['temp_mib']:.1f}"])
+  return _table(["vocab", "row", "step x cross-entropy step", "XLA temp MiB"], out)

@@ -75,3 +75,10 @@ def test_accelerator_benchmark_runs_on_cpu_with_tiny_shapes(tmp_path):
   assert result["checks"]["nrs_k1_sub4_vs_work"] > 0
   for s, r in result["strategy_agreement"].items():
     assert r["value_rel_diff"] < 1e-4 and r["grad_rel_diff"] < 1e-4, (s, r)
+
+
+def test_token_level_rows_run_and_chunked_holds_less_than_the_loop():
+  rows = benchmark.bench_tokens([64], k=4, batch=4, length=16, width=8, repeats=1)["V64"]
+  assert set(rows) == {"ce", "loop", "vmap", "chunked"}
+  assert rows["ce"]["vs_ce"] == 1.0 and all(r["seconds"] > 0 for r in rows.values())
+  assert rows["chunked"]["temp_bytes"] < rows["loop"]["temp_bytes"]
