@@ -273,8 +273,8 @@ class _Sampler:
     check_choice("noise", noise, NOISES)
     check_choice("scale", scale, SCALES)
     self.leaves, self.treedef = jax.tree_util.tree_flatten(params)
-    selected = perturbed_leaf_mask(params, mask)
-    self.sizes = [int(x.size) if s else 0 for x, s in zip(self.leaves, selected)]
+    self.selected = perturbed_leaf_mask(params, mask)  # per leaf, in flatten order
+    self.sizes = [int(x.size) if s else 0 for x, s in zip(self.leaves, self.selected)]
     self.total = sum(self.sizes)
     self.radius, self.noise, self.scale = radius, noise, scale
 

@@ -197,7 +197,16 @@ def penalty(
   """:func:`nrs_penalty` with its options already validated (every entry point calls this)."""
   k = options.num_neighbors
   div_fn = options.divergence_fn
-  selected = _neighbors.perturbed_leaf_mask(params, options.mask)
+  # The perturbations are constants: stopping the radius's gradient here (rather than only
+  # the draw's) keeps a differentiated radius out of the chunked strategy's custom VJP.
+  # (Building the sampler also checks the mask against params, before any model call.)
+  sampler = _neighbors.make_sampler(
+    params,
+    radius=jax.lax.stop_gradient(radius),
+    noise=options.noise,
+    scale=options.scale,
+    mask=options.mask,
+  )
   if per_replica_neighbors and axis_name is None:
     raise ValueError("per_replica_neighbors=True needs axis_name, the mapped axis.")
   if center_logits is None:
@@ -233,24 +242,15 @@ def penalty(
       return one_at(p, c, [None if d is None else d[0] for d in deltas])[None]
     return jax.vmap(lambda d: one_at(p, c, d))(deltas)
 
-  # The perturbations are constants: stopping the radius's gradient here (rather than only
-  # the draw's) keeps a differentiated radius out of the chunked strategy's custom VJP.
-  sampler = _neighbors.make_sampler(
-    params,
-    radius=jax.lax.stop_gradient(radius),
-    noise=options.noise,
-    scale=options.scale,
-    mask=options.mask,
-  )
   strategy = options.strategy
   if strategy == "auto":
     strategy = _strategies.choose(
-      k, k > 1 and _strategies.runs_convolution(logits_fn, params, selected)
+      k, k > 1 and _strategies.runs_convolution(logits_fn, params, sampler.selected)
     )
   value = _strategies.evaluate(
     strategy,
     divs_of,
-    lambda p, ks: sampler.draw(p, ks),
+    sampler.draw,
     params,
     center,
     keys,
