@@ -308,16 +308,18 @@ def measure_step_costs(task_name: str, repeats: int = 30) -> dict:
   from experiments import timing
   from experiments import train
 
+  # Every method trains on the task's data with the task's batch size: load it once.
+  base = make_config(TASKS[task_name], "sgd", {}, 0, False)
+  ds = input_pipeline.load(base.dataset, seed=0)
+  b = base.batch_size
+  batch = {
+    "x": jax.numpy.asarray(ds.train.x[:b]),
+    "y": jax.numpy.asarray(ds.train.y[:b]),
+    "idx": jax.numpy.arange(b),
+  }
   fns, probs = {}, {}
   for m, (method, fixed) in COST_METHODS.items():
     config = make_config(TASKS[task_name], method, fixed, 0, False)
-    ds = input_pipeline.load(config.dataset, seed=0)
-    b = config.batch_size
-    batch = {
-      "x": jax.numpy.asarray(ds.train.x[:b]),
-      "y": jax.numpy.asarray(ds.train.y[:b]),
-      "idx": jax.numpy.arange(b),
-    }
     model = train.Model(config, ds)
     tx = methods.make_optimizer(config, 1000, len(ds.train.y), ds.num_classes)
     step = jax.jit(methods.make_step(method, model.apply, tx, config, steps_per_epoch=10))

@@ -62,23 +62,27 @@ def _x(raw: dict, label: str, base: str) -> float | None:
   return raw[label]["seconds"] / raw[base]["seconds"]
 
 
-def cpu_strategies(name: str = "benchmark_cpu_strategies_after.json") -> str:
-  """NRS steps in SAM steps per strategy and K, with the XLA temp memory."""
-  result = load(name)
-  out = []
+def _rows_with(result: dict, row: str, ks=(1, 2, 4, 8)):
+  """(model, raw rows, K) for every model and K whose run has ``nrs_k{K}_{row}``."""
   for model in result["models"]:
     raw = _raw(result, model)
-    for k in (1, 2, 4, 8):
-      if f"nrs_k{k}_auto" not in raw:
-        continue
-      cells = [model, str(k), _fmt(0.5 * (1 + k))]
-      for s in ("auto", "loop", "chunked", "vmap", "chunked2"):
-        cells.append(_fmt(_x(raw, f"nrs_k{k}_{s}", "sam")))
-      temps = [
-        f"{raw[f'nrs_k{k}_{s}']['temp_bytes'] / MiB:.1f}" if f"nrs_k{k}_{s}" in raw else "-"
-        for s in ("loop", "chunked", "chunked2")
-      ]
-      out.append(cells + [" / ".join(temps)])
+    for k in ks:
+      if f"nrs_k{k}_{row}" in raw:
+        yield model, raw, k
+
+
+def cpu_strategies(name: str = "benchmark_cpu_strategies_after.json") -> str:
+  """NRS steps in SAM steps per strategy and K, with the XLA temp memory."""
+  out = []
+  for model, raw, k in _rows_with(load(name), "auto"):
+    cells = [model, str(k), _fmt(0.5 * (1 + k))]
+    for s in ("auto", "loop", "chunked", "vmap", "chunked2"):
+      cells.append(_fmt(_x(raw, f"nrs_k{k}_{s}", "sam")))
+    temps = [
+      f"{raw[f'nrs_k{k}_{s}']['temp_bytes'] / MiB:.1f}" if f"nrs_k{k}_{s}" in raw else "-"
+      for s in ("loop", "chunked", "chunked2")
+    ]
+    out.append(cells + [" / ".join(temps)])
   header = ["model", "K", "floor 0.5(1+K)", "auto", "loop", "chunked (chunks of 1)", "vmap"]
   header += ["chunked, chunks of 2", "temp MiB: loop / chunked / chunks of 2"]
   return _table(header, out)
@@ -86,34 +90,24 @@ def cpu_strategies(name: str = "benchmark_cpu_strategies_after.json") -> str:
 
 def cpu_transform(name: str = "benchmark_cpu_strategies_after.json") -> str:
   """The optax transform over the fused loss, differentiable and fixed centre."""
-  result = load(name)
   out = []
-  for model in result["models"]:
-    raw = _raw(result, model)
-    for k in (1, 2, 4, 8):
-      if f"nrs_k{k}_transform" not in raw:
-        continue
-      diff = _x(raw, f"nrs_k{k}_transform", f"nrs_k{k}_auto")
-      sg = _x(raw, f"nrs_k{k}_transform_sg", f"nrs_k{k}_fused_sg")
-      out.append([model, str(k), f"{_fmt(diff)} ({(2 + k) / (1 + k):.2f})", _fmt(sg)])
+  for model, raw, k in _rows_with(load(name), "transform"):
+    diff = _x(raw, f"nrs_k{k}_transform", f"nrs_k{k}_auto")
+    sg = _x(raw, f"nrs_k{k}_transform_sg", f"nrs_k{k}_fused_sg")
+    out.append([model, str(k), f"{_fmt(diff)} ({(2 + k) / (1 + k):.2f})", _fmt(sg)])
   header = ["model", "K", "differentiable centre (work bound (2+K)/(1+K))"]
   return _table(header + ["fixed centre + `center_logits`"], out)
 
 
 def cpu_subbatch(name: str = "benchmark_cpu_subbatch.json") -> str:
   """Neighbours on B/4 and B/8 examples, in SGD steps."""
-  result = load(name)
   out = []
-  for model in result["models"]:
-    raw = _raw(result, model)
-    for k in (1, 2):
-      if f"nrs_k{k}_sub4" not in raw:
-        continue
-      cells = [model, str(k), _fmt(_x(raw, f"nrs_k{k}_auto", "sgd"))]
-      for frac in (4, 8):
-        for reuse in ("", "_reuse"):
-          cells.append(_fmt(_x(raw, f"nrs_k{k}_sub{frac}{reuse}", "sgd")))
-      out.append(cells)
+  for model, raw, k in _rows_with(load(name), "sub4", ks=(1, 2)):
+    cells = [model, str(k), _fmt(_x(raw, f"nrs_k{k}_auto", "sgd"))]
+    for frac in (4, 8):
+      for reuse in ("", "_reuse"):
+        cells.append(_fmt(_x(raw, f"nrs_k{k}_sub{frac}{reuse}", "sgd")))
+    out.append(cells)
   header = ["model", "K", "full NRS", "B/4", "B/4 reuse", "B/8", "B/8 reuse"]
   return _table(header, out)
 
