@@ -18,7 +18,7 @@ from typing import Optional
 
 import numpy as np
 
-IN_MEMORY = ("mnist1d", "digits")
+IN_MEMORY = ("mnist1d", "digits", "stdlib")
 TFDS = {"cifar10": (32, 32, 3), "cifar100": (32, 32, 3), "imagenet2012": (224, 224, 3)}
 CIFAR_MEAN = np.array([0.4914, 0.4822, 0.4465], np.float32)
 CIFAR_STD = np.array([0.2470, 0.2435, 0.2616], np.float32)
@@ -88,6 +88,92 @@ def _digits() -> tuple[Split, Split, int]:
   return Split(x[n_test:], y[n_test:]), Split(x[:n_test], y[:n_test]), 10
 
 
+# The packages of the running Python's standard library whose sources make the
+# character-level LM corpus (their test suites excluded); read at run time.
+STDLIB_PACKAGES = (
+  "json",
+  "email",
+  "http",
+  "urllib",
+  "xml",
+  "concurrent",
+  "logging",
+  "importlib",
+  "collections",
+  "html",
+  "wsgiref",
+  "tomllib",
+  "zoneinfo",
+  "re",
+)
+PAD = -1  # label of padding positions in token datasets (masked out of every loss)
+
+
+def stdlib_sources(packages=STDLIB_PACKAGES) -> list[tuple[str, bytes]]:
+  """``(path relative to the stdlib, UTF-8 bytes)`` of every ``.py`` file of ``packages``.
+
+  Read from the running interpreter's standard library (``sysconfig``), sorted
+  by path; directories named ``test`` or ``tests`` are skipped. The corpus
+  therefore depends on the Python version: results name it.
+  """
+  import pathlib
+  import sysconfig
+
+  root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+  out = []
+  for pkg in packages:
+    base = root / pkg
+    if not base.exists():
+      raise FileNotFoundError(f"the standard library at {root} has no package {pkg!r}.")
+    files = [base] if base.is_file() else sorted(base.rglob("*.py"))
+    for f in files:
+      rel = f.relative_to(root)
+      if not {"test", "tests"} & set(rel.parts[:-1]):
+        out.append((rel.as_posix(), f.read_bytes()))
+  return out
+
+
+def stdlib_split_of(path: str) -> str:
+  """A file's split from its path alone: about 80% train, 10% validation, 10% test."""
+  import zlib
+
+  r = zlib.crc32(path.encode()) % 10
+  return "test" if r == 0 else "validation" if r == 1 else "train"
+
+
+def tokenize_files(files: list[bytes], block_size: int) -> Split:
+  """Byte-level next-token sequences, never crossing a file boundary.
+
+  Each file is cut into windows of ``block_size + 1`` bytes that overlap by one
+  (inputs ``w[:-1]``, targets ``w[1:]``); a file's last window is padded with
+  input 0 and target ``PAD`` (-1), which every loss and metric masks out.
+  Token ids are bytes (vocabulary 256), so a bit per token is a bit per
+  character on the ASCII sources.
+  """
+  xs, ys = [], []
+  for data in files:
+    a = np.frombuffer(data, np.uint8).astype(np.int32)
+    for i in range(0, max(len(a) - 1, 0), block_size):
+      w = a[i : i + block_size + 1]
+      x = np.zeros(block_size, np.int32)
+      y = np.full(block_size, PAD, np.int32)
+      x[: len(w) - 1], y[: len(w) - 1] = w[:-1], w[1:]
+      xs.append(x)
+      ys.append(y)
+  return Split(np.stack(xs), np.stack(ys))
+
+
+def _stdlib(block_size: int) -> tuple[Split, Split, Split]:
+  files: dict[str, list[bytes]] = {"train": [], "validation": [], "test": []}
+  for path, data in stdlib_sources():
+    files[stdlib_split_of(path)].append(data)
+  train, val, test = (tokenize_files(files[s], block_size) for s in ("train", "validation", "test"))
+  # Training sequences in a fixed random order, so max_examples takes a sample of
+  # every package rather than the first files.
+  perm = np.random.default_rng(0).permutation(len(train.y))
+  return Split(train.x[perm], train.y[perm]), val, test
+
+
 def _carve_validation(train: Split, fraction: float, seed: int) -> tuple[Split, Split]:
   n = len(train.y)
   n_val = int(round(n * fraction))
@@ -113,8 +199,15 @@ def load(
   data_dir: Optional[str] = None,
   label_noise: float = 0.0,
   max_examples: Optional[int] = None,
+  block_size: int = 64,
 ) -> Dataset:
-  """Loads a dataset by name: ``mnist1d``, ``digits`` or a TFDS image set."""
+  """Loads a dataset by name: ``mnist1d``, ``digits``, ``stdlib`` or a TFDS image set.
+
+  ``stdlib`` is the character-level LM corpus (``stdlib_sources``), split by
+  file (``stdlib_split_of``, so ``validation_fraction`` does not apply) into
+  sequences of ``block_size`` tokens; its labels are ``[N, block_size]`` next
+  tokens with ``PAD`` at padding, and ``num_classes`` is the vocabulary (256).
+  """
   if name in TFDS:
     if label_noise:
       raise ValueError(
@@ -122,6 +215,15 @@ def load(
         f"{name!r} is streamed from TFDS."
       )
     return _load_tfds(name, validation_fraction, seed, data_dir, max_examples)
+  if name == "stdlib":
+    if label_noise:
+      raise ValueError("label_noise is for the classification datasets, not 'stdlib'.")
+    if not isinstance(block_size, int) or block_size < 1:
+      raise ValueError(f"block_size={block_size!r} must be a positive int (tokens per sequence).")
+    train, val, test = _stdlib(block_size)
+    if max_examples:
+      train = Split(train.x[:max_examples], train.y[:max_examples])
+    return Dataset(name, train, val, test, 256, (block_size,))
   if name == "mnist1d":
     train, test, nc = _mnist1d(data_dir or default_cache_dir(), 42)
   elif name == "digits":

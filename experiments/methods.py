@@ -10,6 +10,7 @@ centre (unperturbed) pass only and uses one dropout key for all its passes.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 from typing import NamedTuple
 
@@ -23,22 +24,59 @@ import nrs_jax
 METHODS = ("sgd", "nrs", "sam", "asam", "rwp", "saf", "mesa")
 
 
-def cross_entropy(logits, labels):
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+def is_token_level(labels) -> bool:
+  """Labels ``[B, T]`` (a sequence model's next tokens) rather than one per example."""
+  return labels.ndim > 1
+
+
+def valid_tokens(labels):
+  """Where a token-level label is real: padding carries a negative label (``PAD``)."""
+  return labels >= 0
+
+
+def cross_entropy(logits, labels, smoothing=0.0):
+  """Mean cross-entropy: over examples, or over the valid tokens of ``[B, T]`` labels.
+
+  ``smoothing`` > 0 mixes the one-hot target with the uniform distribution
+  (label smoothing, ``optax.smooth_labels``). Token-level labels below 0 are
+  padding and are left out of the mean.
+  """
+  safe = jnp.maximum(labels, 0)
+  if smoothing:
+    target = optax.smooth_labels(jax.nn.one_hot(safe, logits.shape[-1]), smoothing)
+    ce = optax.softmax_cross_entropy(logits, target)
+  else:
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, safe)
+  if not is_token_level(labels):
+    return ce.mean()
+  valid = valid_tokens(labels)
+  return jnp.sum(jnp.where(valid, ce, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
+
+
+def task_loss(config) -> Callable:
+  """``(logits, labels) -> loss`` with the config's ``label_smoothing`` (default 0)."""
+  smoothing = float(config.get("label_smoothing", 0.0))
+  if not 0.0 <= smoothing < 1.0:
+    raise ValueError(f"config.label_smoothing={smoothing} must be in [0, 1).")
+  return partial(cross_entropy, smoothing=smoothing)
 
 
 def _accuracy(logits, labels):
-  return jnp.mean(jnp.argmax(logits, -1) == labels)
+  hit = jnp.argmax(logits, -1) == labels
+  if not is_token_level(labels):
+    return jnp.mean(hit)
+  valid = valid_tokens(labels)
+  return jnp.sum(hit & valid) / jnp.maximum(jnp.sum(valid), 1)
 
 
 def _global_norm(tree):
   return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree_util.tree_leaves(tree)))
 
 
-def _grad_at(apply_fn, params, bs, batch, dkey):
+def _grad_at(apply_fn, params, bs, batch, dkey, loss=cross_entropy):
   def loss_fn(p):
     logits, new_bs = apply_fn(p, bs, batch["x"], True, dkey)
-    return cross_entropy(logits, batch["y"]), (logits, new_bs)
+    return loss(logits, batch["y"]), (logits, new_bs)
 
   return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
@@ -194,18 +232,29 @@ def make_step(method: str, apply_fn: Callable, tx, config, steps_per_epoch: int 
   )
 
 
-def soft_kl(teacher_logits, logits, tau):
-  """Batch mean of KL(softmax(teacher / tau) || softmax(logits / tau)), teacher fixed."""
-  return jnp.mean(nrs_jax.kl(jax.lax.stop_gradient(teacher_logits) / tau, logits / tau))
+def soft_kl(teacher_logits, logits, tau, where=None):
+  """Mean of KL(softmax(teacher / tau) || softmax(logits / tau)), teacher fixed.
+
+  Over the batch, or over the positions where ``where`` is true.
+  """
+  kl = nrs_jax.kl(jax.lax.stop_gradient(teacher_logits) / tau, logits / tau)
+  if where is None:
+    return jnp.mean(kl)
+  return jnp.sum(jnp.where(where, kl, 0.0)) / jnp.maximum(jnp.sum(where), 1)
 
 
-def _distilled_grad(apply_fn, params, bs, batch, key, teacher_logits, weight, tau):
-  """Gradient of CE + weight * soft_kl(teacher, logits, tau); returns (task, logits, bs, g)."""
+def _distilled_grad(apply_fn, params, bs, batch, key, teacher_logits, weight, tau, loss):
+  """Gradient of the task loss + weight * soft_kl(teacher, logits, tau).
+
+  Returns (task, logits, bs, g); token-level labels mask the KL at padding.
+  """
+  y = batch["y"]
+  where = valid_tokens(y) if is_token_level(y) else None
 
   def loss_fn(p):
     logits, new_bs = apply_fn(p, bs, batch["x"], True, key)
-    task = cross_entropy(logits, batch["y"])
-    return task + weight * soft_kl(teacher_logits, logits, tau), (task, logits, new_bs)
+    task = loss(logits, y)
+    return task + weight * soft_kl(teacher_logits, logits, tau, where), (task, logits, new_bs)
 
   (_, (task, logits, new_bs)), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
   return task, logits, new_bs, g
@@ -220,15 +269,21 @@ def _saf(apply_fn, tx, config, steps_per_epoch):
   backward pass per step, plus the memory of E x N x C logits.
   """
   lam, tau, epochs = config.saf.lam, config.saf.tau, int(config.saf.epochs)
+  loss = task_loss(config)
 
   def step(params, bs, opt_state, batch, key):
+    if is_token_level(batch["y"]):
+      raise ValueError(
+        "method='saf' stores one output per training example; token-level tasks "
+        "(labels [B, T]) would need [epochs, N, T, V]. Use mesa, nrs or sam there."
+      )
     mem = opt_state[0]
     epoch = mem.count // steps_per_epoch
     slot = epoch % epochs
     old = mem.outputs[slot, batch["idx"]]
     active = (epoch >= epochs).astype(jnp.float32)
     task, logits, new_bs, g = _distilled_grad(
-      apply_fn, params, bs, batch, key, old, lam * active, tau
+      apply_fn, params, bs, batch, key, old, lam * active, tau, loss
     )
     params, opt_state = _finish(tx, params, opt_state, g)
     outputs = mem.outputs.at[slot, batch["idx"]].set(logits.astype(jnp.float32))
@@ -248,13 +303,14 @@ def _mesa(apply_fn, tx, config, steps_per_epoch):
   """
   lam, tau, decay = config.mesa.lam, config.mesa.tau, config.mesa.decay
   start = int(config.mesa.start_epoch) * steps_per_epoch
+  loss = task_loss(config)
 
   def step(params, bs, opt_state, batch, key):
     teacher = opt_state[0]
     t_logits, _ = apply_fn(teacher.ema, bs, batch["x"], True, key)
     active = (teacher.count >= start).astype(jnp.float32)
     task, logits, new_bs, g = _distilled_grad(
-      apply_fn, params, bs, batch, key, t_logits, lam * active, tau
+      apply_fn, params, bs, batch, key, t_logits, lam * active, tau, loss
     )
     new_params, opt_state = _finish(tx, params, opt_state, g)
     ema = jax.tree_util.tree_map(lambda e, w: decay * e + (1 - decay) * w, teacher.ema, new_params)
@@ -265,8 +321,10 @@ def _mesa(apply_fn, tx, config, steps_per_epoch):
 
 
 def _sgd(apply_fn, tx, config):
+  task = task_loss(config)
+
   def step(params, bs, opt_state, batch, key):
-    (loss, (logits, new_bs)), g = _grad_at(apply_fn, params, bs, batch, key)
+    (loss, (logits, new_bs)), g = _grad_at(apply_fn, params, bs, batch, key, task)
     params, opt_state = _finish(tx, params, opt_state, g)
     return params, new_bs, opt_state, {"loss": loss, "accuracy": _accuracy(logits, batch["y"])}
 
@@ -274,16 +332,25 @@ def _sgd(apply_fn, tx, config):
 
 
 def _nrs(apply_fn, tx, config):
+  """NRS through make_nrs_loss (default) or the optax transform.
+
+  Token-level labels ``[B, T]``: the penalty averages over the valid (non-PAD)
+  positions, through ``where_fn`` / the transform's ``where``.
+  """
   opts = _nrs_options(config)
+  task = task_loss(config)
   if config.nrs.get("implementation", "loss") == "transform":
     m = opts.get("neighbor_batch_size")
     reuse = opts.get("reuse_center_logits", False)
 
     def step(params, bs, opt_state, batch, key):
-      (loss, (logits, new_bs)), g = _grad_at(apply_fn, params, bs, batch, key)
+      (loss, (logits, new_bs)), g = _grad_at(apply_fn, params, bs, batch, key, task)
       # Neighbours on the strided sub-batch when asked, as make_nrs_loss does.
-      pen_x = batch["x"] if m is None else nrs_jax.strided_subset(batch["x"], m)
+      sub = (lambda v: v) if m is None else (lambda v: nrs_jax.strided_subset(v, m))
+      pen_x = sub(batch["x"])
       extra = {"logits_fn": lambda p: apply_fn(p, bs, pen_x, True, key)[0]}
+      if is_token_level(batch["y"]):
+        extra["where"] = valid_tokens(sub(batch["y"]))
       if opts.get("stop_gradient_center", False) and (m is None or reuse):
         # A fixed target: share the centre pass (its subset with a sub-batch).
         extra["center_logits"] = logits if m is None else nrs_jax.strided_subset(logits, m)
@@ -296,11 +363,13 @@ def _nrs(apply_fn, tx, config):
 
   def step(params, bs, opt_state, batch, key):
     dkey, nkey = jax.random.split(key)
+    token_level = is_token_level(batch["y"])
     loss_fn = nrs_jax.make_nrs_loss(
       lambda p, b: apply_fn(p, bs, b["x"], True, dkey),
-      lambda logits, b: cross_entropy(logits, b["y"]),
+      lambda logits, b: task(logits, b["y"]),
       alpha=alpha,
       has_aux=True,
+      where_fn=(lambda b: valid_tokens(b["y"])) if token_level else None,
       **opts,
     )
     (_, aux), g = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, nkey)
@@ -315,14 +384,14 @@ def _nrs(apply_fn, tx, config):
   return step
 
 
-def _ascent_step(apply_fn, tx, perturb):
+def _ascent_step(apply_fn, tx, perturb, task=cross_entropy):
   """Two-pass SAM-style step: gradient at w + e(w, g), BN statistics from the centre."""
 
   def step(params, bs, opt_state, batch, key):
-    (loss, (logits, new_bs)), g = _grad_at(apply_fn, params, bs, batch, key)
+    (loss, (logits, new_bs)), g = _grad_at(apply_fn, params, bs, batch, key, task)
     e = perturb(params, g)
     shifted = jax.tree_util.tree_map(lambda p, d: p + d, params, e)
-    _, g2 = _grad_at(apply_fn, shifted, bs, batch, key)
+    _, g2 = _grad_at(apply_fn, shifted, bs, batch, key, task)
     params, opt_state = _finish(tx, params, opt_state, g2)
     return params, new_bs, opt_state, {"loss": loss, "accuracy": _accuracy(logits, batch["y"])}
 
@@ -337,7 +406,7 @@ def _sam(apply_fn, tx, config):
     n = _global_norm(g)
     return jax.tree_util.tree_map(lambda x: rho * x / jnp.maximum(n, 1e-12), g)
 
-  return _ascent_step(apply_fn, tx, perturb)
+  return _ascent_step(apply_fn, tx, perturb, task_loss(config))
 
 
 def _asam(apply_fn, tx, config):
@@ -350,7 +419,7 @@ def _asam(apply_fn, tx, config):
     n = _global_norm(tg)
     return jax.tree_util.tree_map(lambda ti, x: rho * ti * x / jnp.maximum(n, 1e-12), t, tg)
 
-  return _ascent_step(apply_fn, tx, perturb)
+  return _ascent_step(apply_fn, tx, perturb, task_loss(config))
 
 
 def _rwp(apply_fn, tx, config):
@@ -364,12 +433,14 @@ def _rwp(apply_fn, tx, config):
   mix = opts.pop("mix")
   opts.pop("probability", None)
 
+  task = task_loss(config)
+
   def step(params, bs, opt_state, batch, key):
     dkey, pkey = jax.random.split(key)
-    (loss, (logits, new_bs)), g = _grad_at(apply_fn, params, bs, batch, dkey)
+    (loss, (logits, new_bs)), g = _grad_at(apply_fn, params, bs, batch, dkey, task)
     perts = nrs_jax.sample_perturbations(params, pkey, num_neighbors=1, **opts)
     shifted = jax.tree_util.tree_map(lambda p, d: p + d[0], params, perts.as_tree(params))
-    _, g2 = _grad_at(apply_fn, shifted, bs, batch, dkey)
+    _, g2 = _grad_at(apply_fn, shifted, bs, batch, dkey, task)
     g = jax.tree_util.tree_map(lambda a, b: (1 - mix) * a + mix * b, g, g2)
     params, opt_state = _finish(tx, params, opt_state, g)
     return params, new_bs, opt_state, {"loss": loss, "accuracy": _accuracy(logits, batch["y"])}

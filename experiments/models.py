@@ -385,6 +385,66 @@ class ViT(nnx.Module):
     return self.head(x[:, 0] if self.pool == "cls" else jnp.mean(x, axis=1))
 
 
+class _CausalBlock(_EncoderBlock):
+  """Pre-LayerNorm decoder block: causal self-attention, then the MLP, with dropout."""
+
+  def __call__(self, x, train, key, mask=None):
+    k1, k2 = _split(key, 2)
+    x = x + self._drop(self.attn(self.ln1(x), mask=mask), train, k1)
+    return x + self._drop(self.fc2(jax.nn.gelu(self.fc1(self.ln2(x)))), train, k2)
+
+
+class TransformerLM(nnx.Module):
+  """A small decoder-only transformer language model (GPT-style).
+
+  Token ids ``[B, T]`` (int) -> next-token logits ``[B, T, vocab]``: token and
+  learned position embeddings, pre-LayerNorm blocks with causal self-attention
+  and dropout, a final LayerNorm, and an output head tied to the token
+  embedding (``tied=True``: logits = h @ E^T) or a separate linear layer.
+  ``max_len`` is the number of positions; a longer input raises a ValueError.
+  """
+
+  def __init__(
+    self,
+    vocab_size,
+    max_len=128,
+    dim=128,
+    depth=4,
+    heads=4,
+    mlp_dim=512,
+    dropout=0.0,
+    tied=True,
+    *,
+    rngs,
+  ):
+    self.max_len = int(max_len)
+    self.embed = nnx.Embed(vocab_size, dim, rngs=rngs)
+    self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (1, self.max_len, dim)))
+    self.blocks = nnx.List(
+      [_CausalBlock(dim, heads, mlp_dim, dropout, rngs=rngs) for _ in range(depth)]
+    )
+    self.ln = nnx.LayerNorm(dim, rngs=rngs)
+    self.head = None if tied else nnx.Linear(dim, vocab_size, use_bias=False, rngs=rngs)
+    self.dropout = nnx.Dropout(dropout) if dropout else None
+
+  def __call__(self, x, *, train=False, dropout_key=None):
+    t = x.shape[1]
+    if t > self.max_len:
+      raise ValueError(
+        f"the input has {t} tokens but the model has max_len={self.max_len} positions: "
+        "use a block size <= max_len (config.block_size) or a larger model_kwargs.max_len."
+      )
+    keys = _split(dropout_key, len(self.blocks) + 1)
+    h = self.embed(x.astype(jnp.int32)) + self.pos[:, :t]
+    if self.dropout is not None:
+      h = self.dropout(h, deterministic=not train, rngs=keys[-1])
+    mask = nnx.make_causal_mask(x)
+    for block, k in zip(self.blocks, keys):
+      h = block(h, train, k, mask)
+    h = self.ln(h)
+    return self.embed.attend(h) if self.head is None else self.head(h)
+
+
 class LinenMLP(linen.Module):
   """The MLP in Linen, for the Linen path (``nrs_jax.integrations.linen``)."""
 
@@ -411,6 +471,18 @@ def _resnet50(in_shape, num_classes, rngs, **kw):
   )
 
 
+def _lm(in_shape, vocab_size, rngs, **kw):
+  """The LM for sequences of ``in_shape[0]`` tokens (the block size)."""
+  block = in_shape[0]
+  max_len = kw.setdefault("max_len", block)
+  if block > max_len:
+    raise ValueError(
+      f"block_size={block} is larger than the model's max_len={max_len} positions: lower "
+      "config.block_size or raise config.model_kwargs.max_len."
+    )
+  return TransformerLM(vocab_size, **kw, rngs=rngs)
+
+
 def _flat(in_shape):
   n = 1
   for s in in_shape:
@@ -429,6 +501,8 @@ MODELS = {
   ),
   "vgg16_bn": lambda in_shape, nc, rngs, **kw: VGG(nc, in_channels=in_shape[-1], rngs=rngs, **kw),
   "vit": lambda in_shape, nc, rngs, **kw: ViT(in_shape, nc, rngs=rngs, **kw),
+  # Token ids [B, T] -> logits [B, T, V]; nc is the vocabulary, in_shape (T,) the block.
+  "lm": lambda in_shape, nc, rngs, **kw: _lm(in_shape, nc, rngs, **kw),
 }
 LINEN_MODELS = {"linen_mlp": partial(LinenMLP)}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -53,16 +54,20 @@ class Model:
 
 
 def make_eval_step(apply):
-  """One jitted (params, batch_stats, x, y, w) -> (summed loss, correct), compiled once per run.
+  """One jitted (params, bs, x, y, w) -> (summed loss, correct, count), compiled once per run.
 
-  ``w`` weights each example (0 for the padding that makes a batch divide the devices).
+  ``w`` weights each example (0 for the padding that makes a batch divide the
+  devices). Token-level labels ``[B, T]`` count each valid token (label >= 0)
+  once, so the means are per token (per character for the byte-level LM).
   """
 
   @jax.jit
   def step(params, bs, x, y, w):
     logits, _ = apply(params, bs, x, False, None)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-    return jnp.sum(losses * w), jnp.sum((jnp.argmax(logits, -1) == y) * w)
+    weight = w.reshape(w.shape + (1,) * (y.ndim - 1)) * (y >= 0)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(y, 0))
+    correct = jnp.argmax(logits, -1) == y
+    return jnp.sum(losses * weight), jnp.sum(correct * weight), jnp.sum(weight)
 
   return step
 
@@ -102,9 +107,17 @@ def _eval_batches(ds, split: str, batch_size: int, mesh):
 def _eval_metrics(eval_step, params, bs, ds, split, batch_size, mesh=None):
   tot_l, tot_c, n = 0.0, 0.0, 0.0
   for g in _eval_batches(ds, split, batch_size, mesh):
-    loss, c = eval_step(params, bs, g["x"], g["y"], g["w"])
-    tot_l, tot_c, n = tot_l + float(loss), tot_c + float(c), n + float(jnp.sum(g["w"]))
+    loss, c, count = eval_step(params, bs, g["x"], g["y"], g["w"])
+    tot_l, tot_c, n = tot_l + float(loss), tot_c + float(c), n + float(count)
   return tot_l / max(n, 1), tot_c / max(n, 1)
+
+
+def _train_eval_view(ds, examples: int):
+  """The dataset whose ``train`` split is its first ``examples`` rows (0: all of it)."""
+  if not examples or ds.stream is not None or examples >= ds.num_train:
+    return ds
+  head = input_pipeline.Split(ds.train.x[:examples], ds.train.y[:examples])
+  return dataclasses.replace(ds, train=head)
 
 
 def _hessian(model, params, bs, ds, config, key, mesh=None):
@@ -347,6 +360,20 @@ def is_lead() -> bool:
   return jax.process_index() == 0
 
 
+def load_data(config) -> input_pipeline.Dataset:
+  """The config's dataset (``block_size`` applies to the token datasets)."""
+  extra = {"block_size": int(config.block_size)} if "block_size" in config else {}
+  return input_pipeline.load(
+    config.dataset,
+    validation_fraction=config.validation_fraction,
+    seed=config.seed,
+    data_dir=config.get("data_dir") or None,
+    label_noise=config.get("label_noise", 0.0),
+    max_examples=config.get("max_examples") or None,
+    **extra,
+  )
+
+
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   """Trains ``config.method`` on ``config.dataset``; resumes from ``workdir`` if present.
 
@@ -378,14 +405,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     )
   if config.method not in methods.METHODS:
     raise ValueError(f"method={config.method!r} is not known: choose one of {methods.METHODS}.")
-  ds = input_pipeline.load(
-    config.dataset,
-    validation_fraction=config.validation_fraction,
-    seed=config.seed,
-    data_dir=config.get("data_dir") or None,
-    label_noise=config.get("label_noise", 0.0),
-    max_examples=config.get("max_examples") or None,
-  )
+  ds = load_data(config)
   model = Model(config, ds)
   steps_per_epoch = max(ds.num_train // config.batch_size, 1)
   total_steps = config.get("num_steps") or config.num_epochs * steps_per_epoch
@@ -472,6 +492,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     )
 
   eval_step = make_eval_step(model.apply)
+  # Train metrics on the first config.train_eval_examples rows (0: the whole split).
+  train_view = _train_eval_view(ds, int(config.get("train_eval_examples", 0) or 0))
   eval_every = config.eval_every_epochs * steps_per_epoch
   hess_every = config.hessian.get("every_evals", 0)
   hessian_ok = not (n_proc > 1 and config.sharding == "fsdp")
@@ -518,9 +540,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
           "(config.learning_rate) or the NRS alpha/radius; the last good checkpoint is kept."
         )
       p, bs = state["params"], state["batch_stats"]
-      tl, ta = _eval_metrics(eval_step, p, bs, ds, "train", 1000, mesh)
-      _, va = _eval_metrics(eval_step, p, bs, ds, "validation", 1000, mesh)
-      _, te = _eval_metrics(eval_step, p, bs, ds, "test", 1000, mesh)
+      tl, ta = _eval_metrics(eval_step, p, bs, train_view, "train", 1000, mesh)
+      vl, va = _eval_metrics(eval_step, p, bs, ds, "validation", 1000, mesh)
+      tel, te = _eval_metrics(eval_step, p, bs, ds, "test", 1000, mesh)
       record = {
         "step": done,
         "epoch": done / steps_per_epoch,
@@ -529,6 +551,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         "train_accuracy": ta,
         "val_accuracy": va,
         "test_accuracy": te,
+        "val_loss": vl,
+        "test_loss": tel,
         "wall_seconds": wall_offset + time.time() - t0,
       }
       n_eval = done // eval_every if eval_every else 0

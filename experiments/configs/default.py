@@ -33,9 +33,11 @@ def get_config():
   config.momentum = 0.9
   config.weight_decay = 5e-4
   config.warmup_steps = 0
+  config.label_smoothing = 0.0  # > 0 smooths the one-hot targets of the task loss
   for name, d in method_defaults().items():
     setattr(config, name, d)
   config.eval_every_epochs = 20
+  config.train_eval_examples = 0  # train metrics on the first N examples (0: all)
   config.checkpoint_every_steps = 1000
   config.progress = True
   # Devices: "none" (default device), "replicated" (batch sharded over a `data`

@@ -15,7 +15,7 @@ Hardware: a TPU pod slice or a multi-GPU node. The recipe follows big_vision's
 ViT-S/16 from scratch (Beyer et al., 2022: batch 1024, AdamW with b2 0.999 and
 decoupled weight decay, 10k warm-up steps then cosine, 90 epochs, mean pooling) with
 the augmentation the harness has (random crop, flip) instead of Inception crop,
-RandAugment and mixup, and without label smoothing. TFDS data is streamed with
+RandAugment and mixup, and with label smoothing 0.1 on the task loss. TFDS data is streamed with
 tf.data, each process reading its own part of every split. Smoke-tested here under
 tfds.testing.mock_data only.
 """
@@ -33,6 +33,7 @@ def get_config():
   config.learning_rate = 1e-3
   config.weight_decay = 1e-4
   config.warmup_steps = 10_000
+  config.label_smoothing = 0.1
   config.nrs = dict(alpha=1.0, radius=0.005, num_neighbors=1, noise="gaussian", scale="filter")
   config.sam = dict(rho=0.05)
   return config
