@@ -35,12 +35,20 @@ flags.DEFINE_bool("quick", False, "Tiny budgets (for the test suite).")
 flags.DEFINE_integer("workers", 2, "Runs in parallel (one CPU thread each).")
 flags.DEFINE_list("tasks", [], "Subset of tasks (default: all).")
 flags.DEFINE_bool("ablations", True, "Run the NRS ablations.")
+flags.DEFINE_bool(
+  "train_only",
+  False,
+  "--part=transformers: train (or resume) the runs and stop, without measuring step costs "
+  "or writing the report; e.g. to train on an accelerator and report on the machine whose "
+  "step costs the report should give (copy each run's metrics.jsonl and done.json).",
+)
 flags.DEFINE_enum(
   "part",
   "headline",
-  ["headline", "cost"],
+  ["headline", "cost", "transformers"],
   "headline: NRS vs SGD, SAM and RWP (RESULTS.md); cost: the cost-accuracy comparison of "
-  "NRS's cheaper settings and its relatives (RESULTS_COST.md, tasks default to mnist1d).",
+  "NRS's cheaper settings and its relatives (RESULTS_COST.md, tasks default to mnist1d); "
+  "transformers: AdamW vs SAM vs NRS on mnist1d_vit and stdlib_lm (RESULTS_TRANSFORMERS.md).",
 )
 
 # Tuning grids: the same number of runs for every method.
@@ -62,6 +70,12 @@ class Task:
 
 TASKS = {
   "mnist1d_mlp": Task("mnist1d_mlp", "default", {"num_epochs": 100}),
+  # Transformers (--part=transformers): a tiny ViT on mnist1d, and the character-level
+  # LM on a 4096-sequence (262k-character) sample of the stdlib corpus.
+  "mnist1d_vit": Task("mnist1d_vit", "mnist1d_vit", {"num_epochs": 50, "eval_every_epochs": 10}),
+  "stdlib_lm": Task(
+    "stdlib_lm", "stdlib_lm", {"num_epochs": 10, "max_examples": 4096, "eval_every_epochs": 5}
+  ),
   "mnist1d_cnn": Task("mnist1d_cnn", "mnist1d_cnn", {"num_epochs": 60}),
   "digits_bn": Task("digits_bn", "digits", {"num_epochs": 50}),
   "mnist1d_mlp_noise20": Task(
@@ -89,7 +103,10 @@ def make_config(task: Task, method: str, overrides: dict, seed: int, quick: bool
     config.progress = False
     for k, v in {**task.overrides, **overrides}.items():
       _set(config, k, v)
-    config.eval_every_epochs = max(config.num_epochs // 10, 1)
+    # Ten evaluations per run unless the task sets its own (only the last is reported).
+    config.eval_every_epochs = task.overrides.get(
+      "eval_every_epochs", max(config.num_epochs // 10, 1)
+    )
     config.checkpoint_every_steps = 100_000
     config.hessian = dict(
       num_examples=1024, batch_size=512, num_iters=20, num_samples=20, every_evals=2
@@ -106,18 +123,41 @@ def make_config(task: Task, method: str, overrides: dict, seed: int, quick: bool
   return config
 
 
+DONE = "done.json"  # written when a run finishes: the study skips such runs
+
+
 def _run(args):
-  """Worker: one training run (resumes; skipped if finished)."""
+  """Worker: one training run (resumes; skipped if finished).
+
+  A finished run leaves ``done.json`` beside its ``metrics.jsonl``: those two
+  small files are all the report reads, so a study's runs can be copied
+  between machines without their checkpoints.
+  """
   workdir, task_name, method, overrides, seed, quick = args
-  final = os.path.join(workdir, "final_state.npz")
   metrics = os.path.join(workdir, "metrics.jsonl")
-  if os.path.exists(final) and os.path.exists(metrics):
+  done = os.path.join(workdir, DONE)
+  if os.path.exists(done) and os.path.exists(metrics):
+    return workdir
+  if os.path.exists(os.path.join(workdir, "final_state.npz")) and os.path.exists(metrics):
+    _mark_done(done)  # finished by a version of the study that wrote no marker
     return workdir
   from experiments import train
 
   config = make_config(TASKS[task_name], method, overrides, seed, quick)
   train.train_and_evaluate(config, workdir)
+  _mark_done(done)
   return workdir
+
+
+def _mark_done(path):
+  import platform
+
+  import jax
+
+  with open(path, "w") as f:
+    json.dump(
+      {"jax": jax.__version__, "python": platform.python_version(), "machine": _machine()}, f
+    )
 
 
 def _init_worker(cores=None):
@@ -283,6 +323,121 @@ def cost_study(workdir, quick, tasks, workers):
   return results, _accumulated_seconds(workdir, "cost_time.json", time.time() - t0)
 
 
+# The transformer comparison (--part=transformers): AdamW with its regularisation
+# tuned, then SAM and NRS (full and on a quarter of the batch) on top of it.
+TRANSFORMER_TASKS = ("mnist1d_vit", "stdlib_lm")
+TRANSFORMER_SEEDS = {"mnist1d_vit": 5, "stdlib_lm": 3}
+TRANSFORMER_METHODS = ("adamw", "sam", "nrs", "nrs_b4")
+TRANSFORMER_PASSES = {"adamw": 1.0, "sam": 2.0, "nrs": 2.0, "nrs_b4": 1.5}
+# Four tuning runs per method. AdamW's weight decay x dropout is tuned first; SAM and
+# NRS tune their own radius with the regularisation AdamW chose.
+TRANSFORMER_GRIDS = {
+  "adamw": [
+    {"weight_decay": wd, "model_kwargs.dropout": d} for wd in (0.01, 0.1) for d in (0.0, 0.1)
+  ],
+  "sam": [{"sam.rho": r} for r in (0.02, 0.05, 0.1, 0.2)],
+  "nrs": [{"nrs.radius": r} for r in (0.01, 0.025, 0.05, 0.1)],
+  "nrs_b4": [{"nrs.radius": r} for r in (0.01, 0.025, 0.05, 0.1)],
+}
+
+
+def transformer_method(task_name: str, name: str) -> tuple[str, dict]:
+  """(harness method, fixed overrides) of a TRANSFORMER_METHODS entry on a task."""
+  if name == "adamw":
+    return "sgd", {}  # the plain step; the task's base optimiser is AdamW
+  if name == "nrs_b4":
+    b = make_config(TASKS[task_name], "nrs", {}, 0, False).batch_size
+    return "nrs", {"nrs.neighbor_batch_size": b // 4}
+  return name, {}
+
+
+def _selection(task_name):
+  """(metric, sign): tuning maximises sign * the last validation record's metric."""
+  return ("val_loss", -1.0) if task_name == "stdlib_lm" else ("val_accuracy", 1.0)
+
+
+def _best(task_name, grid, recs):
+  metric, sign = _selection(task_name)
+  scores = [
+    (-np.inf if _collapsed(task_name, r) else sign * r[metric], i) for i, r in enumerate(recs)
+  ]
+  return grid[max(scores)[1]]
+
+
+def _collapsed(task_name, record):
+  """Diverged: chance accuracy on mnist1d, or a non-finite loss (both tasks)."""
+  if task_name == "stdlib_lm":
+    return not np.isfinite(record.get("test_loss", np.nan))
+  return diverged(record)
+
+
+def transformer_study(workdir, quick, tasks, workers):
+  """Tunes and runs TRANSFORMER_METHODS on each task; returns (results, seconds).
+
+  Stage by stage over all tasks at once (AdamW's tuning, the others' tuning,
+  the seeds), so the workers stay busy.
+  """
+  t0 = time.time()
+  common = {"hessian.every_evals": 0, "hessian.num_iters": 0}
+  grids = {m: (g[:2] if quick else g) for m, g in TRANSFORMER_GRIDS.items()}
+  seeds = {t: list(range(2 if quick else TRANSFORMER_SEEDS[t])) for t in tasks}
+
+  def tune_dir(t, m, ov):
+    return os.path.join(workdir, t, "transformers", "tune", m, _key(ov))
+
+  def jobs_for(t, m, base, ovs, seed_list, final=False):
+    method, fixed = transformer_method(t, m)
+    out = []
+    for ov in ovs:
+      for s in seed_list:
+        d = (
+          os.path.join(workdir, t, "transformers", "final", m, _key({**base, **ov}), f"seed{s}")
+          if final
+          else tune_dir(t, m, {**base, **ov})
+        )
+        out.append((d, t, method, {**fixed, **base, **ov, **common}, s, quick))
+    return out
+
+  def tuned(t, m, base):
+    recs = [read(tune_dir(t, m, {**base, **ov}))[-1] for ov in grids[m]]
+    rows = [(ov, r[_selection(t)[0]], _collapsed(t, r)) for ov, r in zip(grids[m], recs)]
+    return _best(t, grids[m], recs), rows
+
+  # 1. AdamW's weight decay and dropout.
+  run_all([j for t in tasks for j in jobs_for(t, "adamw", {}, grids["adamw"], [100])], workers)
+  reg, chosen, tuning = {}, {t: {} for t in tasks}, {t: {} for t in tasks}
+  for t in tasks:
+    chosen[t]["adamw"], tuning[t]["adamw"] = tuned(t, "adamw", {})
+    reg[t] = chosen[t]["adamw"]
+  # 2. Each other method's radius, on top of AdamW's choice.
+  others = [m for m in TRANSFORMER_METHODS if m != "adamw"]
+  run_all(
+    [j for t in tasks for m in others for j in jobs_for(t, m, reg[t], grids[m], [100])], workers
+  )
+  for t in tasks:
+    for m in others:
+      c, tuning[t][m] = tuned(t, m, reg[t])
+      chosen[t][m] = {**reg[t], **c}
+  # 3. Seeds with the chosen settings.
+  run_all(
+    [
+      j
+      for t in tasks
+      for m in TRANSFORMER_METHODS
+      for j in jobs_for(t, m, {}, [chosen[t][m]], seeds[t], final=True)
+    ],
+    workers,
+  )
+  results = {}
+  for t in tasks:
+    runs = {}
+    for m in TRANSFORMER_METHODS:
+      d = os.path.join(workdir, t, "transformers", "final", m, _key(chosen[t][m]))
+      runs[m] = [read(os.path.join(d, f"seed{s}"))[-1] for s in seeds[t]]
+    results[t] = {"chosen": chosen[t], "tuning": tuning[t], "runs": runs}
+  return results, _accumulated_seconds(workdir, "transformer_time.json", time.time() - t0)
+
+
 def _accumulated_seconds(workdir, name, seconds):
   """Wall time summed over the invocations of a resumed study (kept in workdir/name)."""
   path = os.path.join(workdir, name)
@@ -295,30 +450,33 @@ def _accumulated_seconds(workdir, name, seconds):
   return seconds
 
 
-def measure_step_costs(task_name: str, repeats: int = 30) -> dict:
-  """Each COST_METHODS step's median time over SGD's, timed round-robin in this process.
+def measure_step_costs(task_name: str, repeats: int = 30, methods_=None) -> dict:
+  """Each method's median step time over SGD's, timed round-robin in this process.
 
-  The randomized methods (``probability`` p) cost p expensive steps and 1 - p
-  plain ones; their expensive step is timed and the mix computed.
+  ``methods_``: ``{name: (harness method, overrides)}`` (default COST_METHODS;
+  the first entry is the reference). The randomized methods (``probability``
+  p) cost p expensive steps and 1 - p plain ones; their expensive step is
+  timed and the mix computed.
   """
   import jax
 
-  from experiments import input_pipeline
   from experiments import methods
   from experiments import timing
   from experiments import train
 
   # Every method trains on the task's data with the task's batch size: load it once.
   base = make_config(TASKS[task_name], "sgd", {}, 0, False)
-  ds = input_pipeline.load(base.dataset, seed=0)
+  ds = train.load_data(base)
   b = base.batch_size
   batch = {
     "x": jax.numpy.asarray(ds.train.x[:b]),
     "y": jax.numpy.asarray(ds.train.y[:b]),
     "idx": jax.numpy.arange(b),
   }
+  methods_ = COST_METHODS if methods_ is None else methods_
+  ref = next(iter(methods_))
   fns, probs = {}, {}
-  for m, (method, fixed) in COST_METHODS.items():
+  for m, (method, fixed) in methods_.items():
     config = make_config(TASKS[task_name], method, fixed, 0, False)
     model = train.Model(config, ds)
     tx = methods.make_optimizer(config, 1000, len(ds.train.y), ds.num_classes)
@@ -327,7 +485,7 @@ def measure_step_costs(task_name: str, repeats: int = 30) -> dict:
     fns[m] = (step, args)
     probs[m] = methods.step_probability(config)
   secs = timing.interleaved_medians(fns, repeats)
-  return {m: (p * secs[m] + (1 - p) * secs["sgd"]) / secs["sgd"] for m, p in probs.items()}
+  return {m: (p * secs[m] + (1 - p) * secs[ref]) / secs[ref] for m, p in probs.items()}
 
 
 ABLATIONS = [
@@ -387,9 +545,67 @@ def run_ablations(workdir, quick, workers, seeds):
   return out
 
 
+def transformers_part(workdir, quick, tasks, workers, report, cmd):
+  """Runs (or resumes) the transformer study and writes its report."""
+  import platform
+
+  import jax
+
+  results, secs = transformer_study(workdir, quick, tasks, workers)
+  costs = {}
+  for t in tasks:  # measured once and kept, so that a regenerated report is the same
+    path = os.path.join(workdir, t, "transformer_step_costs.json")
+    if not os.path.exists(path):
+      methods_ = {m: transformer_method(t, m) for m in TRANSFORMER_METHODS}
+      c = measure_step_costs(t, repeats=3 if quick else 40, methods_=methods_)
+      c["measured_on"] = _machine()
+      with open(path, "w") as f:
+        json.dump(c, f)
+    with open(path) as f:
+      costs[t] = json.load(f)
+  trained = set()
+  for t in tasks:
+    for done in _done_files(os.path.join(workdir, t, "transformers")):
+      with open(done) as f:
+        d = json.load(f)
+      trained.add(f"{d.get('machine', 'unrecorded machine')}, Python {d['python']}, jax {d['jax']}")
+  measured = sorted({c.get("measured_on", "?") for c in costs.values()})
+  env = (
+    f"Runs trained on: {'; '.join(sorted(trained))}. Step costs measured on: "
+    f"{'; '.join(measured)}. This report: Python {platform.python_version()}, "
+    f"jax {jax.__version__}. The LM corpus is the running Python's standard library, so "
+    "its numbers belong to that Python version."
+  )
+  path = report if report != "experiments/RESULTS.md" else "experiments/RESULTS_TRANSFORMERS.md"
+  reading = (
+    None if quick else os.path.join(os.path.dirname(__file__), "results_transformers_reading.md")
+  )
+  study_report.transformer_report(
+    results, costs, secs, path, cmd, TRANSFORMER_PASSES, TRANSFORMER_GRIDS, env, reading
+  )
+  print(open(path).read())
+
+
+def _machine() -> str:
+
+  import jax
+
+  dev = jax.devices()[0]
+  kind = dev.device_kind if dev.platform != "cpu" else f"{os.cpu_count()}-core CPU"
+  return f"{kind} ({dev.platform})"
+
+
+def _done_files(root):
+  for d, _, files in os.walk(root):
+    if DONE in files:
+      yield os.path.join(d, DONE)
+
+
 def main(argv):
   del argv
-  default_tasks = COST_TASKS if FLAGS.part == "cost" else list(TASKS)
+  default_tasks = {"cost": COST_TASKS, "transformers": TRANSFORMER_TASKS}.get(
+    FLAGS.part, [t for t in TASKS if t not in TRANSFORMER_TASKS]
+  )
   tasks = FLAGS.tasks or list(default_tasks)
   for t in tasks:
     if t not in TASKS:
@@ -397,10 +613,19 @@ def main(argv):
   cmd = (
     "python -m experiments.study --workdir " + FLAGS.workdir + (" --quick" if FLAGS.quick else "")
   )
-  if FLAGS.part == "cost":
-    cmd += " --part=cost"
+  if FLAGS.part != "headline":
+    cmd += f" --part={FLAGS.part}"
   if FLAGS.tasks:
     cmd += " --tasks=" + ",".join(FLAGS.tasks)
+  if FLAGS.part == "transformers":
+    for t in tasks:
+      if t not in TRANSFORMER_TASKS:
+        raise ValueError(f"--part=transformers runs the tasks {TRANSFORMER_TASKS}, not {t!r}.")
+    if FLAGS.train_only:
+      transformer_study(FLAGS.workdir, FLAGS.quick, tasks, FLAGS.workers)
+      return
+    transformers_part(FLAGS.workdir, FLAGS.quick, tasks, FLAGS.workers, FLAGS.report, cmd)
+    return
   if FLAGS.part == "cost":
     results, secs = cost_study(FLAGS.workdir, FLAGS.quick, tasks, FLAGS.workers)
     costs = {}

@@ -269,3 +269,100 @@ def cost_report(results, costs, seconds, path, command, passes, grids, reading=N
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   with open(path, "w") as f:
     f.write("\n".join(lines) + "\n")
+
+
+def _fmt_setting(ov: dict) -> str:
+  return ", ".join(f"{k}={v}" for k, v in ov.items()) or "defaults"
+
+
+def transformer_report(results, costs, seconds, path, command, passes, grids, env, reading=None):
+  """RESULTS_TRANSFORMERS.md: AdamW vs SAM vs NRS on the ViT and LM tasks.
+
+  ``results[task]``: ``chosen``/``tuning``/``runs`` as ``study.transformer_study``
+  returns them; ``costs[task][method]``: measured step time over AdamW's;
+  ``env``: where the runs were trained (``done.json`` of a run) and where the
+  costs were measured, as one line each.
+  """
+  lines = ["# Transformers: AdamW vs SAM vs NRS on a ViT and a character-level LM", ""]
+  lines += [
+    f"Regenerate: `{command}` (accumulated wall time {seconds / 60:.1f} min).",
+    "",
+    env,
+    "",
+    "Protocol: the base optimiser is AdamW with warmup and cosine decay for every method. "
+    "AdamW first tunes its weight decay x dropout (4 runs); SAM and NRS (full batch, and with "
+    "the neighbours on a strided quarter of the batch, `neighbor_batch_size` = B/4) then tune "
+    "their radius on top of AdamW's choice, 4 runs each, so every method gets the same 4 "
+    "tuning runs. Tuning reads the validation split (the ViT: accuracy; the LM: loss); the "
+    "chosen settings then run with every seed, and test metrics are read once, at the end. "
+    "The LM's loss is over the valid (non-padding) characters only, and so is NRS's penalty "
+    "(`where`). Cost per epoch: each method's step time over AdamW's (every method takes "
+    "the same steps per epoch), measured side by side in one process, with the forward/"
+    "backward passes per step beside it. A run with a non-finite loss (or, on mnist1d, "
+    "chance accuracy) is reported as diverged and left out of the mean.",
+    "",
+  ]
+  for tname, r in results.items():
+    lm = tname == "stdlib_lm"
+    lines += [f"## {tname}", ""]
+    if lm:
+      head = "| test bits/char (mean +- std) | 95% CI | test next-char acc |"
+    else:
+      head = "| test acc % (mean +- std) | 95% CI |"
+    lines += [
+      "| method | passes / step | cost per epoch x AdamW | chosen (validation) | grid position "
+      + head
+      + " seeds (diverged) |",
+      "|---|---|---|---|---|" + "---|" * (3 if lm else 2) + "---|",
+    ]
+    vals = {}
+    for m, recs in r["runs"].items():
+      ok = [
+        x for x in recs if np.isfinite(x.get("test_loss", np.nan)) and not (not lm and diverged(x))
+      ]
+      v = [x["test_loss"] / np.log(2) if lm else 100 * x["test_accuracy"] for x in ok]
+      vals[m] = v
+      mean, std, half = ci95(v) if v else (float("nan"),) * 3
+      ci = "" if np.isnan(half) else f"[{mean - half:.3f}, {mean + half:.3f}]"
+      if not lm:
+        ci = "" if np.isnan(half) else f"[{mean - half:.2f}, {mean + half:.2f}]"
+      chosen = r["chosen"][m]
+      grid = grids[m][: len(r["tuning"][m])]
+      own = {k: v2 for k, v2 in chosen.items() if k in grid[0]}
+      pos = _edge(grid, own) if len(grid[0]) == 1 else f"{len(grid)}-point grid"
+      cost = costs.get(tname, {}).get(m, float("nan"))
+      row = f"| {m} | {passes[m]:.2f} | {cost:.2f} | {_fmt_setting(chosen)} | {pos} | "
+      if lm:
+        acc = np.mean([100 * x["test_accuracy"] for x in ok]) if ok else float("nan")
+        row += f"{mean:.3f} +- {std:.3f} | {ci} | {acc:.2f}% |"
+      else:
+        row += f"{mean:.2f} +- {std:.2f} | {ci} |"
+      lines.append(row + f" {len(recs)} ({len(recs) - len(ok)}) |")
+    lines.append("")
+    unit = "bits/char" if lm else "pp"
+    for a, b in (
+      ("nrs", "adamw"),
+      ("nrs", "sam"),
+      ("nrs_b4", "adamw"),
+      ("nrs_b4", "nrs"),
+      ("sam", "adamw"),
+    ):
+      if len(vals.get(a, [])) > 1 and len(vals.get(b, [])) > 1:
+        d, lo, hi = diff_ci(vals[a], vals[b])
+        better = "lower is better" if lm else "higher is better"
+        lines.append(f"- {a} - {b}: {d:+.3f} {unit}, 95% CI [{lo:+.3f}, {hi:+.3f}] ({better}).")
+    metric = "validation loss" if lm else "validation accuracy %"
+    lines += ["", f"Tuning ({metric} of each setting; * diverged):", ""]
+    for m, rows in r["tuning"].items():
+      cells = "; ".join(
+        f"{_fmt_setting(ov)}: {(v if lm else 100 * v):.3f}{'*' if div else ''}"
+        for ov, v, div in rows
+      )
+      lines.append(f"- {m}: {cells}")
+    lines.append("")
+  if reading and os.path.exists(reading):
+    with open(reading) as f:
+      lines += [f.read().rstrip()]
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  with open(path, "w") as f:
+    f.write("\n".join(lines) + "\n")

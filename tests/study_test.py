@@ -78,3 +78,84 @@ def test_quick_cost_study_writes_the_report(tmp_path):
   text = report.read_text()
   assert "| nrs_b4 | 1.50 |" in text and "nrs_b4 - nrs:" in text and "diverged seeds" in text
   assert (tmp_path / "results" / "cost_mnist1d_mlp.png").stat().st_size > 1000
+
+
+def test_transformer_selection_minimises_the_lm_loss_and_skips_diverged_runs():
+  grid = [{"a": 1}, {"a": 2}, {"a": 3}]
+  lm = [
+    {"val_loss": 1.0, "test_loss": 1.0},
+    {"val_loss": 0.5, "test_loss": float("nan")},  # the lowest, but diverged
+    {"val_loss": 0.8, "test_loss": 0.8},
+  ]
+  assert study._best("stdlib_lm", grid, lm) == {"a": 3}
+  vit = [
+    {"val_accuracy": 0.5, "test_accuracy": 0.5, "train_loss": 1.0},
+    {"val_accuracy": 0.9, "test_accuracy": 0.1, "train_loss": 2.3},  # chance: diverged
+    {"val_accuracy": 0.7, "test_accuracy": 0.7, "train_loss": 0.9},
+  ]
+  assert study._best("mnist1d_vit", grid, vit) == {"a": 3}
+  assert study.transformer_method("mnist1d_vit", "nrs_b4") == (
+    "nrs",
+    {"nrs.neighbor_batch_size": 32},
+  )
+  assert study.transformer_method("stdlib_lm", "nrs_b4") == ("nrs", {"nrs.neighbor_batch_size": 8})
+  assert study.transformer_method("stdlib_lm", "adamw") == ("sgd", {})
+
+
+def _fake_score(task, method, ov):
+  """A made-up validation score with a known best setting per method."""
+  own = {"sgd": ("weight_decay", 0.1), "sam": ("sam.rho", 0.05), "nrs": ("nrs.radius", 0.025)}
+  key, best = own[method]
+  return 1.0 - abs(ov[key] - best) - (0.0 if ov.get("model_kwargs.dropout") else 0.001)
+
+
+def test_transformer_study_tunes_adamw_first_then_the_others_on_top(tmp_path, monkeypatch):
+  jobs_seen = []
+
+  def fake_run_all(jobs, workers):
+    import json
+    import os
+
+    for d, t, method, ov, seed, _quick in jobs:
+      jobs_seen.append((d, t, method, dict(ov), seed))
+      os.makedirs(d, exist_ok=True)
+      s = _fake_score(t, method, ov)
+      rec = {"val_accuracy": s, "test_accuracy": s, "train_loss": 0.1, "val_loss": 2 - s,
+             "test_loss": 2 - s}  # fmt: skip
+      with open(os.path.join(d, "metrics.jsonl"), "w") as f:
+        f.write(json.dumps(rec) + "\n")
+      study._mark_done(os.path.join(d, study.DONE))
+
+  monkeypatch.setattr(study, "run_all", fake_run_all)
+  tasks = ["mnist1d_vit", "stdlib_lm"]
+  results, _ = study.transformer_study(str(tmp_path), False, tasks, 1)
+  for t in tasks:
+    chosen = results[t]["chosen"]
+    assert chosen["adamw"] == {"weight_decay": 0.1, "model_kwargs.dropout": 0.1}
+    assert chosen["sam"] == {**chosen["adamw"], "sam.rho": 0.05}
+    assert chosen["nrs"] == {**chosen["adamw"], "nrs.radius": 0.025}
+    assert chosen["nrs_b4"] == chosen["nrs"]
+    assert len(results[t]["runs"]["nrs"]) == study.TRANSFORMER_SEEDS[t]
+  # Equal budgets: four tuning runs per method and task, on one seed; hessians off.
+  tune = [j for j in jobs_seen if j[4] == 100]
+  assert len(tune) == 2 * 4 * len(study.TRANSFORMER_METHODS)
+  assert all(j[3]["hessian.num_iters"] == 0 for j in jobs_seen)
+  b4 = [j for j in jobs_seen if "nrs_b4" in j[0] and j[1] == "stdlib_lm"]
+  assert b4 and all(j[3]["nrs.neighbor_batch_size"] == 8 for j in b4)
+  # A second call trains nothing (every run is marked done).
+  n = len(jobs_seen)
+  monkeypatch.setattr(study, "run_all", lambda jobs, workers: [study._run(j) for j in jobs])
+  study.transformer_study(str(tmp_path), False, tasks, 1)
+  assert len(jobs_seen) == n
+  # The report: a row per method, bits per character for the LM, the comparisons.
+  costs = {t: {m: 1.0 + i for i, m in enumerate(study.TRANSFORMER_METHODS)} for t in tasks}
+  path = tmp_path / "R.md"
+  study_report.transformer_report(
+    results, costs, 60.0, str(path), "cmd", study.TRANSFORMER_PASSES,
+    study.TRANSFORMER_GRIDS, "env line",
+  )  # fmt: skip
+  text = path.read_text()
+  for m in study.TRANSFORMER_METHODS:
+    assert f"| {m} |" in text
+  assert "test bits/char" in text and "nrs - adamw:" in text and "env line" in text
+  assert "| interior |" in text and "4-point grid" in text
