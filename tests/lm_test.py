@@ -243,3 +243,20 @@ def test_stdlib_lm_bad_inputs(tmp_path):
     config.model_kwargs.max_len = 8
   with pytest.raises(ValueError, match="max_len=8"):
     train.train_and_evaluate(config, str(tmp_path / "long"))
+
+
+@pytest.mark.parametrize("method", ["sgd", "sam", "nrs"])
+def test_every_method_trains_on_the_smoothed_masked_loss(method):
+  config, model, batch = _token_setup()
+  with config.unlocked():
+    config.label_smoothing = 0.1
+  tx = methods.make_optimizer(config, 10)
+  step = jax.jit(methods.make_step(method, model.apply, tx, config))
+  b = {k: jnp.asarray(v) for k, v in batch.items()}
+  key = jax.random.key(6)
+  _, _, _, m = step(model.params, model.batch_stats, tx.init(model.params), b, key)
+  dkey = jax.random.split(key)[0] if method == "nrs" else key
+  logits, _ = model.apply(model.params, model.batch_stats, b["x"], True, dkey)
+  y = batch["y"]
+  want = _np_ce(np.asarray(logits), y, 0.1)[y >= 0].mean()
+  np.testing.assert_allclose(m["loss"], want, rtol=1e-5)

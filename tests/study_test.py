@@ -1,5 +1,6 @@
 """The study runner in --quick mode, and its statistics helpers against direct computation."""
 
+import os
 import time
 
 import numpy as np
@@ -159,3 +160,25 @@ def test_transformer_study_tunes_adamw_first_then_the_others_on_top(tmp_path, mo
     assert f"| {m} |" in text
   assert "test bits/char" in text and "nrs - adamw:" in text and "env line" in text
   assert "| interior |" in text and "4-point grid" in text
+
+
+@pytest.mark.slow
+def test_quick_transformer_part_trains_elsewhere_and_reports_here(tmp_path):
+  """--train_only, then the report from the runs' metrics.jsonl and done.json alone."""
+  import shutil
+
+  runs = tmp_path / "trained"
+  study.transformer_study(str(runs), True, ["mnist1d_vit"], 1)
+  copied = tmp_path / "copied"
+  for done in study._done_files(str(runs)):
+    d = os.path.dirname(done)
+    dest = copied / os.path.relpath(d, runs)
+    dest.mkdir(parents=True)
+    for name in (study.DONE, "metrics.jsonl"):
+      shutil.copy(os.path.join(d, name), dest / name)
+  report = tmp_path / "R.md"
+  t = time.time()
+  study.transformers_part(str(copied), True, ["mnist1d_vit"], 1, str(report), "cmd")
+  assert time.time() - t < 120  # nothing retrained: step costs and the report only
+  text = report.read_text()
+  assert "| nrs_b4 |" in text and "Runs trained on:" in text
