@@ -260,3 +260,22 @@ def test_every_method_trains_on_the_smoothed_masked_loss(method):
   y = batch["y"]
   want = _np_ce(np.asarray(logits), y, 0.1)[y >= 0].mean()
   np.testing.assert_allclose(m["loss"], want, rtol=1e-5)
+
+
+def test_lm_centre_and_neighbours_share_one_dropout_mask():
+  config, model, batch = _token_setup()
+  with config.unlocked():
+    config.model_kwargs.dropout = 0.5
+    config.nrs.update(radius=1e-4, num_neighbors=2)
+  model = train.Model(config, input_pipeline.Dataset("t", None, None, None, 40, (12,)))
+  tx = methods.make_optimizer(config, 10)
+  step = jax.jit(methods.make_step("nrs", model.apply, tx, config))
+  b = {k: jnp.asarray(v) for k, v in batch.items()}
+  _, _, _, m = step(model.params, model.batch_stats, tx.init(model.params), b, jax.random.key(0))
+  z1, _ = model.apply(model.params, {}, b["x"], True, jax.random.key(1))
+  z2, _ = model.apply(model.params, {}, b["x"], True, jax.random.key(2))
+  import nrs_jax
+
+  different_masks = float(nrs_jax.output_divergence(z1, z2))
+  assert different_masks > 1e-3
+  assert 0 < float(m["nrs_penalty"]) < 1e-3 * different_masks
