@@ -279,3 +279,11 @@ def test_lm_centre_and_neighbours_share_one_dropout_mask():
   different_masks = float(nrs_jax.output_divergence(z1, z2))
   assert different_masks > 1e-3
   assert 0 < float(m["nrs_penalty"]) < 1e-3 * different_masks
+
+
+def test_train_eval_examples_takes_the_head_of_the_train_split():
+  ds = input_pipeline.load("stdlib", block_size=16, max_examples=100)
+  view = train._train_eval_view(ds, 32)
+  np.testing.assert_array_equal(view.train.x, ds.train.x[:32])
+  assert view.validation is ds.validation and ds.num_train == 100
+  assert train._train_eval_view(ds, 0) is ds and train._train_eval_view(ds, 500) is ds
