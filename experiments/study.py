@@ -145,20 +145,29 @@ def _run(args):
   from experiments import train
 
   config = make_config(TASKS[task_name], method, overrides, seed, quick)
-  train.train_and_evaluate(config, workdir)
+  try:
+    train.train_and_evaluate(config, workdir)
+  except FloatingPointError as e:
+    # A non-finite training loss: the run has diverged. Its last record says so (and
+    # study_report.diverged reads it as such), and the study goes on.
+    nan = float("nan")
+    rec = {k: nan for k in ("train_loss", "val_accuracy", "test_accuracy", "val_loss", "test_loss")}
+    with open(metrics, "a") as f:
+      f.write(json.dumps({"step": None, **rec, "diverged": str(e)}) + "\n")
+    _mark_done(done, diverged=True)
+    return workdir
   _mark_done(done)
   return workdir
 
 
-def _mark_done(path):
+def _mark_done(path, diverged=False):
   import platform
 
   import jax
 
+  info = {"jax": jax.__version__, "python": platform.python_version(), "machine": _machine()}
   with open(path, "w") as f:
-    json.dump(
-      {"jax": jax.__version__, "python": platform.python_version(), "machine": _machine()}, f
-    )
+    json.dump({**info, "diverged": diverged}, f)
 
 
 def _init_worker(cores=None):

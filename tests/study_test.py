@@ -182,3 +182,24 @@ def test_quick_transformer_part_trains_elsewhere_and_reports_here(tmp_path):
   assert time.time() - t < 120  # nothing retrained: step costs and the report only
   text = report.read_text()
   assert "| nrs_b4 |" in text and "Runs trained on:" in text
+
+
+def test_a_run_whose_loss_turns_nan_is_recorded_as_diverged(tmp_path, monkeypatch):
+  from experiments import train
+
+  def boom(config, workdir):
+    raise FloatingPointError("training loss is nan at step 7")
+
+  monkeypatch.setattr(train, "train_and_evaluate", boom)
+  d = str(tmp_path / "run")
+  os.makedirs(d)
+  study._run((d, "mnist1d_mlp", "sgd", {"learning_rate": 9.0}, 0, True))
+  last = study.read(d)[-1]
+  assert study_report.diverged(last) and "nan at step 7" in last["diverged"]
+  assert study._collapsed("stdlib_lm", last) and study._collapsed("mnist1d_vit", last)
+  grid = [{"a": 1}, {"a": 2}]
+  assert study._best("mnist1d_vit", grid, [last, {"val_accuracy": 0.3, "test_accuracy": 0.3,
+                                                  "train_loss": 1.0}]) == {"a": 2}  # fmt: skip
+  # Finished: a second call does not train again.
+  monkeypatch.setattr(train, "train_and_evaluate", lambda c, w: pytest.fail("retrained"))
+  study._run((d, "mnist1d_mlp", "sgd", {"learning_rate": 9.0}, 0, True))
