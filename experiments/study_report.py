@@ -154,9 +154,14 @@ def report(results, abl, seconds, path, command, reading=None):
       "tuned on validation: read a variant that beats the default as a lead for a tuned "
       "follow-up, not as a result."
     )
+  _write(path, lines, reading, blank_before_reading=True)
+
+
+def _write(path, lines, reading=None, blank_before_reading=False):
+  """Writes a report's lines, then the hand-written reading (a markdown file) if given."""
   if reading and os.path.exists(reading):
     with open(reading) as f:
-      lines += ["", f.read().rstrip()]
+      lines = [*lines, *([""] if blank_before_reading else []), f.read().rstrip()]
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   with open(path, "w") as f:
     f.write("\n".join(lines) + "\n")
@@ -263,12 +268,7 @@ def cost_report(results, costs, seconds, path, command, passes, grids, reading=N
     fig.savefig(os.path.join(figdir, f"cost_{tname}.png"), dpi=90)
     plt.close(fig)
     lines += ["", f"![cost-accuracy, {tname}](results/cost_{tname}.png)", ""]
-  if reading and os.path.exists(reading):
-    with open(reading) as f:
-      lines += [f.read().rstrip()]
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  with open(path, "w") as f:
-    f.write("\n".join(lines) + "\n")
+  _write(path, lines, reading)
 
 
 def _fmt_setting(ov: dict) -> str:
@@ -360,9 +360,4 @@ def transformer_report(results, costs, seconds, path, command, passes, grids, en
       )
       lines.append(f"- {m}: {cells}")
     lines.append("")
-  if reading and os.path.exists(reading):
-    with open(reading) as f:
-      lines += [f.read().rstrip()]
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  with open(path, "w") as f:
-    f.write("\n".join(lines) + "\n")
+  _write(path, lines, reading)
