@@ -35,6 +35,10 @@ class Split:
   x: np.ndarray
   y: np.ndarray
 
+  def head(self, n: int) -> Split:
+    """The first ``n`` rows."""
+    return Split(self.x[:n], self.y[:n])
+
 
 @dataclass
 class Dataset:
@@ -222,7 +226,7 @@ def load(
       raise ValueError(f"block_size={block_size!r} must be a positive int (tokens per sequence).")
     train, val, test = _stdlib(block_size)
     if max_examples:
-      train = Split(train.x[:max_examples], train.y[:max_examples])
+      train = train.head(max_examples)
     return Dataset(name, train, val, test, 256, (block_size,))
   if name == "mnist1d":
     train, test, nc = _mnist1d(data_dir or default_cache_dir(), 42)
@@ -236,7 +240,7 @@ def load(
   if label_noise:
     train = flip_labels(train, label_noise, nc, seed)
   if max_examples:
-    train = Split(train.x[:max_examples], train.y[:max_examples])
+    train = train.head(max_examples)
   return Dataset(name, train, val, test, nc, tuple(train.x.shape[1:]))
 
 

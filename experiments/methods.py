@@ -353,7 +353,7 @@ def _nrs(apply_fn, tx, config):
         extra["where"] = valid_tokens(sub(batch["y"]))
       if opts.get("stop_gradient_center", False) and (m is None or reuse):
         # A fixed target: share the centre pass (its subset with a sub-batch).
-        extra["center_logits"] = logits if m is None else nrs_jax.strided_subset(logits, m)
+        extra["center_logits"] = sub(logits)
       params, opt_state = _finish(tx, params, opt_state, g, extra)
       return params, new_bs, opt_state, {"loss": loss, "accuracy": _accuracy(logits, batch["y"])}
 

@@ -26,6 +26,7 @@ from absl import app
 from absl import flags
 
 from experiments import study_report
+from experiments.study_report import collapsed
 from experiments.study_report import diverged
 
 FLAGS = flags.FLAGS
@@ -315,8 +316,7 @@ def cost_study(workdir, quick, tasks, workers):
     chosen, tuning = {}, {}
     for m in COST_METHODS:
       recs = [read(os.path.join(base, "tune", m, _key(ov)))[-1] for ov in grids[m]]
-      scores = [(-1.0 if diverged(r) else r["val_accuracy"], i) for i, r in enumerate(recs)]
-      chosen[m] = grids[m][max(scores)[1]]
+      chosen[m] = _best(tname, grids[m], recs)
       tuning[m] = [(ov, r["val_accuracy"], diverged(r)) for ov, r in zip(grids[m], recs)]
 
     # Keyed by the chosen setting: a resumed study whose choice changed reruns the seeds.
@@ -369,16 +369,9 @@ def _selection(task_name):
 def _best(task_name, grid, recs):
   metric, sign = _selection(task_name)
   scores = [
-    (-np.inf if _collapsed(task_name, r) else sign * r[metric], i) for i, r in enumerate(recs)
+    (-np.inf if collapsed(task_name, r) else sign * r[metric], i) for i, r in enumerate(recs)
   ]
   return grid[max(scores)[1]]
-
-
-def _collapsed(task_name, record):
-  """Diverged: chance accuracy on mnist1d, or a non-finite loss (both tasks)."""
-  if task_name == "stdlib_lm":
-    return not np.isfinite(record.get("test_loss", np.nan))
-  return diverged(record)
 
 
 def transformer_study(workdir, quick, tasks, workers):
@@ -410,7 +403,7 @@ def transformer_study(workdir, quick, tasks, workers):
 
   def tuned(t, m, base):
     recs = [read(tune_dir(t, m, {**base, **ov}))[-1] for ov in grids[m]]
-    rows = [(ov, r[_selection(t)[0]], _collapsed(t, r)) for ov, r in zip(grids[m], recs)]
+    rows = [(ov, r[_selection(t)[0]], collapsed(t, r)) for ov, r in zip(grids[m], recs)]
     return _best(t, grids[m], recs), rows
 
   # 1. AdamW's weight decay and dropout.

@@ -190,6 +190,13 @@ def diverged(record: dict, num_classes: int = 10) -> bool:
   return not np.isfinite(loss) or record["test_accuracy"] < 2.0 / num_classes
 
 
+def collapsed(task_name: str, record: dict) -> bool:
+  """Diverged: a non-finite loss (every task) or, on the classification tasks, chance accuracy."""
+  if task_name == "stdlib_lm":
+    return not np.isfinite(record.get("test_loss", np.nan))
+  return diverged(record)
+
+
 def cost_report(results, costs, seconds, path, command, passes, grids, reading=None):
   """RESULTS_COST.md: accuracy against measured step cost, per task, with a plot."""
   import jax
@@ -317,15 +324,12 @@ def transformer_report(results, costs, seconds, path, command, passes, grids, en
     ]
     vals = {}
     for m, recs in r["runs"].items():
-      ok = [
-        x for x in recs if np.isfinite(x.get("test_loss", np.nan)) and not (not lm and diverged(x))
-      ]
+      ok = [x for x in recs if not collapsed(tname, x)]
       v = [x["test_loss"] / np.log(2) if lm else 100 * x["test_accuracy"] for x in ok]
       vals[m] = v
       mean, std, half = ci95(v) if v else (float("nan"),) * 3
-      ci = "" if np.isnan(half) else f"[{mean - half:.3f}, {mean + half:.3f}]"
-      if not lm:
-        ci = "" if np.isnan(half) else f"[{mean - half:.2f}, {mean + half:.2f}]"
+      digits = 3 if lm else 2
+      ci = "" if np.isnan(half) else f"[{mean - half:.{digits}f}, {mean + half:.{digits}f}]"
       chosen = r["chosen"][m]
       grid = grids[m][: len(r["tuning"][m])]
       own = {k: v2 for k, v2 in chosen.items() if k in grid[0]}

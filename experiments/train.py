@@ -116,8 +116,7 @@ def _train_eval_view(ds, examples: int):
   """The dataset whose ``train`` split is its first ``examples`` rows (0: all of it)."""
   if not examples or ds.stream is not None or examples >= ds.num_train:
     return ds
-  head = input_pipeline.Split(ds.train.x[:examples], ds.train.y[:examples])
-  return dataclasses.replace(ds, train=head)
+  return dataclasses.replace(ds, train=ds.train.head(examples))
 
 
 def _hessian(model, params, bs, ds, config, key, mesh=None):

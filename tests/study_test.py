@@ -196,7 +196,7 @@ def test_a_run_whose_loss_turns_nan_is_recorded_as_diverged(tmp_path, monkeypatc
   study._run((d, "mnist1d_mlp", "sgd", {"learning_rate": 9.0}, 0, True))
   last = study.read(d)[-1]
   assert study_report.diverged(last) and "nan at step 7" in last["diverged"]
-  assert study._collapsed("stdlib_lm", last) and study._collapsed("mnist1d_vit", last)
+  assert study_report.collapsed("stdlib_lm", last) and study_report.collapsed("mnist1d_vit", last)
   grid = [{"a": 1}, {"a": 2}]
   assert study._best("mnist1d_vit", grid, [last, {"val_accuracy": 0.3, "test_accuracy": 0.3,
                                                   "train_loss": 1.0}]) == {"a": 2}  # fmt: skip
