@@ -2,7 +2,6 @@
 
   python -m experiments.benchmark                    # MLP, CNN, ResNet-18 (CIFAR shape, batch 128)
   python -m experiments.benchmark --models=mlp --repeats=5 --out=benchmark.json
-  python -m experiments.benchmark --models=mlp11 --ks=1 --nohessian  # odd N: draw padding
 
 Every row is compiled first, then timed round-robin: ``--repeats`` rounds that
 call each row once in turn, after warm-up, all in one process (a change in
@@ -18,7 +17,6 @@ import json
 import platform
 import time
 from functools import partial
-from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +31,6 @@ from experiments import methods
 from experiments import timing
 from experiments import train
 from experiments.configs import default
-from nrs_jax import _random
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["mlp", "cnn", "resnet18"], "Models to benchmark.")
@@ -126,33 +123,12 @@ def bench_model(name, ks, repeats):
       run(f"nrs_k{k}_sub{frac}", "nrs", sub)
       run(f"nrs_k{k}_sub{frac}_reuse", "nrs", {**sub, "reuse_center_logits": True})
 
-  # The NRS K=1 step with the draw replaced by a compile-time constant: the time it
-  # saves is what sampling costs inside the step (fusion and scheduling included).
-  def constant(keys, n):
-    return jnp.asarray(np.random.default_rng(0).normal(size=(keys.shape[0], n)), jnp.float32)
-
-  with mock.patch.object(_random, "standard_normal", constant):
-    run("nrs_k1_constant_noise", "nrs", {"num_neighbors": 1})
-
-  n = sum(x.size for x in jax.tree_util.tree_leaves(model.params))
-  if n % 2:
-    # The draw kernel at its own odd length, as it was before the padding.
-    with mock.patch.object(_random, "standard_normal", partial(_random.standard_normal, pad=1)):
-      run("nrs_k1_unpadded_draw", "nrs", {"num_neighbors": 1})
-
   # Sampling alone, timed in the same rounds, as a share of the NRS K=1 step.
   sample = jax.jit(
     lambda p, k: nrs_jax.sample_perturbations(p, k, radius=0.05, num_neighbors=1).deltas
   )
   fns["sampling_k1"] = (sample, (model.params, key))
-  # The uniform-to-normal transform alone: erf_inv over N precomputed uniforms, less an
-  # elementwise op with the same input and output. However cheap the random bits, an
-  # inverse-CDF draw costs at least this much more than SAM's step.
-  u = jnp.asarray(rng.uniform(-1.0, 1.0, (1, _random.padded(n))), jnp.float32)
-  fns["erf_inv_only"] = (jax.jit(jax.lax.erf_inv), (u,))
-  fns["scale_only"] = (jax.jit(lambda u: 2.0 * u), (u,))
-  for label in ("sampling_k1", "erf_inv_only", "scale_only"):
-    rows[label] = {}
+  rows["sampling_k1"] = {}
   print(f"  {name:9s} timing {len(fns)} rows, {repeats} interleaved rounds", flush=True)
   for label, secs in timing.interleaved_medians(fns, repeats).items():
     rows[label]["seconds"] = secs
@@ -190,16 +166,6 @@ def summarize(name, rows, ks):
       checks[f"{label}_vs_full_nrs"] = r["seconds"] / rows[f"nrs_k{k}_auto"]["seconds"]
   checks["k1_fused_vs_sam"] = rows["nrs_k1_auto"]["seconds"] / sam  # <= 1.05
   checks["sampling_share_k1"] = rows["sampling_k1"]["seconds"] / rows["nrs_k1_auto"]["seconds"]
-  checks["sampling_share_k1_in_step"] = 1.0 - (
-    rows["nrs_k1_constant_noise"]["seconds"] / rows["nrs_k1_auto"]["seconds"]
-  )
-  if "nrs_k1_unpadded_draw" in rows:
-    checks["unpadded_draw_k1_vs_padded"] = (
-      rows["nrs_k1_unpadded_draw"]["seconds"] / rows["nrs_k1_auto"]["seconds"]
-    )
-  checks["normal_transform_vs_sam"] = (
-    rows["erf_inv_only"]["seconds"] - rows["scale_only"]["seconds"]
-  ) / sam
   checks["compile_k1_vs_sgd"] = (
     rows["nrs_k1_auto"]["compile_seconds"] / rows["sgd"]["compile_seconds"]
   )

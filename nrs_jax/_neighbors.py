@@ -1,16 +1,9 @@
 """Sampling the K neighbour perturbations ``delta_k ~ Q_r(w)``.
 
-A perturbation is described by a noise *shape* (``gaussian``, ``ball``,
-``sphere``), a *scale* that says what the radius is relative to (``absolute``,
-``tensor``, ``filter``, ``elementwise``) and a *mask* that chooses the leaves
-that move. All K perturbations of all leaves come from one flat draw of
-standard normals, which keeps the number of traced random ops (and so compile
-time) independent of the number of leaves.
-
-The perturbations are constants: they are computed from
-``jax.lax.stop_gradient(params)`` so no gradient flows through the sampling
-(and none through the norms of relative scales, whose gradient at zero is
-undefined).
+Each neighbour's perturbations of all leaves come from one flat normal draw, so
+the number of random ops does not grow with the number of leaves. They are
+constants, computed from ``stop_gradient(params)`` (the norms of relative
+scales have no gradient at zero).
 """
 
 from __future__ import annotations
@@ -19,6 +12,7 @@ import dataclasses
 import functools
 import inspect
 import math
+import warnings
 from collections.abc import Callable
 from collections.abc import Sequence
 from typing import Any
@@ -27,16 +21,20 @@ from typing import Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from nrs_jax import _random
 from nrs_jax._options import NOISES
 from nrs_jax._options import SCALES
+from nrs_jax._options import broadcast_prefix
 from nrs_jax._options import check_choice
 from nrs_jax._options import check_mask_leaves
-from nrs_jax._options import static_num_neighbors
+from nrs_jax._options import check_positive_int
+from nrs_jax._options import is_function
+from nrs_jax._options import is_static_zero
 
 # T(w)_i = |w_i| + floor, as in ASAM (Kwon et al., 2021), so zeros still move.
 ELEMENTWISE_FLOOR = 0.01
+_KEY_WORDS = {2: "threefry2x32", 4: "rbg"}  # raw key data size -> built-in implementation
 
 MaskLike = Union[None, Any, Callable[[Any], Any]]
 
@@ -45,33 +43,105 @@ def is_float(x: Any) -> bool:
   return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)
 
 
+def as_key(key: Any) -> jax.Array:
+  """A typed PRNG key from a typed key, raw ``uint32`` key data, or an integer seed.
+
+  Raw key data takes the default implementation when its size matches, else
+  the built-in one of its size (2 words: threefry2x32, 4: rbg), so a key made
+  under one ``JAX_DEFAULT_PRNG_IMPL`` keeps working under another.
+  """
+  if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+    return jax.random.key(int(key))
+  key = key if isinstance(key, jax.Array) else jnp.asarray(key)
+  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    return key
+  if key.dtype == jnp.uint32 and key.ndim >= 1 and key.shape[-1] in _KEY_WORDS:
+    default = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))).shape[-1]
+    impl = None if default == key.shape[-1] else _KEY_WORDS[key.shape[-1]]
+    return jax.random.wrap_key_data(key, impl=impl)
+  if jnp.issubdtype(key.dtype, jnp.integer) and key.ndim == 0:
+    return jax.random.key(key)
+  raise ValueError(
+    f"key must be a PRNG key (jax.random.key(seed)), raw key data "
+    f"(jax.random.PRNGKey(seed)) or an int seed; got an array of dtype {key.dtype} "
+    f"and shape {key.shape}."
+  )
+
+
+_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+
+
+def _threefry_normal_cpu(kd: jax.Array, n: int) -> jax.Array:
+  """``jax.random.normal`` of threefry key data ``kd [rows, 2]``, bit for bit, unrolled.
+
+  jax lowers threefry for the CPU as a rolled loop, and XLA:CPU copies a fused draw
+  into every consumer. This is the same Threefry-2x32 (20 rounds) and bits-to-normal
+  map written out straight, padded to whole vectors (a multiple of 256), inside a
+  conditional that is always true but unknown to the compiler, so the draw is
+  materialised once (measurements: docs, method).
+  """
+  length = -(-n // 256) * 256
+
+  def draw(kd):
+    k1, k2 = kd[:, :1], kd[:, 1:]
+    ks = (k1, k2, k1 ^ k2 ^ np.uint32(0x1BD11BDA))
+    x1 = jnp.zeros((1, length), jnp.uint32) + ks[0]
+    x2 = jax.lax.iota(jnp.uint32, length)[None] + ks[1]
+    for i in range(5):
+      for r in _ROTATIONS[i % 2]:
+        x1 = x1 + x2
+        x2 = x1 ^ ((x2 << np.uint32(r)) | (x2 >> np.uint32(32 - r)))
+      x1, x2 = x1 + ks[(i + 1) % 3], x2 + ks[(i + 2) % 3] + np.uint32(i + 1)
+    bits = ((x1 ^ x2) >> np.uint32(9)) | np.uint32(0x3F800000)
+    low = np.nextafter(np.float32(-1.0), np.float32(0.0))
+    u = (jax.lax.bitcast_convert_type(bits, jnp.float32) - 1.0) * (1.0 - low) + low
+    return np.float32(np.sqrt(2.0)) * jax.lax.erf_inv(jnp.maximum(low, u))
+
+  always = jnp.all((kd[:, 0] | np.uint32(1)) != np.uint32(0))
+  zeros = lambda kd: jnp.zeros((kd.shape[0], length), jnp.float32)
+  return jax.lax.cond(always, draw, zeros, kd)[:, :n]  # (cut outside: not fused in)
+
+
+def standard_normal(keys: jax.Array, n: int) -> jax.Array:
+  """Row ``i`` is ``jax.random.normal(keys[i], (n,), float32)``, bit for bit.
+
+  On the CPU, threefry keys in jax's partitionable layout take the kernel above,
+  chosen by ``platform_dependent``: a program exported for GPU/TPU holds only
+  ``jax.random``.
+  """
+  generic = lambda keys: jax.vmap(lambda k: jax.random.normal(k, (n,), jnp.float32))(keys)
+  impl = jax.random.key_impl(keys)
+  threefry = "threefry" in str(getattr(impl, "name", impl))
+  if not threefry or n >= 2**31 or not jax.config.jax_threefry_partitionable:  # type: ignore[attr-defined]
+    return generic(keys)
+  kd = jax.random.key_data(keys)
+  return jax.lax.platform_dependent(
+    kd,
+    cpu=lambda kd: _threefry_normal_cpu(kd, n),
+    default=lambda kd: generic(jax.random.wrap_key_data(kd, impl="threefry2x32")),
+  )
+
+
+def key_impl(key: Any) -> Any:
+  """The implementation of a key, as ``jax.random.wrap_key_data`` takes it (any jax version)."""
+  return jax.random.key_impl(as_key(key))
+
+
 def _takes_two_args(fn: Callable) -> bool:
   try:
-    sig = inspect.signature(fn)
+    params = inspect.signature(fn).parameters.values()
   except (TypeError, ValueError):
     return False
-  required = [
-    p
-    for p in sig.parameters.values()
-    if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
-  ]
-  return len(required) == 2
+  kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+  return sum(p.kind in kinds and p.default is p.empty for p in params) == 2
 
 
-def resolve_mask(params: Any, mask: MaskLike) -> Any:
-  """optax's mask convention: ``None``, a pytree of bools, or ``params -> pytree of bools``.
-
-  The pytree may also be a prefix of ``params`` (one bool for a whole
-  sub-tree), as in ``optax.masked``. Returns a pytree of bools with the
-  structure of ``params``.
-
-  Raises:
-    ValueError: if the mask (or what the callable returns) does not match the
-      structure of ``params``, or is an old-style ``(path, leaf)`` predicate.
-  """
+def resolve_mask(params: Any, mask: MaskLike) -> list:
+  """optax's mask convention, as bools per leaf of ``params`` (flatten order)."""
   if mask is None:
-    return jax.tree_util.tree_map(lambda _: True, params)
-  if callable(mask) and not isinstance(mask, (bool, jnp.bool_)):
+    return [True] * len(jax.tree_util.tree_leaves(params))
+  what, tree = "mask", mask
+  if is_function(mask):
     if _takes_two_args(mask):
       raise ValueError(
         "mask is a callable of two arguments; mask follows optax's convention: a "
@@ -80,38 +150,17 @@ def resolve_mask(params: Any, mask: MaskLike) -> Any:
         "predicate, p)."
       )
     what, tree = "the pytree returned by the callable mask", mask(params)
-  else:
-    what, tree = "mask", mask
-  treedef: Any = jax.tree_util.tree_structure(params)
-  try:
-    full = jax.tree_util.tree_map(
-      lambda m, sub: jax.tree_util.tree_map(lambda _: m, sub), tree, params
-    )
-  except (ValueError, TypeError):
-    full = None
-  if full is None or jax.tree_util.tree_structure(full) != treedef:
-    raise ValueError(
-      f"{what} must be a pytree of bools with the structure of params (or a prefix "
-      f"of it), as in optax.masked; got structure {jax.tree_util.tree_structure(tree)}, "
-      f"params structure {treedef}."
-    )
+  full = broadcast_prefix(tree, params, what)
   check_mask_leaves(full, what)
-  return full
+  return [bool(m) for m in full]
 
 
 def perturbed_leaf_mask(params: Any, mask: MaskLike = None) -> list[bool]:
-  """Returns, for each leaf of ``params`` in flatten order, whether it moves.
-
-  Args:
-    params: a pytree of arrays.
-    mask: ``None`` (every floating-point leaf), a pytree of bools with the
-      structure of ``params`` (or a prefix of it), or a callable ``params ->``
-      such a pytree (optax's convention, as in ``optax.masked``). Select by
-      path with ``lambda p: jax.tree_util.tree_map_with_path(pred, p)``.
+  """For each leaf of ``params`` in flatten order, whether NRS acts on it (see ``mask``).
 
   Raises:
-    ValueError: if ``params`` has no floating-point leaf, if the mask's structure
-      differs from that of ``params``, or if the mask selects no floating leaf.
+    ValueError: if ``params`` has no float leaf, the mask does not fit
+      ``params``, or it selects no float leaf.
   """
   leaves = jax.tree_util.tree_leaves(params)
   floats = [is_float(leaf) for leaf in leaves]
@@ -121,8 +170,7 @@ def perturbed_leaf_mask(params: Any, mask: MaskLike = None) -> list[bool]:
       "trainable float parameters (got leaf dtypes "
       f"{sorted({str(getattr(leaf, 'dtype', type(leaf))) for leaf in leaves})})."
     )
-  mask_leaves = jax.tree_util.tree_leaves(resolve_mask(params, mask))
-  selected = [bool(m) and f for m, f in zip(mask_leaves, floats)]
+  selected = [m and f for m, f in zip(resolve_mask(params, mask), floats)]
   if not any(selected):
     raise ValueError(
       "mask selects no floating-point leaf of params: nothing would be perturbed. "
@@ -131,31 +179,20 @@ def perturbed_leaf_mask(params: Any, mask: MaskLike = None) -> list[bool]:
   return selected
 
 
-def _filter_norms(w: jax.Array) -> jax.Array:
-  """Norm of each output unit (the last axis), broadcast to w's shape."""
-  if w.ndim <= 1:
-    return jnp.broadcast_to(jnp.linalg.norm(w), w.shape)
-  axes = tuple(range(w.ndim - 1))
-  return jnp.broadcast_to(jnp.sqrt(jnp.sum(jnp.square(w), axis=axes, keepdims=True)), w.shape)
-
-
 def _scale_factor(w: jax.Array, scale: str, noise: str) -> Union[float, jax.Array]:
   """Per-element multiplier s(w) of the unit-radius noise (float32)."""
   if scale == "absolute":
     return 1.0
   w = w.astype(jnp.promote_types(w.dtype, jnp.float32))
-  if scale == "tensor":
-    s = jnp.linalg.norm(w)
-    return s / math.sqrt(max(w.size, 1)) if noise == "gaussian" else s
-  if scale == "filter":
-    s = _filter_norms(w)
-    if noise == "gaussian":
-      fan = w.size if w.ndim <= 1 else w.size // w.shape[-1]
-      s = s / math.sqrt(max(fan, 1))
-    return s
   if scale == "elementwise":
     return jnp.abs(w) + ELEMENTWISE_FLOOR
-  raise ValueError(f"scale={scale!r} is not supported: use one of {SCALES}.")
+  if scale == "tensor" or w.ndim <= 1:
+    s, fan = jnp.linalg.norm(w), w.size
+  else:  # filter: the norm of each output unit (the last axis)
+    axes = tuple(range(w.ndim - 1))
+    s = jnp.broadcast_to(jnp.sqrt(jnp.sum(jnp.square(w), axis=axes, keepdims=True)), w.shape)
+    fan = w.size // w.shape[-1]
+  return s / math.sqrt(max(fan, 1)) if noise == "gaussian" else s
 
 
 @functools.partial(
@@ -163,16 +200,12 @@ def _scale_factor(w: jax.Array, scale: str, noise: str) -> Union[float, jax.Arra
 )
 @dataclasses.dataclass(frozen=True)
 class Perturbations:
-  """K sampled perturbations, aligned with the flattened params.
-
-  A pytree whose children are the deltas and whose static data is the tree
-  structure, so it can be returned from ``jax.jit`` and mapped by ``jax.vmap``.
+  """K sampled perturbations, aligned with the flattened params; a pytree.
 
   Attributes:
-    deltas: one entry per leaf of ``params`` in flatten order: an array of shape
-      ``(K, *leaf.shape)`` in the leaf's dtype, or ``None`` for a leaf that is
-      not perturbed.
-    treedef: the tree structure of ``params``.
+    deltas: per leaf of ``params`` in flatten order, ``(K, *leaf.shape)`` in the
+      leaf's dtype, or ``None`` for a leaf that is not perturbed.
+    treedef: the tree structure of ``params`` (static data).
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -183,16 +216,20 @@ class Perturbations:
     ...     jax.random.key(0))
     >>> [None if d is None else d.shape for d in p.deltas]  # flatten order: b, w
     [None, (4, 3, 2)]
-    >>> p.as_tree(params)["b"].shape
-    (4, 2)
   """
 
   deltas: list
   treedef: Any
 
   def neighbor(self, i: int) -> list:
-    """The deltas of neighbour ``i`` (no K axis), for :func:`apply_perturbation`."""
-    return neighbor_deltas(self.deltas, i)
+    """Deprecated: ``[None if d is None else d[i] for d in p.deltas]``."""
+    warnings.warn(
+      "Perturbations.neighbor is deprecated and will be removed in the next release: "
+      "use [None if d is None else d[i] for d in p.deltas], or p.as_tree(params).",
+      DeprecationWarning,
+      stacklevel=2,
+    )
+    return [None if d is None else d[i] for d in self.deltas]
 
   def as_tree(self, params: Any) -> Any:
     """The perturbations as a pytree like ``params`` (zeros where not perturbed)."""
@@ -209,7 +246,7 @@ def sample_perturbations(
   params: Any,
   key: jax.Array,
   *,
-  radius: Union[float, jax.Array],
+  radius: Any,
   num_neighbors: int = 1,
   noise: str = "gaussian",
   scale: str = "absolute",
@@ -217,35 +254,9 @@ def sample_perturbations(
 ) -> Perturbations:
   """Samples K independent perturbations ``delta_k ~ Q_r(w)`` of ``params``.
 
-  Noise shapes (``v`` is the unit-scale sample, ``N`` the number of perturbed
-  elements over all perturbed leaves together):
-
-  - ``gaussian``: ``v_i ~ N(0, radius^2)`` independently.
-  - ``ball``: ``v`` uniform in the L2 ball of radius ``radius`` in R^N.
-  - ``sphere``: ``v`` uniform on the sphere of radius ``radius`` in R^N.
-
-  The perturbation is ``delta = s(w) * v`` elementwise, where the scale is
-
-  - ``absolute``: ``s = 1``;
-  - ``tensor``: ``s = ||w_leaf||`` (divided by ``sqrt(leaf size)`` for gaussian,
-    so each leaf moves by about ``radius * ||w_leaf||``);
-  - ``filter``: ``s`` = the norm of the output unit (last axis) the element
-    belongs to (divided by ``sqrt(fan-in)`` for gaussian); 0-d and 1-d leaves
-    use the leaf norm;
-  - ``elementwise``: ``s = |w_i| + 0.01`` (the floor lets zeros move).
-
-  Args:
-    params: pytree of arrays (the centre ``w``).
-    key: a PRNG key (typed or raw).
-    radius: the radius ``r`` (a float or a traced scalar).
-    num_neighbors: K, a static Python int.
-    noise: ``"gaussian"``, ``"ball"`` or ``"sphere"``.
-    scale: ``"absolute"``, ``"tensor"``, ``"filter"`` or ``"elementwise"``.
-    mask: which leaves move, see :func:`perturbed_leaf_mask`.
-
-  Returns:
-    A :class:`Perturbations`; ``.as_tree(params)`` gives a pytree with a leading
-    K axis on every leaf.
+  ``radius``, ``noise``, ``scale`` and ``mask`` are those of
+  :func:`nrs_jax.nrs_penalty`, which defines them; ``key`` is a PRNG key (typed
+  or raw) and ``num_neighbors`` K. Returns a :class:`Perturbations`.
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -253,74 +264,69 @@ def sample_perturbations(
     >>> params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
     >>> p = nrs_jax.sample_perturbations(
     ...     params, jax.random.key(0), radius=0.1, num_neighbors=4, noise="sphere")
-    >>> tree = p.as_tree(params)
-    >>> tree["w"].shape
-    (4, 3, 2)
-    >>> norms = jnp.sqrt(tree["w"].reshape(4, -1).__pow__(2).sum(1)
-    ...                  + tree["b"].__pow__(2).sum(1))
+    >>> tree = p.as_tree(params)  # a leading K axis on every leaf
+    >>> norms = jnp.sqrt((tree["w"] ** 2).sum((1, 2)) + (tree["b"] ** 2).sum(1))
     >>> bool(jnp.allclose(norms, 0.1))
     True
   """
-  k = static_num_neighbors(num_neighbors)
-  sampler = make_sampler(params, radius=radius, noise=noise, scale=scale, mask=mask)
-  return Perturbations(sampler(jax.random.split(_random.as_key(key), k)), sampler.treedef)
+  k = check_positive_int("num_neighbors", num_neighbors)
+  sampler = Sampler(params, radius=radius, noise=noise, scale=scale, mask=mask)
+  return Perturbations(sampler.draw(params, jax.random.split(as_key(key), k)), sampler.treedef)
 
 
-class _Sampler:
-  """Draws the perturbations of given neighbour keys; see sample_perturbations."""
+class Sampler:
+  """The leaves NRS acts on, and the draw of their perturbations from given keys.
+
+  ``selected[i]``: leaf ``i`` is a float leaf that the mask selects (it gets
+  the penalty gradient); ``moving[i]``: it is also perturbed (its radius is not
+  a static 0, unless every radius is).
+  """
 
   def __init__(self, params, *, radius, noise, scale, mask):
     check_choice("noise", noise, NOISES)
     check_choice("scale", scale, SCALES)
-    self.leaves, self.treedef = jax.tree_util.tree_flatten(params)
-    self.selected = perturbed_leaf_mask(params, mask)  # per leaf, in flatten order
-    self.sizes = [int(x.size) if s else 0 for x, s in zip(self.leaves, self.selected)]
-    self.total = sum(self.sizes)
-    self.radius, self.noise, self.scale = radius, noise, scale
-
-  def _flat(self, keys):
-    """Unit-scale samples, one row per key, flat over all perturbed leaves (float32)."""
-    key_dir, key_len = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)
-    v = _random.standard_normal(key_dir, self.total)
-    radius = jnp.asarray(self.radius, jnp.float32)
-    if self.noise == "gaussian":
-      return radius * v
-    length = radius
-    if self.noise == "ball":
-      u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(key_len)
-      length = radius * jnp.exp(jnp.log(u) / self.total)[:, None]
-    return v * (length / jnp.sqrt(jnp.sum(jnp.square(v), axis=1, keepdims=True)))
-
-  def __call__(self, keys: jax.Array) -> list:
-    """Deltas (one entry per leaf; None if not perturbed) with a leading len(keys) axis."""
-    return self.draw(self.leaves, keys)
+    self.treedef = jax.tree_util.tree_structure(params)
+    self.selected = perturbed_leaf_mask(params, mask)
+    self.radii = broadcast_prefix(radius, params, "radius", "scalars")
+    self.scalar_radius = jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(radius))
+    self.moving = [s and not is_static_zero(r) for s, r in zip(self.selected, self.radii)]
+    if not any(self.moving):  # radius 0 everywhere: zero deltas, drawn as for any radius
+      self.moving = self.selected
+    leaves = jax.tree_util.tree_leaves(params)
+    self.sizes = [int(x.size) if m else 0 for x, m in zip(leaves, self.moving)]
+    self.noise, self.scale = noise, scale
 
   def draw(self, params: Any, keys: jax.Array) -> list:
-    """As ``__call__``, with relative scales taken from ``params`` (same structure)."""
-    leaves = jax.tree_util.tree_leaves(params)
-    flat = self._flat(keys)
-    n = keys.shape[0]
+    """Deltas with a leading ``len(keys)`` axis, one entry per leaf (None: not perturbed).
+
+    Neighbour ``i`` is drawn from ``keys[i]``; relative scales come from ``params``.
+    """
+    n, total = keys.shape[0], sum(self.sizes)
+    key_dir, key_len = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)
+    v = standard_normal(key_dir, total)
+    length: Any = 1.0
+    if self.noise != "gaussian":
+      norm = jnp.sqrt(jnp.sum(jnp.square(v), axis=1, keepdims=True))
+    if self.noise == "ball":
+      u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(key_len)
+      length = jnp.exp(jnp.log(u) / total)[:, None]
+
+    def scaled(v, r):  # radius r times the unit-radius sample
+      r = jnp.asarray(r, jnp.float32)
+      return r * v if self.noise == "gaussian" else v * ((r * length) / norm)
+
+    if self.scalar_radius:
+      v = scaled(v, self.radii[0])
+    parts = jnp.split(v, np.cumsum(self.sizes)[:-1].tolist(), axis=1)
     deltas: list = []
-    offset = 0
-    for x, size in zip(leaves, self.sizes):
+    for x, size, r, part in zip(jax.tree_util.tree_leaves(params), self.sizes, self.radii, parts):
       if size == 0:
         deltas.append(None)
         continue
-      v = flat[:, offset : offset + size].reshape((n, *x.shape))
-      offset += size
+      part = part if self.scalar_radius else scaled(part, r)
       s = _scale_factor(jax.lax.stop_gradient(x), self.scale, self.noise)
-      deltas.append(jax.lax.stop_gradient(v * s).astype(x.dtype))
+      deltas.append(jax.lax.stop_gradient(part.reshape((n, *x.shape)) * s).astype(x.dtype))
     return deltas
-
-
-def make_sampler(params: Any, *, radius, noise="gaussian", scale="absolute", mask=None) -> _Sampler:
-  """A function ``keys [n] -> deltas`` drawing neighbour ``i`` from ``keys[i]``."""
-  return _Sampler(params, radius=radius, noise=noise, scale=scale, mask=mask)
-
-
-def neighbor_deltas(deltas: Sequence[Optional[jax.Array]], i: int) -> list:
-  """Neighbour ``i``'s entry of per-leaf deltas with a leading K axis (None stays None)."""
-  return [None if d is None else d[i] for d in deltas]
 
 
 def apply_perturbation(params: Any, deltas: Sequence[Optional[jax.Array]]) -> Any:

@@ -1,18 +1,15 @@
 """The options shared by every entry point, and every check on them.
 
-``nrs_penalty``, ``make_nrs_loss`` and ``add_nrs_gradient`` each build one
-:class:`NRSOptions` from their keyword arguments and pass it down, so each
-option is validated once, here, with one error message. Values that may be
-traced (``alpha``, ``radius`` under ``optax.inject_hyperparams``) are not
-fields: they are checked by :func:`check_nonnegative` when concrete and passed
-through when traced.
+Each entry point builds one :class:`NRSOptions` from its keyword arguments, so
+each static option is validated once, here, with one message. Values that may
+be traced (``alpha``, ``radius`` under ``optax.inject_hyperparams``) are not
+fields: :func:`check_nonnegative` checks them when they are concrete.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from collections.abc import Callable
 from collections.abc import Sequence
 from typing import Any
@@ -29,13 +26,21 @@ NOISES = ("gaussian", "ball", "sphere")
 SCALES = ("absolute", "tensor", "filter", "elementwise")
 AGGREGATIONS = ("mean", "max")
 STRATEGIES = ("auto", "vmap", "loop", "chunked")
-# Deprecated names, accepted for one release with a warning: name -> (strategy, chunk size).
-DEPRECATED_STRATEGIES = {"accumulate": ("chunked", 1)}
 
 
 def check_choice(name: str, value: Any, allowed: Sequence[str]) -> None:
   if not isinstance(value, str) or value not in allowed:
     raise ValueError(f"{name}={value!r} is not supported: use one of {tuple(allowed)}.")
+
+
+def is_function(tree: Any) -> bool:
+  """optax's rule for a mask function: every leaf of ``tree`` is callable.
+
+  A pytree of bools is never a function, even when its nodes are callable (an
+  Equinox Module); a plain function is one callable leaf.
+  """
+  leaves = jax.tree_util.tree_leaves(jax.tree_util.tree_map(callable, tree))
+  return bool(leaves) and all(leaves)
 
 
 def is_static_number(x: Any) -> bool:
@@ -50,23 +55,36 @@ def is_static_number(x: Any) -> bool:
 
 
 def is_static_zero(x: Any) -> bool:
-  return is_static_number(x) and float(x) == 0.0
+  """True for a static scalar 0, or a pytree whose leaves are all static zeros."""
+  leaves = jax.tree_util.tree_leaves(x)
+  return bool(leaves) and all(is_static_number(v) and float(v) == 0.0 for v in leaves)
 
 
-def check_nonnegative(name: str, value: Any, *, allow_schedule: bool = False) -> None:
-  """Raises if a static scalar is negative or not finite; traced values pass."""
-  if callable(value):
-    if allow_schedule:
-      return
-    raise ValueError(f"{name} must be a finite scalar >= 0, not a callable.")
-  if isinstance(value, jax.core.Tracer):
+def check_nonnegative(name: str, value: Any, *, tree: bool = False, schedule: bool = False) -> None:
+  """Raises unless ``value`` is a finite scalar >= 0 (a traced one passes).
+
+  With ``tree=True`` each leaf of a pytree is checked; with ``schedule=True`` a
+  function of the step count is allowed and its value at step 0 is checked.
+  """
+  if schedule and is_function(value):
+    check_nonnegative(f"{name}(0)", value(0))
     return
-  try:
-    v = float(value)
-  except (TypeError, ValueError):
-    raise ValueError(f"{name}={value!r} must be a finite scalar >= 0.") from None
-  if not math.isfinite(v) or v < 0:
-    raise ValueError(f"{name}={value!r} must be a finite scalar >= 0.")
+  if is_function(value):
+    raise ValueError(
+      f"{name} must be a finite scalar >= 0, not a callable"
+      + (" (a schedule of the step count is for add_nrs_gradient)." if tree else ".")
+    )
+  leaves = jax.tree_util.tree_leaves(value) if tree else [value]
+  for v in leaves:
+    if isinstance(v, jax.core.Tracer):
+      continue
+    try:
+      ok = jnp.ndim(v) == 0 and math.isfinite(float(v)) and float(v) >= 0
+    except (TypeError, ValueError):
+      ok = False
+    if not ok:
+      what = f"{name}={value!r}" if v is value else f"{name} has a leaf {v!r}, but each"
+      raise ValueError(f"{what} must be a finite scalar >= 0.")
 
 
 def check_positive_int(name: str, value: Any) -> int:
@@ -85,10 +103,6 @@ def check_positive_int(name: str, value: Any) -> int:
   return int(value)
 
 
-def static_num_neighbors(num_neighbors: Any) -> int:
-  return check_positive_int("num_neighbors", num_neighbors)
-
-
 def check_mask_leaves(tree: Any, what: str = "mask") -> None:
   """Raises a ValueError unless every leaf of ``tree`` is a static bool."""
   for m in jax.tree_util.tree_leaves(tree):
@@ -98,16 +112,32 @@ def check_mask_leaves(tree: Any, what: str = "mask") -> None:
       raise ValueError(f"{what} must hold Python bools (static), got a leaf {m!r}.")
 
 
+def broadcast_prefix(tree: Any, params: Any, what: str, kind: str = "bools") -> list:
+  """The leaves of ``tree``, a prefix of ``params``, repeated over each sub-tree (flatten order)."""
+  treedef: Any = jax.tree_util.tree_structure(params)
+  try:
+    full = jax.tree_util.tree_map(
+      lambda m, sub: jax.tree_util.tree_map(lambda _: m, sub), tree, params
+    )
+    ok = jax.tree_util.tree_structure(full) == treedef
+  except (ValueError, TypeError):
+    ok = False
+  if not ok:
+    raise ValueError(
+      f"{what} must be a pytree of {kind} with the structure of params (or a prefix of "
+      f"it), as a mask in optax.masked; got structure {jax.tree_util.tree_structure(tree)}, "
+      f"params structure {treedef}."
+    )
+  return jax.tree_util.tree_leaves(full)
+
+
 @dataclasses.dataclass(frozen=True)
 class NRSOptions:
   """The static options of NRS, validated once at construction.
 
   Field meanings are those of :func:`nrs_jax.nrs_penalty`. After construction
   ``strategy`` is one of ``auto``, ``vmap``, ``loop``, ``chunked`` and
-  ``neighbor_chunk_size`` is set exactly when ``strategy == "chunked"``
-  (``chunked`` without a size means chunks of one; ``auto`` with a size means
-  ``chunked``; the deprecated ``accumulate`` means ``chunked`` with chunks of
-  one, with a ``DeprecationWarning``).
+  ``neighbor_chunk_size`` is set exactly when ``strategy == "chunked"``.
   """
 
   num_neighbors: int = 1
@@ -121,31 +151,16 @@ class NRSOptions:
   neighbor_chunk_size: Optional[int] = None
 
   def __post_init__(self):
-    k = static_num_neighbors(self.num_neighbors)
+    k = check_positive_int("num_neighbors", self.num_neighbors)
     check_choice("noise", self.noise, NOISES)
     check_choice("scale", self.scale, SCALES)
     _divergence.get_divergence(self.divergence)
     check_choice("aggregation", self.aggregation, AGGREGATIONS)
     if not isinstance(self.stop_gradient_center, (bool, np.bool_)):
       raise ValueError(f"stop_gradient_center={self.stop_gradient_center!r} must be a Python bool.")
-    if self.mask is not None and not callable(self.mask):
-      # The structure is checked against params later; non-bool leaves are an error now.
-      check_mask_leaves(self.mask)
+    if self.mask is not None and not is_function(self.mask):
+      check_mask_leaves(self.mask)  # the structure is checked against params later
     strategy, chunk = self.strategy, self.neighbor_chunk_size
-    if isinstance(strategy, str) and strategy in DEPRECATED_STRATEGIES:
-      new, new_chunk = DEPRECATED_STRATEGIES[strategy]
-      warnings.warn(
-        f"strategy={strategy!r} is deprecated and will be removed in the next release: "
-        f"use strategy='{new}' (neighbor_chunk_size={new_chunk} is its default).",
-        DeprecationWarning,
-        stacklevel=4,
-      )
-      if chunk not in (None, new_chunk):
-        raise ValueError(
-          f"strategy={strategy!r} takes no neighbor_chunk_size (got {chunk!r}); "
-          f"use strategy='{new}', neighbor_chunk_size={chunk!r}."
-        )
-      strategy, chunk = new, new_chunk
     check_choice("strategy", strategy, STRATEGIES)
     if chunk is not None:
       c = check_positive_int("neighbor_chunk_size", chunk)
@@ -165,6 +180,11 @@ class NRSOptions:
     object.__setattr__(self, "num_neighbors", k)
     object.__setattr__(self, "strategy", strategy)
     object.__setattr__(self, "neighbor_chunk_size", chunk if chunk is None else int(chunk))
+
+  @classmethod
+  def of(cls, arguments: dict) -> NRSOptions:
+    """The options among an entry point's ``locals()``."""
+    return cls(**{f.name: arguments[f.name] for f in dataclasses.fields(cls)})
 
   @property
   def divergence_fn(self) -> Callable[[jax.Array, jax.Array], jax.Array]:

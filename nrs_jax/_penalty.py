@@ -12,7 +12,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from nrs_jax import _neighbors
-from nrs_jax import _random
 from nrs_jax import _strategies
 from nrs_jax._options import NRSOptions
 from nrs_jax._options import check_nonnegative
@@ -41,7 +40,7 @@ def nrs_penalty(
   params: Any,
   key: jax.Array,
   *,
-  radius: Scalar,
+  radius: Any,
   num_neighbors: int = 1,
   noise: str = "gaussian",
   scale: str = "absolute",
@@ -58,74 +57,52 @@ def nrs_penalty(
 ) -> jax.Array:
   r"""The NRS divergence between a model and K sampled neighbours.
 
-  ``A_k D_B(w, w + delta_k)`` with ``delta_k ~ Q_r(w)`` sampled from ``key``
-  (see :func:`sample_perturbations`) and treated as constants, ``D_B`` the
-  batch-mean divergence between output distributions and ``A`` the mean or the
-  max over the K neighbours. Differentiable in ``params`` through both the
-  centre and the neighbour outputs (unless ``stop_gradient_center``).
+  ``A_k D_B(w, w + delta_k)``: ``delta_k ~ Q_r(w)`` drawn from ``key`` and
+  treated as constants, ``D_B`` the batch mean of a divergence between output
+  distributions, ``A`` the mean or max over the K neighbours; differentiable
+  through the centre's and the neighbours' outputs. The reference for the
+  options of :func:`make_nrs_loss` and :func:`add_nrs_gradient` too.
 
   Args:
-    logits_fn: ``params -> logits`` of shape ``[..., num_classes]``; it closes
-      over the batch, the dropout rng and any non-trainable state. Logits, not
-      probabilities: a model that ends in a softmax gives a wrong penalty
-      (nothing can tell the two apart without looking at values). A last axis
-      of size 1 is one binary logit (a sigmoid classifier): the divergence is
-      then between Bernoulli distributions. Leading axes (batch, tokens) are
-      averaged over.
+    logits_fn: ``params -> logits [..., C]``, closing over the batch, the
+      dropout rng and non-trainable state. Logits, not probabilities; ``C == 1``
+      is one binary logit (Bernoulli); leading axes are averaged over.
     params: the centre ``w``, any pytree.
-    key: PRNG key for the perturbations.
-    radius: neighbourhood radius ``r`` (>= 0; 0 gives exactly 0).
+    key: PRNG key (typed, raw, or an int seed).
+    radius: ``r >= 0``, a scalar or a pytree of scalars that is a prefix of
+      ``params`` (per-leaf radii). 0 everywhere gives exactly 0. A leaf of
+      radius 0 is not perturbed but, unlike one ``mask`` leaves out, still gets
+      the gradient of its effect on the centre.
     num_neighbors: K, a static int >= 1.
-    noise: ``"gaussian"`` (default), ``"ball"`` or ``"sphere"``.
-    scale: ``"absolute"`` (default), ``"tensor"``, ``"filter"``,
-      ``"elementwise"``.
-    divergence: ``"kl"`` (KL(p_w || p_w'), default), ``"reverse_kl"``,
-      ``"symmetric_kl"``, ``"js"`` or a callable ``(center_logits,
-      neighbor_logits) -> per-example divergence``.
-    aggregation: ``"mean"`` (default) or ``"max"`` over the K neighbours.
-    mask: leaves to perturb, optax's convention (as in ``optax.masked``):
-      ``None`` (all float leaves), a pytree of bools like ``params`` (or a
-      prefix of it), or a callable ``params ->`` such a pytree. By path:
-      ``lambda p: jax.tree_util.tree_map_with_path(lambda path, x: ..., p)``.
-    stop_gradient_center: treat the centre outputs as a fixed target.
-    strategy: how the K neighbours are evaluated: ``"loop"`` (unrolled),
-      ``"vmap"``, ``"chunked"`` (chunks of ``neighbor_chunk_size`` neighbours,
-      each drawn when it is needed and differentiated in the forward pass
-      through a custom VJP, so one chunk's perturbations and activations are
-      alive at a time with no recomputation; chunks of one run unrolled, larger
-      chunks are vmapped under ``lax.scan``), or ``"auto"`` (the rule is in
-      ``nrs_jax._strategies``: a loop for one neighbour; for a model that runs
-      a convolution, a loop below 8 neighbours and chunks of one from 8; for
-      other models a loop on CPU up to 8 neighbours and ``vmap`` otherwise).
-      ``"accumulate"`` is a deprecated alias of ``"chunked"``. All give the
-      same value and gradient to float tolerance, gradients with respect to
-      values ``logits_fn`` closes over included, and all support
-      ``jax.hessian``; ``jax.jvp`` of the penalty needs ``"loop"`` or
-      ``"vmap"`` (``"chunked"`` raises a ValueError saying so). On GPUs,
-      float32 convolutions and matmuls run in TF32 by default and batched
-      kernels (``vmap``, chunks) round differently from ``loop``; use
-      ``jax.default_matmul_precision("highest")`` to compare them.
-    neighbor_chunk_size: neighbours per chunk of ``"chunked"`` (default 1);
-      must divide ``num_neighbors``. Setting it with ``"auto"`` means
-      ``"chunked"``.
-    center_logits: the centre's logits if already computed (shares the centre
-      forward pass with the task loss).
-    where: optional boolean array, broadcastable to the logits' leading shape
-      ``logits.shape[:-1]`` (as in optax's losses): only the ``True`` positions
-      count, e.g. the non-padding tokens of ``[B, T, V]`` logits. The mean runs
-      over valid positions (over the global batch with ``axis_name``); no valid
-      position at all gives 0.
-    axis_name: for ``pmap`` / ``shard_map`` users whose batch is split over a
-      named axis: each neighbour's divergence is averaged over the axis
-      (``lax.pmean``) before aggregation, so the value is the global-batch
-      penalty on every replica (equal local batch sizes) and ``max`` picks the
-      globally worst neighbour. Gradients follow JAX's collective autodiff: each
-      replica's gradient is its local contribution, so ``pmean`` the gradients
-      over the axis exactly as for the task loss. Not needed under ``jax.jit``
-      with shardings, where the batch is already global.
-    per_replica_neighbors: with ``axis_name``, fold the replica index into the
-      key so each replica draws its own neighbours (default: every replica
-      uses the same neighbours, drawn from the shared key).
+    noise: ``v``, the unit-radius sample over all perturbed elements together:
+      ``"gaussian"`` N(0, 1) per element, ``"ball"`` / ``"sphere"`` uniform in /
+      on the unit L2 ball. ``delta = r * s(w) * v``.
+    scale: ``s(w)``: ``"absolute"`` 1; ``"tensor"`` the leaf's norm (over
+      sqrt(size) for gaussian); ``"filter"`` the norm of the element's output
+      unit, the last axis (over sqrt(fan-in) for gaussian; 0-d and 1-d leaves:
+      the leaf norm); ``"elementwise"`` ``|w_i| + 0.01``.
+    divergence: ``"kl"`` KL(p_w || p_w'), ``"reverse_kl"``, ``"symmetric_kl"``,
+      ``"js"``, or ``(center_logits, neighbor_logits) -> per-position values``.
+    aggregation: ``"mean"`` or ``"max"`` (gradient through the worst).
+    mask: the leaves NRS acts on, as in ``optax.masked``: ``None`` (every float
+      leaf), a pytree of bools like ``params`` or a prefix of it (an Equinox
+      Module of bools too), or a function ``params ->`` such a pytree (a mask is
+      a function when all its leaves are callable). Only selected leaves are
+      perturbed and get the penalty's gradient; with a differentiable centre,
+      the centre is then recomputed rather than taken from ``center_logits``.
+    stop_gradient_center: treat the centre's outputs as a fixed target.
+    strategy: ``"auto"``, ``"loop"``, ``"vmap"`` or ``"chunked"`` (chunks of
+      ``neighbor_chunk_size``, default 1, each differentiated in the forward
+      pass: one chunk alive at a time); same value and derivatives (``grad``,
+      ``jvp``, ``hessian``) to float tolerance.
+    neighbor_chunk_size: divides K; with ``"auto"`` it means ``"chunked"``.
+    center_logits: the centre's logits if already computed (shares the pass).
+    where: bools broadcastable to ``logits.shape[:-1]``: the positions that
+      count (e.g. not padding); none at all gives 0.
+    axis_name: for ``pmap`` / ``shard_map`` with the batch split over this axis:
+      divergences are ``pmean``-ed (the global-batch penalty); ``pmean`` the
+      gradients as for the task loss. Not needed under ``jax.jit`` shardings.
+    per_replica_neighbors: with ``axis_name``, each replica draws its own.
 
   Returns:
     A float32 (or wider) scalar.
@@ -134,41 +111,26 @@ def nrs_penalty(
     ValueError: for an invalid option (at trace time).
 
   .. note::
-    Memory: ``vmap`` and ``loop`` keep K neighbours' activations for the
-    backward pass; ``chunked`` keeps one chunk's. Dropout:
-    ``logits_fn`` must close over one dropout rng so the centre and every
-    neighbour share a mask. BatchNorm: ``logits_fn`` should run in the centre's
-    mode and discard updated statistics; only the centre pass may update them.
+    Memory: ``vmap`` and ``loop`` keep K neighbours' activations, ``chunked``
+    one chunk's. Dropout: close over one rng, so that the centre and the
+    neighbours share a mask. BatchNorm: neighbours run in the centre's mode and
+    their statistics are discarded; only the task pass updates them.
 
   Examples:
     >>> import jax, jax.numpy as jnp
     >>> import nrs_jax
-    >>> x = jnp.ones((8, 3))
-    >>> params = {"w": jnp.ones((3, 4)) * 0.1}
-    >>> logits_fn = lambda p: x @ p["w"]
-    >>> pen = nrs_jax.nrs_penalty(logits_fn, params, jax.random.key(0),
+    >>> x, params = jnp.ones((8, 3)), {"w": jnp.full((3, 4), 0.1)}
+    >>> pen = nrs_jax.nrs_penalty(lambda p: x @ p["w"], params, jax.random.key(0),
     ...                           radius=0.1, num_neighbors=2)
     >>> bool(pen > 0)
     True
-    >>> float(nrs_jax.nrs_penalty(logits_fn, params, jax.random.key(0), radius=0.0))
-    0.0
 
   References:
     Zhao and Zhang, Neighborhood Region Smoothing Regularization for Finding
     Flat Minima In Deep Neural Networks, arXiv 2201.06064, 2022.
   """
-  options = NRSOptions(
-    num_neighbors=num_neighbors,
-    noise=noise,
-    scale=scale,
-    divergence=divergence,
-    aggregation=aggregation,
-    mask=mask,
-    stop_gradient_center=stop_gradient_center,
-    strategy=strategy,
-    neighbor_chunk_size=neighbor_chunk_size,
-  )
-  check_nonnegative("radius", radius)
+  options = NRSOptions.of(locals())
+  check_nonnegative("radius", radius, tree=True)
   return penalty(
     options,
     logits_fn,
@@ -187,7 +149,7 @@ def penalty(
   logits_fn: Callable[[Any], jax.Array],
   params: Any,
   key: jax.Array,
-  radius: Scalar,
+  radius: Any,
   *,
   center_logits: Optional[jax.Array] = None,
   where: Optional[jax.Array] = None,
@@ -195,20 +157,20 @@ def penalty(
   per_replica_neighbors: bool = False,
 ) -> jax.Array:
   """:func:`nrs_penalty` with its options already validated (every entry point calls this)."""
-  k = options.num_neighbors
-  div_fn = options.divergence_fn
-  # The perturbations are constants: stopping the radius's gradient here (rather than only
-  # the draw's) keeps a differentiated radius out of the chunked strategy's custom VJP.
-  # (Building the sampler also checks the mask against params, before any model call.)
-  sampler = _neighbors.make_sampler(
-    params,
-    radius=jax.lax.stop_gradient(radius),
-    noise=options.noise,
-    scale=options.scale,
-    mask=options.mask,
-  )
   if per_replica_neighbors and axis_name is None:
     raise ValueError("per_replica_neighbors=True needs axis_name, the mapped axis.")
+  # The perturbations are constants, the radius included (it stays out of custom rules).
+  radius = jax.tree_util.tree_map(jax.lax.stop_gradient, radius)
+  sampler = _neighbors.Sampler(
+    params, radius=radius, noise=options.noise, scale=options.scale, mask=options.mask
+  )
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  left_out = [not s and _neighbors.is_float(x) for x, s in zip(leaves, sampler.selected)]
+  if any(left_out):  # the mask's other leaves get no penalty gradient, through any pass
+    leaves = [jax.lax.stop_gradient(x) if o else x for x, o in zip(leaves, left_out)]
+    params = jax.tree_util.tree_unflatten(treedef, leaves)
+    if not options.stop_gradient_center:
+      center_logits = None  # given logits would carry the gradient to every leaf
   if center_logits is None:
     center_logits = logits_fn(params)
   center = _check_logits(center_logits, "the centre")
@@ -219,10 +181,10 @@ def penalty(
   if is_static_zero(radius):
     return jnp.zeros((), out_dtype)
 
-  key = _random.as_key(key)
+  key = _neighbors.as_key(key)
   if per_replica_neighbors:
     key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
-  keys = jax.random.split(key, k)
+  div_fn = options.divergence_fn
 
   def one_at(p, c, deltas):
     z = _check_logits(logits_fn(_neighbors.apply_perturbation(p, deltas)), "a neighbour")
@@ -237,15 +199,14 @@ def penalty(
     return jnp.sum(jnp.where(weights > 0, d * weights, 0.0)).astype(out_dtype)
 
   def divs_of(p, c, deltas):  # deltas with a leading axis of n neighbours -> [n]
-    n = next(d.shape[0] for d in deltas if d is not None)
-    if n == 1:
+    if next(d.shape[0] for d in deltas if d is not None) == 1:
       return one_at(p, c, [None if d is None else d[0] for d in deltas])[None]
     return jax.vmap(lambda d: one_at(p, c, d))(deltas)
 
-  strategy = options.strategy
+  k, strategy = options.num_neighbors, options.strategy
   if strategy == "auto":
     strategy = _strategies.choose(
-      k, k > 1 and _strategies.runs_convolution(logits_fn, params, sampler.selected)
+      k, k > 1 and _strategies.runs_convolution(logits_fn, params, sampler.moving)
     )
   value = _strategies.evaluate(
     strategy,
@@ -253,23 +214,20 @@ def penalty(
     sampler.draw,
     params,
     center,
-    keys,
+    jax.random.split(key, k),
     chunk_size=options.neighbor_chunk_size or 1,
     aggregation=options.aggregation,
     axis_name=axis_name,
-    fixed_center=options.stop_gradient_center,
   )
-  if not is_static_number(radius):
-    value = jnp.where(radius == 0, jnp.zeros_like(value), value)
+  radii = [r for r, m in zip(sampler.radii, sampler.moving) if m]
+  if not all(is_static_number(r) for r in radii):  # a traced radius may be 0 everywhere
+    value = jnp.where(jnp.all(jnp.stack([jnp.asarray(r) == 0 for r in radii])), 0.0, value)
   return value
 
 
 def _position_weights(where, leading_shape, axis_name):
-  """Per-position weights whose sum over the global batch is the mean: None without ``where``.
-
-  With ``axis_name`` each replica's divergence is later ``pmean``-ed over the
-  axis, so a replica's weights are ``R / (valid positions over all replicas)``.
-  """
+  """Weights summing to 1 over the global batch's valid positions (``R / count`` per
+  replica with ``axis_name``, whose divergences are then ``pmean``-ed); None without ``where``."""
   if where is None:
     return None
   where = jnp.asarray(where)
@@ -296,16 +254,9 @@ def _position_weights(where, leading_shape, axis_name):
 def strided_subset(tree: Any, size: int, *, batch_size: Optional[int] = None) -> Any:
   """Rows ``0, B/size, 2 B/size, ...`` of every leaf whose leading dim is the batch size ``B``.
 
-  The subset the penalty sees with ``neighbor_batch_size``: spread evenly over
-  the batch, so with the batch sharded over ``S`` devices (``S`` dividing
-  ``size``) each shard keeps its own rows and nothing moves between devices.
-  It is written as a reshape to ``[size, B / size, ...]`` and the first
-  column. Leaves with another leading dim (a key, a scalar) pass through.
-
-  Args:
-    tree: an array or a pytree of arrays (a batch, logits).
-    size: how many rows to keep; must divide ``B``.
-    batch_size: ``B``; default: the largest leading dim among the leaves.
+  The subset of ``neighbor_batch_size``: with the batch sharded over ``S``
+  devices (``S`` dividing ``size``) each shard keeps its own rows. ``size``
+  divides ``B`` (default: the largest leading dim); other leaves pass through.
 
   Raises:
     ValueError: if ``size`` is not a positive int that divides ``B``.
@@ -316,9 +267,8 @@ def strided_subset(tree: Any, size: int, *, batch_size: Optional[int] = None) ->
     >>> nrs_jax.strided_subset({"x": jnp.arange(8), "key": jnp.zeros(2)}, 4)["x"]
     Array([0, 2, 4, 6], dtype=int32)
   """
-  leaves = jax.tree_util.tree_leaves(tree)
   if batch_size is None:
-    dims = [jnp.shape(x)[0] for x in leaves if jnp.ndim(x) >= 1]
+    dims = [jnp.shape(x)[0] for x in jax.tree_util.tree_leaves(tree) if jnp.ndim(x) >= 1]
     if not dims:
       raise ValueError("strided_subset needs an array with a leading (batch) dimension.")
     batch_size = max(dims)
@@ -346,7 +296,7 @@ def make_nrs_loss(
   task_loss_fn: Callable[[jax.Array, Any], jax.Array],
   *,
   alpha: Scalar,
-  radius: Scalar,
+  radius: Any,
   num_neighbors: int = 1,
   noise: str = "gaussian",
   scale: str = "absolute",
@@ -363,54 +313,27 @@ def make_nrs_loss(
 ) -> Callable[[Any, Any, jax.Array], tuple[jax.Array, dict]]:
   """Builds ``loss(params, batch, key) -> (task_loss + alpha * penalty, aux)``.
 
-  The centre forward pass is shared between the task loss and the penalty, so
-  a step costs one forward/backward for the centre plus one per neighbour.
-  With ``neighbor_batch_size=m`` the penalty is taken on ``m`` of the ``B``
-  examples (the task loss still sees all of them): ``1 + (K + 1) m / B`` passes
-  by default, ``1 + K m / B`` with ``reuse_center_logits=True``.
+  The task loss and the penalty share the centre's forward pass.
 
   Args:
-    apply_fn: ``(params, batch) -> logits`` (logits, not probabilities; shape
-      ``[..., num_classes]``, or ``[..., 1]`` for one binary logit); with
-      ``has_aux=True``, ``(params, batch) -> (logits, model_aux)`` where
-      ``model_aux`` (e.g. updated BatchNorm statistics) is taken from the centre
-      pass only. ``batch`` is whatever you pass to the loss, unchanged.
-    task_loss_fn: ``(logits, batch) -> scalar``, e.g. ``lambda z, b:
-      optax.softmax_cross_entropy_with_integer_labels(z, b["y"]).mean()``.
-    alpha: weight of the penalty (>= 0; 0 gives exactly the task loss).
-    radius, num_neighbors, noise, scale, divergence, aggregation, mask, stop_gradient_center, strategy, neighbor_chunk_size: as
-      in :func:`nrs_penalty`.
-    where_fn: optional ``batch -> where``, a boolean mask over the logits'
-      leading dims (e.g. the non-padding tokens) passed to :func:`nrs_penalty`
-      as ``where``. The task loss is yours: mask it there as you need.
-    neighbor_batch_size: ``None`` (the whole batch) or ``m``, a positive int
-      dividing the batch size ``B`` (the logits' leading dim): the penalty is
-      taken on the strided subset of ``m`` examples, rows ``0, B/m, 2B/m, ...``
-      (see :func:`strided_subset`), spread evenly over the batch so that under
-      data-parallel sharding every shard holds ``m / shards`` of them and
-      nothing is gathered (the number of data shards must then divide ``m``).
-      Every leaf of ``batch`` whose leading dim is ``B`` is subset (and
-      ``where_fn`` sees the subset batch); other leaves (a dropout key,
-      scalars) pass through unchanged.
-    reuse_center_logits: with ``neighbor_batch_size``, take the centre's
-      logits from the full task pass (subset) instead of re-evaluating the
-      centre on the subset. Exact only for models whose outputs are
-      per-example and deterministic given the batch row: not with train-mode
-      BatchNorm (batch statistics of B vs m examples) or a dropout mask drawn
-      for the batch shape. By default the centre is re-evaluated on the
-      subset, so centre and neighbours share statistics and masks and
-      ``radius=0`` gives exactly 0 for every model.
+    apply_fn: ``(params, batch) -> logits``, or ``-> (logits, model_aux)`` with
+      ``has_aux=True`` (e.g. new BatchNorm statistics, from the centre only).
+    task_loss_fn: ``(logits, batch) -> scalar``.
+    alpha: weight of the penalty, >= 0 (0: exactly the task loss).
+    radius, num_neighbors, noise, scale, divergence, aggregation, mask,
+      stop_gradient_center, strategy, neighbor_chunk_size: see :func:`nrs_penalty`.
+    where_fn: ``batch -> where`` (see :func:`nrs_penalty`).
+    neighbor_batch_size: ``m`` dividing the batch size ``B``: the penalty on
+      the :func:`strided_subset` of ``m`` examples (``where_fn`` sees it),
+      ``1 + (K + 1) m / B`` passes a step; data shards must divide ``m``.
+    reuse_center_logits: with ``m``, the centre's logits from the task pass
+      (``1 + K m / B`` passes); exact only for per-example deterministic
+      outputs (not train-mode BatchNorm or a batch-shaped dropout mask).
     has_aux: whether ``apply_fn`` returns ``(logits, model_aux)``.
 
   Returns:
-    ``loss(params, batch, key) -> (total, aux)`` with ``aux`` a dict holding
-    ``task_loss``, ``nrs_penalty``, ``logits`` (and ``model_aux``). Use it with
-    ``jax.value_and_grad(loss, has_aux=True)``.
-
-  .. note::
-    BatchNorm: return the updated statistics as ``model_aux`` and apply only
-    those; neighbour passes never update them. Dropout: put the dropout rng in
-    ``batch`` (or close over it) so the centre and the neighbours share a mask.
+    ``loss(params, batch, key) -> (total, aux)``, ``aux`` holding ``task_loss``,
+    ``nrs_penalty``, ``logits`` (and ``model_aux``).
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax
@@ -420,9 +343,8 @@ def make_nrs_loss(
     ...     z, b["y"]).mean()
     >>> loss = nrs_jax.make_nrs_loss(apply_fn, task, alpha=1.0, radius=0.05)
     >>> batch = {"x": jnp.ones((4, 3)), "y": jnp.array([0, 1, 2, 3])}
-    >>> params = {"w": jnp.full((3, 4), 0.1)}
     >>> (total, aux), grads = jax.value_and_grad(loss, has_aux=True)(
-    ...     params, batch, jax.random.key(0))
+    ...     {"w": jnp.full((3, 4), 0.1)}, batch, jax.random.key(0))
     >>> sorted(aux)
     ['logits', 'nrs_penalty', 'task_loss']
 
@@ -431,18 +353,8 @@ def make_nrs_loss(
     Flat Minima In Deep Neural Networks, arXiv 2201.06064, 2022.
   """
   check_nonnegative("alpha", alpha)
-  check_nonnegative("radius", radius)
-  options = NRSOptions(
-    num_neighbors=num_neighbors,
-    noise=noise,
-    scale=scale,
-    divergence=divergence,
-    aggregation=aggregation,
-    mask=mask,
-    stop_gradient_center=stop_gradient_center,
-    strategy=strategy,
-    neighbor_chunk_size=neighbor_chunk_size,
-  )
+  check_nonnegative("radius", radius, tree=True)
+  options = NRSOptions.of(locals())
   m = neighbor_batch_size
   if m is not None and (isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1):
     raise ValueError(
@@ -451,31 +363,22 @@ def make_nrs_loss(
   if reuse_center_logits and m is None:
     raise ValueError("reuse_center_logits=True needs neighbor_batch_size (a sub-batch).")
   skip = is_static_zero(alpha)
-
-  def logits_of(out):
-    return out[0] if has_aux else out
+  logits_of = (lambda out: out[0]) if has_aux else (lambda out: out)
 
   def loss(params, batch, key):
     out = apply_fn(params, batch)
     logits = logits_of(out)
     task = task_loss_fn(logits, batch)
-    if skip:
-      value = jnp.zeros((), jnp.promote_types(jnp.result_type(task), jnp.float32))
-      total = task
-    else:
+    value = jnp.zeros((), jnp.promote_types(jnp.result_type(task), jnp.float32))
+    total = task
+    if not skip:
       pen_batch, center = batch, logits
       if m is not None:
         pen_batch = strided_subset(batch, m, batch_size=jnp.shape(logits)[0])
         center = strided_subset(logits, m) if reuse_center_logits else None
-      value = penalty(
-        options,
-        lambda p: logits_of(apply_fn(p, pen_batch)),
-        params,
-        key,
-        radius,
-        center_logits=center,
-        where=None if where_fn is None else where_fn(pen_batch),
-      )
+      where = None if where_fn is None else where_fn(pen_batch)
+      pen_logits = lambda p: logits_of(apply_fn(p, pen_batch))
+      value = penalty(options, pen_logits, params, key, radius, center_logits=center, where=where)
       total = task + alpha * value
     aux = {"task_loss": task, "nrs_penalty": value, "logits": logits}
     if has_aux:

@@ -1,7 +1,6 @@
 """NRSOptions: the one place the static options are validated and normalised."""
 
 import dataclasses
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -30,15 +29,6 @@ def test_normalised_strategy_and_chunk(kw, strategy, chunk):
   assert type(o.num_neighbors) is int and (chunk is None or type(o.neighbor_chunk_size) is int)
   with pytest.raises(dataclasses.FrozenInstanceError):
     o.strategy = "vmap"
-
-
-def test_deprecated_accumulate_warns_once_per_construction_and_maps_to_chunks_of_one():
-  with pytest.warns(DeprecationWarning, match="strategy='accumulate' is deprecated"):
-    o = NRSOptions(num_neighbors=3, strategy="accumulate")
-  assert (o.strategy, o.neighbor_chunk_size) == ("chunked", 1)
-  with warnings.catch_warnings():
-    warnings.simplefilter("error")
-    NRSOptions(num_neighbors=3, strategy="chunked")  # the new name does not warn
 
 
 @pytest.mark.parametrize(

@@ -296,14 +296,12 @@ BAD = [
   ({"num_neighbors": 4, "neighbor_chunk_size": 0}, "neighbor_chunk_size=0"),
   ({"num_neighbors": 4, "neighbor_chunk_size": 2, "strategy": "loop"}, "strategy='loop'"),
   ({"num_neighbors": 4, "neighbor_chunk_size": 2, "strategy": "vmap"}, "strategy='vmap'"),
-  ({"num_neighbors": 4, "neighbor_chunk_size": 2, "strategy": "accumulate"}, "'chunked'"),
   ({"stop_gradient_center": "yes"}, "stop_gradient_center='yes'"),
   ({"mask": {"w": True}}, "mask must be a pytree of bools"),
   ({"per_replica_neighbors": True}, "per_replica_neighbors=True needs axis_name"),
 ]
 
 
-@pytest.mark.filterwarnings("ignore:strategy=.accumulate. is deprecated:DeprecationWarning")
 @pytest.mark.parametrize("kw,match", BAD)
 def test_bad_options_raise_naming_the_argument(tiny, kw, match):
   params, _, _, logits_fn = tiny
@@ -695,16 +693,7 @@ def test_bad_neighbor_batch_size(m, match):
     )
 
 
-def test_accumulate_is_a_deprecated_alias_of_chunks_of_one(tiny):
+def test_accumulate_was_removed_as_announced(tiny):
   params, _, _, logits_fn = tiny
-  kw = dict(radius=0.3, num_neighbors=3)
-  with pytest.warns(DeprecationWarning, match="strategy='chunked'"):
-    old = jax.value_and_grad(
-      lambda p: nrs_jax.nrs_penalty(logits_fn, p, KEY, strategy="accumulate", **kw)
-    )(params)
-  new = jax.value_and_grad(
-    lambda p: nrs_jax.nrs_penalty(logits_fn, p, KEY, strategy="chunked", **kw)
-  )(params)
-  np.testing.assert_array_equal(old[0], new[0])
-  _assert_trees_close(old[1], new[1], rtol=0)
-  assert "accumulate" not in nrs_jax.STRATEGIES
+  with pytest.raises(ValueError, match="strategy='accumulate' is not supported.*'chunked'"):
+    nrs_jax.nrs_penalty(logits_fn, params, KEY, radius=0.3, strategy="accumulate")
