@@ -1,13 +1,14 @@
 # Two commands on a fresh machine with python3 and make:
 #   make demo   trains SGD, SAM and NRS on embedded data and prints a comparison
 #   make test   lint + format check + type check + the fast test suite (doctests included)
-# and the documentation site (tutorials executed): make docs -> docs/_build/html
+# and the documentation site (tutorials executed): make docs -> docs/_build/html;
+# make test-compat: the library's tests at the declared version floors and the newest releases
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint format benchmark docs dist clean
+.PHONY: demo test test-slow test-compat lint format benchmark docs dist clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +26,12 @@ lint: $(STAMP)
 
 test: lint
 	$(PY) -m pytest -n 2 -q --durations=15
+
+# The library's tests in two extra venvs: the declared floors (pyproject.toml), and the
+# newest releases on Python 3.13 (found on PATH or through pyenv).
+test-compat:
+	$(PYTHON) .ci/compat.py min
+	$(PYTHON) .ci/compat.py new
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -n 2 -q --durations=15 -m slow
@@ -46,4 +53,4 @@ benchmark: $(STAMP)
 	$(PY) -m experiments.benchmark
 
 clean:
-	rm -rf $(VENV) workdir .pytest_cache docs/_build docs/_autosummary dist
+	rm -rf $(VENV) .venv-compat workdir .pytest_cache docs/_build docs/_autosummary dist

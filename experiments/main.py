@@ -6,6 +6,7 @@ hardware) and the methods with their hyperparameters (``--config.<method>.<name>
 
 import importlib
 import pkgutil
+import sys
 
 from absl import app
 from absl import flags
@@ -82,4 +83,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  if {"-h", "--help", "-help", "--helpshort"} & set(sys.argv[1:]):  # absl would exit 1
+    print(__doc__.strip() + "\n\n" + FLAGS.main_module_help())
+    sys.exit(0)
   app.run(main)

@@ -7,6 +7,21 @@ import pytest
 from scipy import special
 
 
+def enable_x64(on=True):
+  """``jax.enable_x64`` (jax >= 0.8), or ``jax.experimental.enable_x64`` at the jax floor."""
+  if hasattr(jax, "enable_x64"):
+    return jax.enable_x64(on)
+  from jax import experimental
+
+  return experimental.enable_x64(on)
+
+
+def key_data_tree(tree):
+  """Typed PRNG keys as their key data (chex at its floor cannot compare typed keys)."""
+  is_key = lambda x: hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+  return jax.tree_util.tree_map(lambda x: jax.random.key_data(x) if is_key(x) else x, tree)
+
+
 def mlp_init(key, sizes=(5, 8, 3), dtype=jnp.float32, zero_bias=False):
   params = {}
   keys = jax.random.split(key, len(sizes) - 1)

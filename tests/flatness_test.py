@@ -10,6 +10,7 @@ from scipy.sparse import linalg as splinalg
 
 import nrs_jax
 from nrs_jax import flatness
+from tests.conftest import enable_x64
 from tests.conftest import mlp_apply
 from tests.conftest import mlp_init
 
@@ -34,7 +35,7 @@ def _exact_hessian(loss_fn, params, batch):
 
 
 def test_hvp_matches_exact_hessian_product():
-  with jax.enable_x64(True):
+  with enable_x64(True):
     params, batch = _tiny64()
     H = _exact_hessian(_xent, params, batch)
     flat, unravel = ravel_pytree(params)
@@ -44,7 +45,7 @@ def test_hvp_matches_exact_hessian_product():
 
 
 def test_top5_eigenvalues_match_eigh_of_exact_hessian():
-  with jax.enable_x64(True):
+  with enable_x64(True):
     params, batch = _tiny64()  # 6*12+12+12*4+4 = 136 params
     H = _exact_hessian(_xent, params, batch)
     exact = np.sort(np.linalg.eigvalsh(H))[::-1][:5]
@@ -70,7 +71,7 @@ def _quadratic(eigs, seed=0):
 
 def test_planted_spectrum_with_negative_and_near_degenerate_top_pair():
   eigs = np.concatenate([[10.0, 10.0 - 1e-3, 5.0, 2.0], np.linspace(-3.0, 1.0, 60)])
-  with jax.enable_x64(True):
+  with enable_x64(True):
     A, loss = _quadratic(eigs)
     r = flatness.top_hessian_eigenvalues(
       loss, jnp.zeros(len(eigs)), jnp.asarray(A), KEY, k=4, num_iters=64, tol=1e-12
@@ -86,7 +87,7 @@ def test_planted_spectrum_with_negative_and_near_degenerate_top_pair():
 
 
 def test_trace_within_three_standard_errors_and_density_moments():
-  with jax.enable_x64(True):
+  with enable_x64(True):
     params, batch = _tiny64()
     H = _exact_hessian(_xent, params, batch)
     n = H.shape[0]
@@ -110,7 +111,7 @@ def test_trace_within_three_standard_errors_and_density_moments():
 
 
 def test_multi_batch_equals_concatenated_batch():
-  with jax.enable_x64(True):
+  with enable_x64(True):
     params, (x, y) = _tiny64(n=30)
     parts = [(x[:10], y[:10]), (x[10:], y[10:])]  # unequal sizes: weighted by size
     a = flatness.top_hessian_eigenvalues(_xent, params, (x, y), KEY, k=2, num_iters=60, tol=1e-10)
@@ -125,7 +126,7 @@ def test_multi_batch_equals_concatenated_batch():
 
 
 def test_per_block_eigenvalues_and_trace_match_exact_sub_blocks():
-  with jax.enable_x64(True):
+  with enable_x64(True):
     params, batch = _tiny64()
     H = _exact_hessian(_xent, params, batch)
     # ravel_pytree order = flatten order: layer0/b, layer0/w, layer1/b, layer1/w
@@ -185,7 +186,7 @@ def test_100k_parameter_model_top3_agree_with_scipy_eigsh():
 
 def test_average_sharpness_of_a_quadratic_is_half_r2_trace():
   eigs = np.linspace(0.5, 3.0, 50)
-  with jax.enable_x64(True):
+  with enable_x64(True):
     A, loss = _quadratic(eigs)
     out = flatness.average_sharpness(
       loss, jnp.zeros(50), jnp.asarray(A), KEY, radius=0.1, num_samples=400
@@ -240,7 +241,7 @@ def test_landscape_matches_quadratic_and_filter_normalisation():
 
 
 def test_hessian_metrics_is_a_flat_dict():
-  with jax.enable_x64(True):
+  with enable_x64(True):
     params, batch = _tiny64()
     m = flatness.hessian_metrics(_xent, params, batch, KEY, k=2, num_samples=10)
   assert set(m) == {

@@ -39,3 +39,15 @@ def test_missing_config_is_a_usage_error_naming_list():
     timeout=300,
   )
   assert out.returncode != 0 and "--list" in out.stderr
+
+
+def test_help_exits_zero_and_names_the_flags():
+  out = subprocess.run(
+    [sys.executable, "-m", "experiments.main", "--help"],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "--workdir" in out.stdout and "--list" in out.stdout and "--config" in out.stdout

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 from scipy import special
 
@@ -14,6 +15,7 @@ X = np.random.default_rng(0).normal(size=(4, 5)).astype(np.float32)
 Y = np.array([0, 1, 2, 1], np.int32)
 IDX = np.array([3, 0, 6, 2], np.int32)  # rows of an 8-example training set
 BATCH = {"x": jnp.asarray(X), "y": jnp.asarray(Y), "idx": jnp.asarray(IDX)}
+KEY = jax.random.key(0)
 PARAMS = {"w": jnp.asarray(np.random.default_rng(1).normal(size=(5, 3)), jnp.float32)}
 
 
@@ -96,3 +98,40 @@ def test_mesa_step_distils_from_the_ema_teacher():
 def test_saf_needs_the_dataset_size():
   with pytest.raises(ValueError, match="num_train"):
     methods.make_optimizer(_config("saf"), 100)
+
+
+def test_sam_baseline_matches_optax_contrib_sam_opaque_step_for_step():
+  # Our SAM (kept for asam and randomized SAM) against optax.contrib.sam in opaque mode,
+  # sync period 2 (one ascent, then the base step), around the same base optimiser.
+  def apply(params, bs, x, train, key):
+    return jnp.tanh(x @ params["w1"]) @ params["w2"], bs
+
+  rng = np.random.default_rng(2)
+  params = {
+    "w1": jnp.asarray(rng.normal(size=(5, 8)), jnp.float32),
+    "w2": jnp.asarray(rng.normal(size=(8, 3)) / 3, jnp.float32),
+  }
+  config = _config("sam", rho=0.3)
+  with config.unlocked():
+    config.learning_rate, config.momentum, config.weight_decay = 0.1, 0.9, 1e-3
+  base = methods.base_optimizer(config, 100)
+  ours = jax.jit(methods.make_step("sam", apply, base, config))
+  tx = optax.contrib.sam(
+    base, optax.chain(optax.contrib.normalize(), optax.sgd(0.3)), sync_period=2, opaque_mode=True
+  )
+
+  @jax.jit
+  def theirs(p, s, batch):
+    g = methods._grad_at(apply, p, {}, batch, KEY)[1]
+    grad_fn = lambda q, _: methods._grad_at(apply, q, {}, batch, KEY)[1]
+    updates, s = tx.update(g, s, p, grad_fn=grad_fn)
+    return optax.apply_updates(p, updates), s
+
+  p1, s1, p2, s2 = params, base.init(params), params, tx.init(params)
+  for t in range(4):
+    batch = {"x": jnp.asarray(rng.normal(size=(16, 5)), jnp.float32), "y": jnp.arange(16) % 3}
+    p1, _, s1, _ = ours(p1, {}, s1, batch, KEY)
+    p2, s2 = theirs(p2, s2, batch)
+    for a, b in zip(jax.tree_util.tree_leaves(p1), jax.tree_util.tree_leaves(p2)):
+      np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6, err_msg=f"step {t}")
+  assert not np.allclose(p1["w1"], params["w1"])

@@ -205,3 +205,12 @@ def test_perturbations_cross_jit_and_vmap():
     one.as_tree(params)["layer0"]["w"],
     draw(jax.random.split(jax.random.key(1), 3)[1]).as_tree(params)["layer0"]["w"],
   )
+
+
+def test_perturbations_neighbor_is_deprecated_and_still_right():
+  params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+  p = nrs_jax.sample_perturbations(params, jax.random.key(0), radius=0.1, num_neighbors=3)
+  with pytest.warns(DeprecationWarning, match="Perturbations.neighbor is deprecated"):
+    one = p.neighbor(2)
+  for a, d in zip(one, p.deltas):
+    np.testing.assert_array_equal(a, d[2])

@@ -10,6 +10,7 @@ import pytest
 from scipy import special
 
 import nrs_jax
+from tests.conftest import enable_x64
 from tests.conftest import mlp_apply
 from tests.conftest import mlp_init
 from tests.conftest import np_divergence
@@ -124,7 +125,7 @@ def test_strategies_agree_on_value_and_gradient(
 
 
 def test_gradient_matches_central_finite_differences_float64():
-  with jax.enable_x64(True):
+  with enable_x64(True):
     params = mlp_init(jax.random.key(0), (4, 6, 3), dtype=jnp.float64)
     x = jax.random.normal(jax.random.key(1), (10, 4), jnp.float64)
     key = jax.random.key(7)

@@ -173,17 +173,3 @@ def test_jvp_and_hessian_of_the_penalty_under_every_strategy():
     # chunked's custom JVP rule (gradient . tangent) gives forward mode too
     got = jax.jvp(lambda p, s=s, c=c: _pen(logits, p, s, c), (params,), (tangent,))
     np.testing.assert_allclose(got, ref_jvp, rtol=1e-5)
-
-
-def test_perturbations_cross_jit_and_vmap():
-  params, _, _ = _tiny()
-  sample = lambda key: nrs_jax.sample_perturbations(params, key, radius=0.1, num_neighbors=2)
-  p = jax.jit(sample)(KEY)
-  assert isinstance(p, nrs_jax.Perturbations)
-  eager = sample(KEY)
-  for a, b in zip(p.deltas, eager.deltas):
-    np.testing.assert_array_equal(a, b)
-  batched = jax.vmap(sample)(jax.random.split(KEY, 3))
-  assert batched.treedef == eager.treedef
-  assert batched.deltas[0].shape == (3, 2, *jnp.shape(jax.tree_util.tree_leaves(params)[0]))
-  np.testing.assert_array_equal(batched.deltas[1][0], sample(jax.random.split(KEY, 3)[0]).deltas[1])

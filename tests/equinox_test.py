@@ -1,0 +1,161 @@
+"""nrs_jax.integrations.equinox: a CNN with BatchNorm and Dropout, as Equinox users write it."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import nrs_jax
+from nrs_jax import flatness
+from nrs_jax.integrations.equinox import flatness_inputs
+from nrs_jax.integrations.equinox import logits_fn_for
+
+
+class CNN(eqx.Module):
+  conv: eqx.nn.Conv2d
+  bn: eqx.nn.BatchNorm
+  dropout: eqx.nn.Dropout
+  head: eqx.nn.Linear
+
+  def __init__(self, key):
+    k1, k2 = jax.random.split(key)
+    self.conv = eqx.nn.Conv2d(1, 4, 3, padding=1, key=k1)
+    self.bn = eqx.nn.BatchNorm(4, axis_name="batch", mode="batch")
+    self.dropout = eqx.nn.Dropout(0.3)
+    self.head = eqx.nn.Linear(4 * 6 * 6, 3, key=k2)
+
+  def __call__(self, x, state, *, key=None):
+    h, state = self.bn(jax.nn.relu(self.conv(x)), state)
+    return self.head(self.dropout(h.reshape(-1), key=key)), state
+
+
+def _data(n=8):
+  x = jax.random.normal(jax.random.key(1), (n, 1, 6, 6))
+  return x, jnp.arange(n) % 3
+
+
+def _task_pass(model, state, x, y, key):
+  """The user's loss: returns the loss and (new state, logits)."""
+  keys = jax.random.split(key, x.shape[0])
+  run = jax.vmap(
+    lambda xi, st, ki: model(xi, st, key=ki), (0, None, 0), (0, None), axis_name="batch"
+  )
+  logits, new_state = run(x, state, keys)
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+  return loss, (new_state, logits)
+
+
+@eqx.filter_jit
+def _step(model, state, opt_state, tx, x, y, key):
+  logits_fn = logits_fn_for(model, x, state=state, key=key)  # before the task pass
+  (loss, (state, _)), grads = eqx.filter_value_and_grad(_task_pass, has_aux=True)(
+    model, state, x, y, key
+  )
+  params = eqx.filter(model, eqx.is_inexact_array)
+  updates, opt_state = tx.update(grads, opt_state, params, logits_fn=logits_fn)
+  return eqx.apply_updates(model, updates), state, opt_state, loss
+
+
+def test_cnn_with_batchnorm_and_dropout_trains_under_filter_jit():
+  model, state = eqx.nn.make_with_state(CNN)(jax.random.key(0))
+  tx = optax.chain(nrs_jax.add_nrs_gradient(1.0, 0.05, num_neighbors=2), optax.adam(1e-2))
+  opt_state = tx.init(eqx.filter(model, eqx.is_inexact_array))
+  x, y = _data()
+  losses = []
+  for i in range(25):
+    model, state, opt_state, loss = _step(model, state, opt_state, tx, x, y, jax.random.key(i))
+    losses.append(float(loss))
+  assert losses[-1] < 0.5 * losses[0], losses
+  assert float(opt_state[0].penalty) > 0
+
+
+def test_centre_reproduces_the_task_pass_and_state_is_left_to_the_task_pass():
+  model, state = eqx.nn.make_with_state(CNN)(jax.random.key(0))
+  x, y = _data()
+  key = jax.random.key(3)
+  logits_fn = logits_fn_for(model, x, state=state, key=key)
+  _, (new_state, logits) = _task_pass(model, state, x, y, key)  # invalidates `state`
+  params = eqx.filter(model, eqx.is_inexact_array)
+  np.testing.assert_array_equal(logits_fn(params), logits)  # same state copy, same masks
+  np.testing.assert_allclose(jax.jit(logits_fn)(params), logits, rtol=1e-5, atol=1e-6)
+  # a neighbour's pass does not touch the task pass's new state
+  before = [np.asarray(v) for v in jax.tree_util.tree_leaves(new_state)]
+  nrs_jax.nrs_penalty(logits_fn, params, jax.random.key(0), radius=0.1, num_neighbors=2)
+  for a, b in zip(before, jax.tree_util.tree_leaves(new_state)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_neighbours_share_the_centres_dropout_masks():
+  model, state = eqx.nn.make_with_state(CNN)(jax.random.key(0))
+  x, _ = _data()
+  params = eqx.filter(model, eqx.is_inexact_array)
+  fn = logits_fn_for(model, x, state=state, key=jax.random.key(5))
+  tiny = nrs_jax.nrs_penalty(fn, params, jax.random.key(0), radius=1e-6)
+  other = logits_fn_for(model, x, state=state, key=jax.random.key(6))
+  masks_differ = nrs_jax.output_divergence(fn(params), other(params))
+  assert float(tiny) < 1e-6 < float(masks_differ)
+
+
+def test_inference_mode_model_without_key_or_state():
+  model = eqx.nn.inference_mode(
+    eqx.nn.Sequential([eqx.nn.Linear(5, 8, key=jax.random.key(0)), eqx.nn.Dropout(0.5)])
+  )
+  x = jax.random.normal(jax.random.key(1), (6, 5))
+  params = eqx.filter(model, eqx.is_inexact_array)
+  fn = logits_fn_for(model, x)
+  np.testing.assert_allclose(fn(params), jax.vmap(model)(x), rtol=1e-6)
+  assert float(nrs_jax.nrs_penalty(fn, params, jax.random.key(0), radius=0.1)) > 0
+
+
+def test_an_equinox_module_of_bools_is_a_mask_tree_and_masked_leaves_pass_through():
+  model = eqx.nn.MLP(4, 3, 8, 1, key=jax.random.key(0))
+  params = eqx.filter(model, eqx.is_inexact_array)
+  # A Module (callable) whose leaves are bools: optax's rule says a tree, never a function.
+  mask = jax.tree_util.tree_map(lambda _: True, params)
+  mask = eqx.tree_at(lambda m: (m.layers[0].weight, m.layers[0].bias), mask, (False, False))
+  assert callable(mask)
+  x = jax.random.normal(jax.random.key(1), (8, 4))
+  tx = nrs_jax.add_nrs_gradient(1.0, 0.1, mask=mask)
+  grads = jax.tree_util.tree_map(jnp.ones_like, params)
+  updates, _ = tx.update(grads, tx.init(params), params, logits_fn=logits_fn_for(model, x))
+  np.testing.assert_array_equal(updates.layers[0].weight, grads.layers[0].weight)
+  np.testing.assert_array_equal(updates.layers[0].bias, grads.layers[0].bias)
+  assert not np.array_equal(updates.layers[1].weight, grads.layers[1].weight)
+
+
+def test_flatness_inputs_top_eigenvalue_matches_the_exact_hessian():
+  model = eqx.nn.MLP(3, 2, 4, 1, activation=jnp.tanh, key=jax.random.key(0))
+  batch = (jax.random.normal(jax.random.key(1), (16, 3)), jnp.arange(16) % 2)
+  xent = lambda m, b: optax.softmax_cross_entropy_with_integer_labels(
+    jax.vmap(m)(b[0]), b[1]
+  ).mean()
+  loss, params = flatness_inputs(model, xent)
+  flat, unravel = jax.flatten_util.ravel_pytree(params)
+  exact = np.linalg.eigvalsh(np.asarray(jax.hessian(lambda v: loss(unravel(v), batch))(flat)))
+  got = flatness.top_hessian_eigenvalues(loss, params, batch, jax.random.key(0), k=1)
+  np.testing.assert_allclose(got.eigenvalues[0], exact[-1], rtol=1e-3)
+
+
+def test_flatness_inputs_with_state_runs_batchnorm_in_inference_mode():
+  model, state = eqx.nn.make_with_state(CNN)(jax.random.key(0))
+  x, y = _data()
+
+  def xent(m, st, b):
+    logits, _ = jax.vmap(lambda xi: m(xi, st), axis_name="batch")(b[0])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, b[1]).mean()
+
+  loss, params = flatness_inputs(model, xent, state=state)
+  one = (x[:1], y[:1])
+  got = float(loss(params, one))
+  np.testing.assert_allclose(got, float(xent(eqx.nn.inference_mode(model), state, one)), rtol=1e-6)
+  train_bn = eqx.tree_at(lambda m: m.dropout, model, eqx.nn.Dropout(0.3, inference=True))
+  assert abs(got - float(xent(train_bn, state, one))) > 1e-3  # train mode: batch statistics
+
+
+def test_not_an_equinox_module_is_a_clear_error():
+  with pytest.raises(ValueError, match="takes an Equinox model"):
+    logits_fn_for(lambda x: x, jnp.ones((2, 3)))
+  with pytest.raises(ValueError, match="takes an Equinox model"):
+    flatness_inputs({"w": jnp.ones(2)}, lambda m, b: 0.0)
