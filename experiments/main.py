@@ -13,6 +13,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from experiments import parallel
 from experiments import train
 
 FLAGS = flags.FLAGS
@@ -73,12 +74,12 @@ def main(argv):
     )
   logging.set_verbosity(logging.WARNING)
   config = FLAGS.config
-  train.initialize_distributed(config)  # multi-host: before any other JAX call
+  parallel.initialize_distributed(config)  # multi-host: before any other JAX call
   if config.get("compare_methods"):
     train.compare(config, FLAGS.workdir)
   else:
     rec = train.train_and_evaluate(config, FLAGS.workdir)
-    if train.is_lead():
+    if parallel.is_lead():
       print({k: v for k, v in rec.items() if not k.startswith("train/")})
 
 

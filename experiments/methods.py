@@ -69,10 +69,6 @@ def _accuracy(logits, labels):
   return jnp.sum(hit & valid) / jnp.maximum(jnp.sum(valid), 1)
 
 
-def _global_norm(tree):
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree_util.tree_leaves(tree)))
-
-
 def _grad_at(apply_fn, params, bs, batch, dkey, loss=cross_entropy):
   def loss_fn(p):
     logits, new_bs = apply_fn(p, bs, batch["x"], True, dkey)
@@ -403,7 +399,7 @@ def _sam(apply_fn, tx, config):
   rho = config.sam.rho
 
   def perturb(params, g):
-    n = _global_norm(g)
+    n = optax.tree_utils.tree_norm(g)
     return jax.tree_util.tree_map(lambda x: rho * x / jnp.maximum(n, 1e-12), g)
 
   return _ascent_step(apply_fn, tx, perturb, task_loss(config))
@@ -416,7 +412,7 @@ def _asam(apply_fn, tx, config):
   def perturb(params, g):
     t = jax.tree_util.tree_map(lambda w: jnp.abs(w) + eta, params)
     tg = jax.tree_util.tree_map(jnp.multiply, t, g)
-    n = _global_norm(tg)
+    n = optax.tree_utils.tree_norm(tg)
     return jax.tree_util.tree_map(lambda ti, x: rho * ti * x / jnp.maximum(n, 1e-12), t, tg)
 
   return _ascent_step(apply_fn, tx, perturb, task_loss(config))

@@ -320,8 +320,7 @@ def make_nrs_loss(
       ``has_aux=True`` (e.g. new BatchNorm statistics, from the centre only).
     task_loss_fn: ``(logits, batch) -> scalar``.
     alpha: weight of the penalty, >= 0 (0: exactly the task loss).
-    radius, num_neighbors, noise, scale, divergence, aggregation, mask,
-      stop_gradient_center, strategy, neighbor_chunk_size: see :func:`nrs_penalty`.
+    radius, num_neighbors, noise, scale, divergence, aggregation, mask, stop_gradient_center, strategy, neighbor_chunk_size: see :func:`nrs_penalty`.
     where_fn: ``batch -> where`` (see :func:`nrs_penalty`).
     neighbor_batch_size: ``m`` dividing the batch size ``B``: the penalty on
       the :func:`strided_subset` of ``m`` examples (``where_fn`` sees it),

@@ -137,10 +137,7 @@ def add_nrs_gradient(
     num_neighbors: K, a static int (list it in ``static_args`` of
       ``optax.inject_hyperparams``).
     key: an int seed or a PRNG key; a 0-d integer array counts as a seed.
-    noise, scale, divergence, aggregation, mask, stop_gradient_center,
-      strategy, neighbor_chunk_size, axis_name, per_replica_neighbors: see
-      :func:`nrs_penalty`; with ``axis_name``, pass the task gradients already
-      ``pmean``-ed.
+    noise, scale, divergence, aggregation, mask, stop_gradient_center, strategy, neighbor_chunk_size, axis_name, per_replica_neighbors: see :func:`nrs_penalty`; with ``axis_name``, pass the task gradients already ``pmean``-ed.
     resample_every: new neighbours every this many updates (static). For
       gradient accumulation over k micro-batches, chain this transform outside
       ``optax.MultiSteps`` with ``resample_every=k``.

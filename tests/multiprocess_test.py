@@ -19,6 +19,7 @@ SCRIPT = r"""
 import json, os, sys
 procs, pid, port, base = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
 import nrs_jax  # importing the library must not start a backend before initialize
+from experiments import parallel
 from experiments import train
 from experiments.configs import digits
 
@@ -42,7 +43,7 @@ def config_for(mode):
   return config
 
 only = os.environ.get("ONLY_MODE")
-train.initialize_distributed(config_for("replicated"))
+parallel.initialize_distributed(config_for("replicated"))
 import jax, jax.numpy as jnp, numpy as np, optax
 assert jax.process_count() == procs and jax.device_count() == 4, jax.devices()
 out = {}
@@ -156,7 +157,7 @@ def test_two_processes_equal_one_process(tmp_path):
 
 
 def test_bad_distributed_flags_are_clear_errors(tmp_path):
-  from experiments import train
+  from experiments import parallel
   from experiments.configs import digits
 
   config = digits.get_config()
@@ -164,20 +165,20 @@ def test_bad_distributed_flags_are_clear_errors(tmp_path):
     config.distributed = True
     config.num_processes = 2
   with pytest.raises(ValueError, match="num_processes=2 and --config.process_id=None go together"):
-    train.initialize_distributed(config)
+    parallel.initialize_distributed(config)
   with config.unlocked():
     config.process_id = 1
   with pytest.raises(ValueError, match="need --config.coordinator_address"):
-    train.initialize_distributed(config)
+    parallel.initialize_distributed(config)
   # An unreachable coordinator is an error within the timeout, naming the flag, not a hang.
   code = (
-    "from experiments import train\n"
+    "from experiments import parallel\n"
     "from experiments.configs import digits\n"
     "c = digits.get_config()\n"
     "with c.unlocked():\n"
     f"  c.distributed = True; c.coordinator_address = '127.0.0.1:{_free_port()}'\n"
     "  c.num_processes = 2; c.process_id = 1; c.distributed_timeout_s = 5\n"
-    "train.initialize_distributed(c)\n"
+    "parallel.initialize_distributed(c)\n"
   )
   t = time.time()
   p = subprocess.run(
@@ -218,6 +219,7 @@ def test_sigkill_of_both_processes_then_restart_is_bit_identical(tmp_path):
 TFDS_SCRIPT = r"""
 import json, os, sys
 procs, pid, port, base = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+from experiments import parallel
 from experiments import train
 from experiments.configs import cifar100_wrn28_10
 config = cifar100_wrn28_10.get_config()
@@ -234,7 +236,7 @@ with config.unlocked():
   config.coordinator_address = "127.0.0.1:" + port
   config.num_processes = procs
   config.process_id = pid
-train.initialize_distributed(config)
+parallel.initialize_distributed(config)
 import tensorflow_datasets as tfds
 specs = []
 real_load = tfds.load

@@ -65,65 +65,6 @@ def test_value_matches_numpy_brute_force(tiny, aggregation, noise):
   np.testing.assert_allclose(got, ref, rtol=1e-4)
 
 
-STRATEGY_CASES = [(d, "mean", False) for d in nrs_jax.DIVERGENCES] + [
-  ("kl", "max", False),
-  ("kl", "mean", True),
-  ("js", "max", True),
-]
-
-
-@pytest.mark.parametrize("divergence,aggregation,stop_gradient_center", STRATEGY_CASES)
-def test_strategies_agree_on_value_and_gradient(
-  tiny, divergence, aggregation, stop_gradient_center
-):
-  params, _, _, logits_fn = tiny
-  variants = (
-    {"strategy": "loop"},
-    {"strategy": "vmap"},
-    {"strategy": "chunked"},
-    {"neighbor_chunk_size": 2},
-    {"strategy": "auto"},
-  )
-
-  def all_variants(p):
-    out = []
-    for kw in variants:
-      f = lambda q, kw=kw: nrs_jax.nrs_penalty(
-        logits_fn,
-        q,
-        KEY,
-        radius=0.2,
-        num_neighbors=4,
-        divergence=divergence,
-        aggregation=aggregation,
-        stop_gradient_center=stop_gradient_center,
-        scale="tensor",
-        **kw,
-      )
-      out.append(jax.value_and_grad(f)(p))
-    return out
-
-  results = jax.jit(all_variants)(params)
-  v_loop, g_loop = results[0]
-  assert float(v_loop) > 0
-  for v, g in results[1:]:
-    np.testing.assert_allclose(v, v_loop, rtol=1e-5)
-    _assert_trees_close(g, g_loop, rtol=1e-4, atol=1e-7)
-  # And without jit.
-  v_eager = nrs_jax.nrs_penalty(
-    logits_fn,
-    params,
-    KEY,
-    radius=0.2,
-    num_neighbors=4,
-    divergence=divergence,
-    aggregation=aggregation,
-    scale="tensor",
-    strategy="vmap",
-  )
-  np.testing.assert_allclose(v_eager, v_loop, rtol=1e-5)
-
-
 def test_gradient_matches_central_finite_differences_float64():
   with enable_x64(True):
     params = mlp_init(jax.random.key(0), (4, 6, 3), dtype=jnp.float64)

@@ -1,4 +1,6 @@
-"""Every strategy against ``loop``: random pytrees, keys under vmap, closed-over values, jvp, hessian."""
+"""Every strategy against ``loop`` (the one strategy-agreement battery): random pytrees x K x
+divergence x aggregation x scale x fixed or differentiable centre, the loss and transform
+paths, keys under vmap, closed-over values, jvp, hessian."""
 
 import jax
 import jax.numpy as jnp
@@ -58,25 +60,28 @@ def _close(a, b, rtol=1e-4, atol=1e-6):
     )
 
 
+# seed -> (divergence, aggregation, scale, stop_gradient_center): every divergence, both
+# aggregations, three scales and both centres over the four random pytrees.
+CASES = [
+  ("kl", "mean", "absolute", False),
+  ("js", "max", "filter", True),
+  ("reverse_kl", "mean", "tensor", True),
+  ("symmetric_kl", "max", "filter", False),
+]
+
+
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("k", [1, 2, 4])
 def test_every_strategy_equals_the_loop_on_random_pytrees(seed, k):
   params, mask, logits_fn = _random_tree(seed)
   variants = [(s, c) for s, c in VARIANTS if c is None or k % c == 0]
-  agg = "max" if seed % 2 else "mean"
+  divergence, agg, scale, fixed = CASES[seed]
+  kw = dict(radius=0.3, num_neighbors=k, mask=mask, scale=scale, aggregation=agg)
+  kw.update(divergence=divergence, stop_gradient_center=fixed)
 
   def pen(p, strategy, chunk):
     return nrs_jax.nrs_penalty(
-      logits_fn,
-      p,
-      KEY,
-      radius=0.3,
-      num_neighbors=k,
-      mask=mask,
-      scale="filter" if seed % 2 else "absolute",
-      aggregation=agg,
-      strategy=strategy,
-      neighbor_chunk_size=chunk,
+      logits_fn, p, KEY, strategy=strategy, neighbor_chunk_size=chunk, **kw
     )
 
   @jax.jit
@@ -92,6 +97,33 @@ def test_every_strategy_equals_the_loop_on_random_pytrees(seed, k):
     _close(g, g_loop)
     assert jax.tree_util.tree_structure(g) == jax.tree_util.tree_structure(g_loop)
     assert all(a.dtype == b.dtype for a, b in zip(*map(jax.tree_util.tree_leaves, (g, g_loop))))
+  if k != 2:
+    return
+  # The loss and transform paths, with the last strategy: the same penalty and gradient.
+  s, c = variants[-1]
+  loss = nrs_jax.make_nrs_loss(
+    lambda p, _: logits_fn(p),
+    lambda z, _: 0.0 * jnp.sum(z),
+    alpha=1.0,
+    strategy=s,
+    neighbor_chunk_size=c,
+    **kw,
+  )
+  vg = jax.jit(jax.value_and_grad(loss, has_aux=True, allow_int=True))
+  (v, _), g = vg(params, None, KEY)
+  np.testing.assert_allclose(v, v_loop, rtol=1e-4)
+  _close(g, g_loop)
+  tx = nrs_jax.add_nrs_gradient(1.0, key=0, strategy=s, neighbor_chunk_size=c, **kw)
+  zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+  update = jax.jit(lambda g, st, p: tx.update(g, st, p, logits_fn=logits_fn))
+  updates, _ = update(zeros, tx.init(params), params)
+  step_key = jax.random.fold_in(jax.random.key(0), 0)
+  pen_at = lambda q: nrs_jax.nrs_penalty(logits_fn, q, step_key, **kw)
+  want = jax.jit(jax.grad(pen_at, allow_int=True))(params)
+  selected = jax.tree_util.tree_leaves(mask)
+  for u, w, m in zip(*map(jax.tree_util.tree_leaves, (updates, want)), selected):
+    if jnp.issubdtype(u.dtype, jnp.floating) and m:
+      _close(u, w)
 
 
 @pytest.mark.parametrize("strategy,chunk", [("loop", None), *VARIANTS])

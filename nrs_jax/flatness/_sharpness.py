@@ -8,6 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from nrs_jax import _neighbors
 from nrs_jax import _options
@@ -154,7 +155,7 @@ def worst_case_sharpness(
     base += w * float(v)
     g = jax.tree_util.tree_map(lambda x: w * x, g)
     grad = g if grad is None else jax.tree_util.tree_map(jnp.add, grad, g)
-  norm = jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree_util.tree_leaves(grad)))
+  norm = optax.tree_utils.tree_norm(grad)
   step = jax.tree_util.tree_map(lambda p, g: p + rho * g / jnp.maximum(norm, 1e-12), params, grad)
   up = _data.averaged(loss_fn, data)(step)
   return {"sharpness/worst_case": jnp.asarray(up - base), "loss": jnp.asarray(base)}
