@@ -50,6 +50,7 @@ def test_benchmark_summary_and_table_from_synthetic_timings():
   assert "| m | nrs_k1_auto | 2.20 | 1.10 | 2.50 | 2.0 |" in table
 
 
+@pytest.mark.slow  # a minute on 2 cores: make test-slow
 def test_accelerator_benchmark_runs_on_cpu_with_tiny_shapes(tmp_path):
   result = accelerator_benchmark.main(["--model=tiny", "--k=2", "--repeats=1", f"--out={tmp_path}"])
   (out,) = list(tmp_path.glob("benchmark_gpu_*.json"))

@@ -53,7 +53,7 @@ def _shrink(config, steps=2, **overrides):
     (mnist1d_cnn.get_config, "nrs"),
     (digits.get_config, "nrs"),
     (mnist1d_vit.get_config, "nrs"),
-    (mnist1d_vit.get_config, "sam"),
+    pytest.param(mnist1d_vit.get_config, "sam", marks=pytest.mark.slow),  # nrs covers the ViT
   ],
 )
 def test_offline_configs_run(get_config, method, tmp_path):
