@@ -10,17 +10,18 @@ import nrs_jax.integrations.linen
 import nrs_jax.integrations.nnx
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
+PUBLIC_MODULES = (
+  nrs_jax,
+  nrs_jax.flatness,
+  nrs_jax.integrations.nnx,
+  nrs_jax.integrations.linen,
+  nrs_jax.integrations.equinox,
+)
 
 
 def test_api_page_lists_every_public_name():
   text = (DOCS / "api.md").read_text()
-  for module in (
-    nrs_jax,
-    nrs_jax.flatness,
-    nrs_jax.integrations.nnx,
-    nrs_jax.integrations.linen,
-    nrs_jax.integrations.equinox,
-  ):
+  for module in PUBLIC_MODULES:
     for name in module.__all__:
       obj = getattr(module, name)
       if isinstance(obj, tuple):  # the option-name constants: listed with their values
@@ -30,13 +31,7 @@ def test_api_page_lists_every_public_name():
 
 
 def test_every_public_callable_has_a_docstring_example():
-  for module in (
-    nrs_jax,
-    nrs_jax.flatness,
-    nrs_jax.integrations.nnx,
-    nrs_jax.integrations.linen,
-    nrs_jax.integrations.equinox,
-  ):
+  for module in PUBLIC_MODULES:
     for name in module.__all__:
       obj = getattr(module, name)
       if isinstance(obj, tuple) or type(obj).__name__ == "module":

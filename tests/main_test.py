@@ -9,14 +9,13 @@ from experiments import methods  # (not experiments.main: its absl flags clash w
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _main(*flags):
+  cmd = [sys.executable, "-m", "experiments.main", *flags]
+  return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
 def test_list_names_every_config_and_method_with_hyperparameters():
-  out = subprocess.run(
-    [sys.executable, "-m", "experiments.main", "--list"],
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
+  out = _main("--list")
   assert out.returncode == 0, out.stderr[-2000:]
   text = out.stdout
   configs = sorted(
@@ -31,23 +30,11 @@ def test_list_names_every_config_and_method_with_hyperparameters():
 
 
 def test_missing_config_is_a_usage_error_naming_list():
-  out = subprocess.run(
-    [sys.executable, "-m", "experiments.main"],
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
+  out = _main()
   assert out.returncode != 0 and "--list" in out.stderr
 
 
 def test_help_exits_zero_and_names_the_flags():
-  out = subprocess.run(
-    [sys.executable, "-m", "experiments.main", "--help"],
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
+  out = _main("--help")
   assert out.returncode == 0, out.stderr[-2000:]
   assert "--workdir" in out.stdout and "--list" in out.stdout and "--config" in out.stdout

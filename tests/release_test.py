@@ -29,7 +29,7 @@ def test_wheel_installs_in_a_clean_venv_and_its_doctests_pass(tmp_path):
   subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
   python = str(venv / "bin" / "python")
   subprocess.run(
-    [python, "-m", "pip", "install", "-q", f"{wheel}[flax]", "pytest"],
+    [python, "-m", "pip", "install", "-q", f"{wheel}[flax,equinox]", "pytest"],
     check=True,
     capture_output=True,
     timeout=1200,
