@@ -102,7 +102,7 @@ def _threefry_normal_cpu(kd: jax.Array, n: int) -> jax.Array:
   return jax.lax.cond(always, draw, zeros, kd)[:, :n]  # (cut outside: not fused in)
 
 
-def standard_normal(keys: jax.Array, n: int) -> jax.Array:
+def standard_normal(keys: jax.Array, n: int, fused: bool = True) -> jax.Array:
   """Row ``i`` is ``jax.random.normal(keys[i], (n,), float32)``, bit for bit.
 
   On the CPU, threefry keys in jax's partitionable layout take the kernel above,
@@ -112,7 +112,7 @@ def standard_normal(keys: jax.Array, n: int) -> jax.Array:
   generic = lambda keys: jax.vmap(lambda k: jax.random.normal(k, (n,), jnp.float32))(keys)
   impl = jax.random.key_impl(keys)
   threefry = "threefry" in str(getattr(impl, "name", impl))
-  if not threefry or n >= 2**31 or not jax.config.jax_threefry_partitionable:  # type: ignore[attr-defined]
+  if not (fused and threefry) or n >= 2**31 or not jax.config.jax_threefry_partitionable:  # type: ignore[attr-defined]
     return generic(keys)
   kd = jax.random.key_data(keys)
   return jax.lax.platform_dependent(
@@ -296,14 +296,14 @@ class Sampler:
     self.sizes = [int(x.size) if m else 0 for x, m in zip(leaves, self.moving)]
     self.noise, self.scale = noise, scale
 
-  def draw(self, params: Any, keys: jax.Array) -> list:
+  def draw(self, params: Any, keys: jax.Array, fused: bool = True) -> list:
     """Deltas with a leading ``len(keys)`` axis, one entry per leaf (None: not perturbed).
 
     Neighbour ``i`` is drawn from ``keys[i]``; relative scales come from ``params``.
     """
     n, total = keys.shape[0], sum(self.sizes)
     key_dir, key_len = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)
-    v = standard_normal(key_dir, total)
+    v = standard_normal(key_dir, total, fused)
     length: Any = 1.0
     if self.noise != "gaussian":
       norm = jnp.sqrt(jnp.sum(jnp.square(v), axis=1, keepdims=True))

@@ -143,8 +143,8 @@ def _chunked(divs_of, deltas_of, params, center, groups, aggregation, axis_name)
   inputs = [*leaves, center, *consts]
   diff = [is_float(x) for x in inputs]
 
-  def draw(xs, ks):
-    return deltas_of(jax.tree_util.tree_unflatten(treedef, xs[:n]), ks)
+  def draw(xs, ks):  # (under lax.scan: jax.random itself, no platform choice in the body)
+    return deltas_of(jax.tree_util.tree_unflatten(treedef, xs[:n]), ks, fused=unrolled)
 
   def value_and_grads(xs):
     d_in = [x for x, f in zip(xs, diff) if f]
