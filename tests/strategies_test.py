@@ -97,7 +97,7 @@ def test_every_strategy_equals_the_loop_on_random_pytrees(seed, k):
     _close(g, g_loop)
     assert jax.tree_util.tree_structure(g) == jax.tree_util.tree_structure(g_loop)
     assert all(a.dtype == b.dtype for a, b in zip(*map(jax.tree_util.tree_leaves, (g, g_loop))))
-  if k != 2:
+  if k != 2 or seed > 1:  # seeds 0 and 1: both centres, both aggregations
     return
   # The loss and transform paths, with the last strategy: the same penalty and gradient.
   s, c = variants[-1]
