@@ -96,7 +96,10 @@ def test_randomized_schedule_draws_from_seed_and_step():
   assert not any(methods.takes_expensive_step(0, t, 0.0) for t in range(10))
 
 
-@pytest.mark.parametrize("method", ["nrs", "sam"])
+@pytest.mark.parametrize(
+  "method",
+  ["nrs", pytest.param("sam", marks=pytest.mark.slow)],  # one schedule, shared
+)
 def test_randomized_two_pass_method_runs_a_plain_step_otherwise(method, tmp_path):
   def run(name, method, probability=None, steps=4):
     config = _shrink(default.get_config(), steps=steps, method=method)
@@ -267,7 +270,10 @@ def test_nrs_step_running_stats_equal_the_centre_pass_alone(implementation):
   assert any(moved)
 
 
-@pytest.mark.parametrize("model_name", ["mlp", "vit"])
+@pytest.mark.parametrize(
+  "model_name",
+  ["mlp", pytest.param("vit", marks=pytest.mark.slow)],  # (the LM tests it too)
+)
 def test_centre_and_neighbours_share_one_dropout_mask(model_name):
   config, model, batch = _bn_setup(dropout=0.5, model=model_name)
   with config.unlocked():
