@@ -142,7 +142,15 @@ def load_data(config) -> input_pipeline.Dataset:
 
 
 def _check_run(config, mesh, ds=None) -> None:
-  """Config errors that need the mesh (and the data): before anything trains."""
+  """Config errors, before anything trains: the mesh's and the method's, or with ``ds``
+  (once the data is loaded) the data's."""
+  if ds is not None:
+    if config.method == "saf" and ds.stream is not None:
+      raise ValueError(
+        f"method='saf' remembers each training example's outputs; {config.dataset!r} is "
+        "streamed without example indices. Use it with the in-memory datasets."
+      )
+    return
   n_proc = jax.process_count()
   if mesh is None and n_proc > 1:
     raise ValueError(
@@ -156,11 +164,6 @@ def _check_run(config, mesh, ds=None) -> None:
     )
   if config.method not in methods.METHODS:
     raise ValueError(f"method={config.method!r} is not known: choose one of {methods.METHODS}.")
-  if ds is not None and config.method == "saf" and ds.stream is not None:
-    raise ValueError(
-      f"method='saf' remembers each training example's outputs; {config.dataset!r} is "
-      "streamed without example indices. Use it with the in-memory datasets."
-    )
 
 
 def _evaluate(model, eval_step, state, ds, train_view, mesh) -> dict:
