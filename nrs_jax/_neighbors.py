@@ -1,10 +1,5 @@
-"""Sampling the K neighbour perturbations ``delta_k ~ Q_r(w)``.
-
-Each neighbour's perturbations of all leaves come from one flat normal draw, so
-the number of random ops does not grow with the number of leaves. They are
-constants, computed from ``stop_gradient(params)`` (the norms of relative
-scales have no gradient at zero).
-"""
+"""Sampling the K neighbour perturbations ``delta_k ~ Q_r(w)``: one flat normal draw per
+neighbour for all leaves, constants computed from ``stop_gradient(params)``."""
 
 from __future__ import annotations
 
@@ -14,29 +9,17 @@ import inspect
 import math
 import warnings
 from collections.abc import Callable
-from collections.abc import Sequence
 from typing import Any
-from typing import Optional
-from typing import Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nrs_jax._options import NOISES
-from nrs_jax._options import SCALES
-from nrs_jax._options import broadcast_prefix
-from nrs_jax._options import check_choice
-from nrs_jax._options import check_mask_leaves
-from nrs_jax._options import check_positive_int
-from nrs_jax._options import is_function
-from nrs_jax._options import is_static_zero
+from nrs_jax import _options
 
 # T(w)_i = |w_i| + floor, as in ASAM (Kwon et al., 2021), so zeros still move.
 ELEMENTWISE_FLOOR = 0.01
 _KEY_WORDS = {2: "threefry2x32", 4: "rbg"}  # raw key data size -> built-in implementation
-
-MaskLike = Union[None, Any, Callable[[Any], Any]]
 
 
 def is_float(x: Any) -> bool:
@@ -44,12 +27,8 @@ def is_float(x: Any) -> bool:
 
 
 def as_key(key: Any) -> jax.Array:
-  """A typed PRNG key from a typed key, raw ``uint32`` key data, or an integer seed.
-
-  Raw key data takes the default implementation when its size matches, else
-  the built-in one of its size (2 words: threefry2x32, 4: rbg), so a key made
-  under one ``JAX_DEFAULT_PRNG_IMPL`` keeps working under another.
-  """
+  """A typed key from a typed key, an int seed, or raw ``uint32`` key data (the default
+  implementation if its size fits, else the built-in one of its size)."""
   if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
     return jax.random.key(int(key))
   key = key if isinstance(key, jax.Array) else jnp.asarray(key)
@@ -68,18 +47,12 @@ def as_key(key: Any) -> jax.Array:
   )
 
 
-_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))  # Threefry-2x32's
 
 
 def _threefry_normal_cpu(kd: jax.Array, n: int) -> jax.Array:
-  """``jax.random.normal`` of threefry key data ``kd [rows, 2]``, bit for bit, unrolled.
-
-  jax lowers threefry for the CPU as a rolled loop, and XLA:CPU copies a fused draw
-  into every consumer. This is the same Threefry-2x32 (20 rounds) and bits-to-normal
-  map written out straight, padded to whole vectors (a multiple of 256), inside a
-  conditional that is always true but unknown to the compiler, so the draw is
-  materialised once (measurements: docs, method).
-  """
+  """``jax.random.normal`` of threefry key data ``kd [rows, 2]``, bit for bit: Threefry-2x32
+  unrolled, under an always-true ``cond`` so that it is materialised once (docs: method)."""
   length = -(-n // 256) * 256
 
   def draw(kd):
@@ -103,12 +76,8 @@ def _threefry_normal_cpu(kd: jax.Array, n: int) -> jax.Array:
 
 
 def standard_normal(keys: jax.Array, n: int, fused: bool = True) -> jax.Array:
-  """Row ``i`` is ``jax.random.normal(keys[i], (n,), float32)``, bit for bit.
-
-  On the CPU, threefry keys in jax's partitionable layout take the kernel above,
-  chosen by ``platform_dependent``: a program exported for GPU/TPU holds only
-  ``jax.random``.
-  """
+  """Row ``i`` is ``jax.random.normal(keys[i], (n,), float32)``; on the CPU (a
+  ``platform_dependent``) partitionable threefry keys take the kernel above."""
   generic = lambda keys: jax.vmap(lambda k: jax.random.normal(k, (n,), jnp.float32))(keys)
   impl = jax.random.key_impl(keys)
   threefry = "threefry" in str(getattr(impl, "name", impl))
@@ -122,11 +91,6 @@ def standard_normal(keys: jax.Array, n: int, fused: bool = True) -> jax.Array:
   )
 
 
-def key_impl(key: Any) -> Any:
-  """The implementation of a key, as ``jax.random.wrap_key_data`` takes it (any jax version)."""
-  return jax.random.key_impl(as_key(key))
-
-
 def _takes_two_args(fn: Callable) -> bool:
   try:
     params = inspect.signature(fn).parameters.values()
@@ -136,12 +100,12 @@ def _takes_two_args(fn: Callable) -> bool:
   return sum(p.kind in kinds and p.default is p.empty for p in params) == 2
 
 
-def resolve_mask(params: Any, mask: MaskLike) -> list:
+def resolve_mask(params: Any, mask: Any) -> list:
   """optax's mask convention, as bools per leaf of ``params`` (flatten order)."""
   if mask is None:
     return [True] * len(jax.tree_util.tree_leaves(params))
   what, tree = "mask", mask
-  if is_function(mask):
+  if _options.is_function(mask):
     if _takes_two_args(mask):
       raise ValueError(
         "mask is a callable of two arguments; mask follows optax's convention: a "
@@ -150,18 +114,14 @@ def resolve_mask(params: Any, mask: MaskLike) -> list:
         "predicate, p)."
       )
     what, tree = "the pytree returned by the callable mask", mask(params)
-  full = broadcast_prefix(tree, params, what)
-  check_mask_leaves(full, what)
+  full = _options.broadcast_prefix(tree, params, what)
+  _options.check_mask_leaves(full, what)
   return [bool(m) for m in full]
 
 
-def perturbed_leaf_mask(params: Any, mask: MaskLike = None) -> list[bool]:
-  """For each leaf of ``params`` in flatten order, whether NRS acts on it (see ``mask``).
-
-  Raises:
-    ValueError: if ``params`` has no float leaf, the mask does not fit
-      ``params``, or it selects no float leaf.
-  """
+def perturbed_leaf_mask(params: Any, mask: Any = None) -> list[bool]:
+  """Per leaf of ``params`` (flatten order), whether NRS acts on it: a float leaf ``mask``
+  selects; a ValueError if there is none or the mask does not fit."""
   leaves = jax.tree_util.tree_leaves(params)
   floats = [is_float(leaf) for leaf in leaves]
   if not any(floats):
@@ -179,7 +139,7 @@ def perturbed_leaf_mask(params: Any, mask: MaskLike = None) -> list[bool]:
   return selected
 
 
-def _scale_factor(w: jax.Array, scale: str, noise: str) -> Union[float, jax.Array]:
+def _scale_factor(w: jax.Array, scale: str, noise: str) -> float | jax.Array:
   """Per-element multiplier s(w) of the unit-radius noise (float32)."""
   if scale == "absolute":
     return 1.0
@@ -200,22 +160,8 @@ def _scale_factor(w: jax.Array, scale: str, noise: str) -> Union[float, jax.Arra
 )
 @dataclasses.dataclass(frozen=True)
 class Perturbations:
-  """K sampled perturbations, aligned with the flattened params; a pytree.
-
-  Attributes:
-    deltas: per leaf of ``params`` in flatten order, ``(K, *leaf.shape)`` in the
-      leaf's dtype, or ``None`` for a leaf that is not perturbed.
-    treedef: the tree structure of ``params`` (static data).
-
-  Examples:
-    >>> import jax, jax.numpy as jnp
-    >>> import nrs_jax
-    >>> params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
-    >>> p = jax.jit(lambda k: nrs_jax.sample_perturbations(
-    ...     params, k, radius=0.1, num_neighbors=4, mask={"w": True, "b": False}))(
-    ...     jax.random.key(0))
-    >>> [None if d is None else d.shape for d in p.deltas]  # flatten order: b, w
-    [None, (4, 3, 2)]
+  """K sampled perturbations, a pytree: ``deltas`` per leaf of ``params`` in flatten order,
+  ``(K, *leaf.shape)`` or ``None`` (not perturbed), and ``treedef`` (static).
   """
 
   deltas: list
@@ -250,13 +196,9 @@ def sample_perturbations(
   num_neighbors: int = 1,
   noise: str = "gaussian",
   scale: str = "absolute",
-  mask: MaskLike = None,
+  mask: Any = None,
 ) -> Perturbations:
-  """Samples K independent perturbations ``delta_k ~ Q_r(w)`` of ``params``.
-
-  ``radius``, ``noise``, ``scale`` and ``mask`` are those of
-  :func:`nrs_jax.nrs_penalty`, which defines them; ``key`` is a PRNG key (typed
-  or raw) and ``num_neighbors`` K. Returns a :class:`Perturbations`.
+  """K independent perturbations ``delta_k ~ Q_r(w)`` of ``params`` (options: :func:`nrs_penalty`).
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -269,27 +211,23 @@ def sample_perturbations(
     >>> bool(jnp.allclose(norms, 0.1))
     True
   """
-  k = check_positive_int("num_neighbors", num_neighbors)
+  k = _options.check_positive_int("num_neighbors", num_neighbors)
   sampler = Sampler(params, radius=radius, noise=noise, scale=scale, mask=mask)
   return Perturbations(sampler.draw(params, jax.random.split(as_key(key), k)), sampler.treedef)
 
 
 class Sampler:
-  """The leaves NRS acts on, and the draw of their perturbations from given keys.
-
-  ``selected[i]``: leaf ``i`` is a float leaf that the mask selects (it gets
-  the penalty gradient); ``moving[i]``: it is also perturbed (its radius is not
-  a static 0, unless every radius is).
-  """
+  """The leaves NRS acts on and the draw of their perturbations. ``selected[i]``: leaf ``i``
+  gets the penalty gradient; ``moving[i]``: it is perturbed (radius not a static 0)."""
 
   def __init__(self, params, *, radius, noise, scale, mask):
-    check_choice("noise", noise, NOISES)
-    check_choice("scale", scale, SCALES)
+    _options.check_choice("noise", noise, _options.NOISES)
+    _options.check_choice("scale", scale, _options.SCALES)
     self.treedef = jax.tree_util.tree_structure(params)
     self.selected = perturbed_leaf_mask(params, mask)
-    self.radii = broadcast_prefix(radius, params, "radius", "scalars")
+    self.radii = _options.broadcast_prefix(radius, params, "radius", "scalars")
     self.scalar_radius = jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(radius))
-    self.moving = [s and not is_static_zero(r) for s, r in zip(self.selected, self.radii)]
+    self.moving = [s and not _options.is_static_zero(r) for s, r in zip(self.selected, self.radii)]
     if not any(self.moving):  # radius 0 everywhere: zero deltas, drawn as for any radius
       self.moving = self.selected
     leaves = jax.tree_util.tree_leaves(params)
@@ -297,10 +235,7 @@ class Sampler:
     self.noise, self.scale = noise, scale
 
   def draw(self, params: Any, keys: jax.Array, fused: bool = True) -> list:
-    """Deltas with a leading ``len(keys)`` axis, one entry per leaf (None: not perturbed).
-
-    Neighbour ``i`` is drawn from ``keys[i]``; relative scales come from ``params``.
-    """
+    """Per leaf, deltas ``[len(keys), ...]`` (neighbour ``i`` from ``keys[i]``) or None."""
     n, total = keys.shape[0], sum(self.sizes)
     key_dir, key_len = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)
     v = standard_normal(key_dir, total, fused)
@@ -329,7 +264,7 @@ class Sampler:
     return deltas
 
 
-def apply_perturbation(params: Any, deltas: Sequence[Optional[jax.Array]]) -> Any:
+def apply_perturbation(params: Any, deltas: list) -> Any:
   """``params + delta`` for one neighbour (deltas without the K axis)."""
   leaves, treedef = jax.tree_util.tree_flatten(params)
   out = [x if d is None else x + d for x, d in zip(leaves, deltas)]

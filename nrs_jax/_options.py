@@ -1,9 +1,7 @@
-"""The options shared by every entry point, and every check on them.
+"""The options shared by every entry point, and every check on them (one message each).
 
-Each entry point builds one :class:`NRSOptions` from its keyword arguments, so
-each static option is validated once, here, with one message. Values that may
-be traced (``alpha``, ``radius`` under ``optax.inject_hyperparams``) are not
-fields: :func:`check_nonnegative` checks them when they are concrete.
+Values that may be traced (``alpha``, ``radius``) are not :class:`NRSOptions` fields:
+:func:`check_nonnegative` checks them when they are concrete.
 """
 
 from __future__ import annotations
@@ -13,8 +11,6 @@ import math
 from collections.abc import Callable
 from collections.abc import Sequence
 from typing import Any
-from typing import Optional
-from typing import Union
 
 import jax
 import jax.numpy as jnp
@@ -34,11 +30,7 @@ def check_choice(name: str, value: Any, allowed: Sequence[str]) -> None:
 
 
 def is_function(tree: Any) -> bool:
-  """optax's rule for a mask function: every leaf of ``tree`` is callable.
-
-  A pytree of bools is never a function, even when its nodes are callable (an
-  Equinox Module); a plain function is one callable leaf.
-  """
+  """optax's rule for a mask function: every leaf is callable (an Equinox Module of bools is not)."""
   leaves = jax.tree_util.tree_leaves(jax.tree_util.tree_map(callable, tree))
   return bool(leaves) and all(leaves)
 
@@ -61,11 +53,8 @@ def is_static_zero(x: Any) -> bool:
 
 
 def check_nonnegative(name: str, value: Any, *, tree: bool = False, schedule: bool = False) -> None:
-  """Raises unless ``value`` is a finite scalar >= 0 (a traced one passes).
-
-  With ``tree=True`` each leaf of a pytree is checked; with ``schedule=True`` a
-  function of the step count is allowed and its value at step 0 is checked.
-  """
+  """Raises unless ``value`` (each leaf with ``tree``; a schedule's value at 0 with
+  ``schedule``) is a finite scalar >= 0; a traced one passes."""
   if schedule and is_function(value):
     check_nonnegative(f"{name}(0)", value(0))
     return
@@ -133,22 +122,18 @@ def broadcast_prefix(tree: Any, params: Any, what: str, kind: str = "bools") -> 
 
 @dataclasses.dataclass(frozen=True)
 class NRSOptions:
-  """The static options of NRS, validated once at construction.
-
-  Field meanings are those of :func:`nrs_jax.nrs_penalty`. After construction
-  ``strategy`` is one of ``auto``, ``vmap``, ``loop``, ``chunked`` and
-  ``neighbor_chunk_size`` is set exactly when ``strategy == "chunked"``.
-  """
+  """The static options of :func:`nrs_jax.nrs_penalty`, validated at construction;
+  ``neighbor_chunk_size`` is then set exactly when ``strategy == "chunked"``."""
 
   num_neighbors: int = 1
   noise: str = "gaussian"
   scale: str = "absolute"
-  divergence: Union[str, Callable] = "kl"
+  divergence: str | Callable = "kl"
   aggregation: str = "mean"
   mask: Any = None
   stop_gradient_center: bool = False
   strategy: str = "auto"
-  neighbor_chunk_size: Optional[int] = None
+  neighbor_chunk_size: int | None = None
 
   def __post_init__(self):
     k = check_positive_int("num_neighbors", self.num_neighbors)

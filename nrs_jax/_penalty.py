@@ -4,33 +4,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
-from typing import Optional
-from typing import Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from nrs_jax import _neighbors
+from nrs_jax import _options
 from nrs_jax import _strategies
-from nrs_jax._options import NRSOptions
-from nrs_jax._options import check_nonnegative
-from nrs_jax._options import is_static_number
-from nrs_jax._options import is_static_zero
-
-Scalar = Union[float, jax.Array]
 
 
 def _check_logits(logits: Any, what: str) -> jax.Array:
-  if not hasattr(logits, "dtype") or not jnp.issubdtype(logits.dtype, jnp.floating):
+  if not _neighbors.is_float(logits) or jnp.ndim(logits) == 0:
     raise ValueError(
-      f"logits_fn must return floating-point logits of shape [..., num_classes]; "
-      f"{what} got {getattr(logits, 'dtype', type(logits))}."
-    )
-  if jnp.ndim(logits) == 0:
-    raise ValueError(
-      f"logits_fn must return logits of shape [..., num_classes], not a scalar "
-      f"({what}); did you pass a loss function instead of a logits function?"
+      f"logits_fn must return floating-point logits of shape [..., num_classes], not a scalar"
+      f" (a loss function?); {what} got {getattr(logits, 'dtype', type(logits))} {jnp.shape(logits)}."
     )
   return logits
 
@@ -44,77 +32,61 @@ def nrs_penalty(
   num_neighbors: int = 1,
   noise: str = "gaussian",
   scale: str = "absolute",
-  divergence: Union[str, Callable] = "kl",
+  divergence: str | Callable = "kl",
   aggregation: str = "mean",
   mask: Any = None,
   stop_gradient_center: bool = False,
   strategy: str = "auto",
-  neighbor_chunk_size: Optional[int] = None,
-  center_logits: Optional[jax.Array] = None,
-  where: Optional[jax.Array] = None,
-  axis_name: Optional[str] = None,
+  neighbor_chunk_size: int | None = None,
+  center_logits: jax.Array | None = None,
+  where: jax.Array | None = None,
+  axis_name: str | None = None,
   per_replica_neighbors: bool = False,
 ) -> jax.Array:
-  r"""The NRS divergence between a model and K sampled neighbours.
+  r"""The NRS divergence ``A_k D_B(w, w + delta_k)`` between a model and K neighbours.
 
-  ``A_k D_B(w, w + delta_k)``: ``delta_k ~ Q_r(w)`` drawn from ``key`` and
-  treated as constants, ``D_B`` the batch mean of a divergence between output
-  distributions, ``A`` the mean or max over the K neighbours; differentiable
-  through the centre's and the neighbours' outputs. The reference for the
-  options of :func:`make_nrs_loss` and :func:`add_nrs_gradient` too.
+  ``delta_k ~ Q_r(w)`` is drawn from ``key`` and held constant, ``D_B`` is the
+  batch mean of a divergence between output distributions and ``A`` the mean or
+  max over the K neighbours. The reference for every entry point's options.
 
   Args:
-    logits_fn: ``params -> logits [..., C]``, closing over the batch, the
-      dropout rng and non-trainable state. Logits, not probabilities; ``C == 1``
-      is one binary logit (Bernoulli); leading axes are averaged over.
+    logits_fn: ``params -> logits [..., C]`` closing over the batch, the dropout
+      rng (one rng: the centre and neighbours share a mask) and non-trainable
+      state. ``C == 1`` is one binary logit; leading axes are averaged over.
     params: the centre ``w``, any pytree.
     key: PRNG key (typed, raw, or an int seed).
-    radius: ``r >= 0``, a scalar or a pytree of scalars that is a prefix of
-      ``params`` (per-leaf radii). 0 everywhere gives exactly 0. A leaf of
-      radius 0 is not perturbed but, unlike one ``mask`` leaves out, still gets
-      the gradient of its effect on the centre.
+    radius: ``r >= 0``, a scalar or a pytree of scalars, a prefix of ``params``.
+      0 everywhere gives exactly 0; a leaf of radius 0 is not perturbed but,
+      unlike one ``mask`` leaves out, gets the gradient of its centre effect.
     num_neighbors: K, a static int >= 1.
     noise: ``v``, the unit-radius sample over all perturbed elements together:
       ``"gaussian"`` N(0, 1) per element, ``"ball"`` / ``"sphere"`` uniform in /
-      on the unit L2 ball. ``delta = r * s(w) * v``.
+      on the unit L2 ball; ``delta = r * s(w) * v``.
     scale: ``s(w)``: ``"absolute"`` 1; ``"tensor"`` the leaf's norm (over
       sqrt(size) for gaussian); ``"filter"`` the norm of the element's output
-      unit, the last axis (over sqrt(fan-in) for gaussian; 0-d and 1-d leaves:
-      the leaf norm); ``"elementwise"`` ``|w_i| + 0.01``.
+      unit, the last axis (over sqrt(fan-in) for gaussian; the leaf norm for
+      0-d and 1-d leaves); ``"elementwise"`` ``|w_i| + 0.01``.
     divergence: ``"kl"`` KL(p_w || p_w'), ``"reverse_kl"``, ``"symmetric_kl"``,
       ``"js"``, or ``(center_logits, neighbor_logits) -> per-position values``.
     aggregation: ``"mean"`` or ``"max"`` (gradient through the worst).
-    mask: the leaves NRS acts on, as in ``optax.masked``: ``None`` (every float
-      leaf), a pytree of bools like ``params`` or a prefix of it (an Equinox
-      Module of bools too), or a function ``params ->`` such a pytree (a mask is
-      a function when all its leaves are callable). Only selected leaves are
-      perturbed and get the penalty's gradient; with a differentiable centre,
-      the centre is then recomputed rather than taken from ``center_logits``.
+    mask: the leaves NRS perturbs and gives the penalty gradient, as in
+      ``optax.masked``: ``None`` (every float leaf), a pytree of bools (or a
+      prefix), or a function ``params ->`` one (when all its leaves are
+      callable). With a differentiable centre it is recomputed on them.
     stop_gradient_center: treat the centre's outputs as a fixed target.
     strategy: ``"auto"``, ``"loop"``, ``"vmap"`` or ``"chunked"`` (chunks of
-      ``neighbor_chunk_size``, default 1, each differentiated in the forward
-      pass: one chunk alive at a time); same value and derivatives (``grad``,
-      ``jvp``, ``hessian``) to float tolerance.
+      ``neighbor_chunk_size``, default 1, one alive at a time); the same value
+      and derivatives to float tolerance (docs: method).
     neighbor_chunk_size: divides K; with ``"auto"`` it means ``"chunked"``.
     center_logits: the centre's logits if already computed (shares the pass).
-    where: bools broadcastable to ``logits.shape[:-1]``: the positions that
+    where: bools broadcastable to ``logits.shape[:-1]``, the positions that
       count (e.g. not padding); none at all gives 0.
-    axis_name: for ``pmap`` / ``shard_map`` with the batch split over this axis:
-      divergences are ``pmean``-ed (the global-batch penalty); ``pmean`` the
-      gradients as for the task loss. Not needed under ``jax.jit`` shardings.
+    axis_name: the batch axis under ``pmap`` / ``shard_map``: divergences are
+      ``pmean``-ed (the global-batch penalty). Not needed under ``jax.jit``.
     per_replica_neighbors: with ``axis_name``, each replica draws its own.
 
   Returns:
-    A float32 (or wider) scalar.
-
-  Raises:
-    ValueError: for an invalid option (at trace time).
-
-  .. note::
-    Memory: ``vmap`` and ``loop`` keep K neighbours' activations, ``chunked``
-    one chunk's. Dropout: close over one rng, so that the centre and the
-    neighbours share a mask. BatchNorm: neighbours run in the centre's mode and
-    their statistics are discarded; only the task pass updates them.
+    A float32 (or wider) scalar; a ValueError for an invalid option.
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -129,34 +101,15 @@ def nrs_penalty(
     Zhao and Zhang, Neighborhood Region Smoothing Regularization for Finding
     Flat Minima In Deep Neural Networks, arXiv 2201.06064, 2022.
   """
-  options = NRSOptions.of(locals())
-  check_nonnegative("radius", radius, tree=True)
-  return penalty(
-    options,
-    logits_fn,
-    params,
-    key,
-    radius,
-    center_logits=center_logits,
-    where=where,
-    axis_name=axis_name,
-    per_replica_neighbors=per_replica_neighbors,
-  )
+  _options.check_nonnegative("radius", radius, tree=True)
+  opts = _options.NRSOptions.of(locals())
+  kw = dict(center_logits=center_logits, where=where, axis_name=axis_name)
+  return penalty(opts, logits_fn, params, key, radius, per_replica_neighbors, **kw)
 
 
-def penalty(
-  options: NRSOptions,
-  logits_fn: Callable[[Any], jax.Array],
-  params: Any,
-  key: jax.Array,
-  radius: Any,
-  *,
-  center_logits: Optional[jax.Array] = None,
-  where: Optional[jax.Array] = None,
-  axis_name: Optional[str] = None,
-  per_replica_neighbors: bool = False,
-) -> jax.Array:
-  """:func:`nrs_penalty` with its options already validated (every entry point calls this)."""
+def penalty(options, logits_fn, params, key, radius, per_replica_neighbors=False, **kw):
+  """:func:`nrs_penalty` with validated options (every entry point calls this)."""
+  center_logits, where, axis_name = kw.get("center_logits"), kw.get("where"), kw.get("axis_name")
   if per_replica_neighbors and axis_name is None:
     raise ValueError("per_replica_neighbors=True needs axis_name, the mapped axis.")
   # The perturbations are constants, the radius included (it stays out of custom rules).
@@ -178,9 +131,8 @@ def penalty(
   if options.stop_gradient_center:
     center = jax.lax.stop_gradient(center)
   out_dtype = jnp.promote_types(center.dtype, jnp.float32)
-  if is_static_zero(radius):
+  if _options.is_static_zero(radius):
     return jnp.zeros((), out_dtype)
-
   key = _neighbors.as_key(key)
   if per_replica_neighbors:
     key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
@@ -208,26 +160,18 @@ def penalty(
     strategy = _strategies.choose(
       k, k > 1 and _strategies.runs_convolution(logits_fn, params, sampler.moving)
     )
+  keys = jax.random.split(key, k)
   value = _strategies.evaluate(
-    strategy,
-    divs_of,
-    sampler.draw,
-    params,
-    center,
-    jax.random.split(key, k),
-    chunk_size=options.neighbor_chunk_size or 1,
-    aggregation=options.aggregation,
-    axis_name=axis_name,
+    strategy, divs_of, sampler.draw, params, center, keys, options, axis_name
   )
   radii = [r for r, m in zip(sampler.radii, sampler.moving) if m]
-  if not all(is_static_number(r) for r in radii):  # a traced radius may be 0 everywhere
+  if not all(_options.is_static_number(r) for r in radii):  # a traced radius may be 0 everywhere
     value = jnp.where(jnp.all(jnp.stack([jnp.asarray(r) == 0 for r in radii])), 0.0, value)
   return value
 
 
 def _position_weights(where, leading_shape, axis_name):
-  """Weights summing to 1 over the global batch's valid positions (``R / count`` per
-  replica with ``axis_name``, whose divergences are then ``pmean``-ed); None without ``where``."""
+  """Weights summing to 1 over the global batch's valid positions (None without ``where``)."""
   if where is None:
     return None
   where = jnp.asarray(where)
@@ -251,15 +195,10 @@ def _position_weights(where, leading_shape, axis_name):
   return where * (replicas / jnp.maximum(count, 1.0))
 
 
-def strided_subset(tree: Any, size: int, *, batch_size: Optional[int] = None) -> Any:
-  """Rows ``0, B/size, 2 B/size, ...`` of every leaf whose leading dim is the batch size ``B``.
-
-  The subset of ``neighbor_batch_size``: with the batch sharded over ``S``
-  devices (``S`` dividing ``size``) each shard keeps its own rows. ``size``
-  divides ``B`` (default: the largest leading dim); other leaves pass through.
-
-  Raises:
-    ValueError: if ``size`` is not a positive int that divides ``B``.
+def strided_subset(tree: Any, size: int, *, batch_size: int | None = None) -> Any:
+  """Rows ``0, B/size, 2 B/size, ...`` of each leaf whose leading dim is the batch size ``B``
+  (default: the largest), ``size`` dividing ``B``: the ``neighbor_batch_size`` subset (each
+  of ``S`` data shards keeps its own rows when ``S`` divides ``size``).
 
   Examples:
     >>> import jax.numpy as jnp
@@ -267,12 +206,10 @@ def strided_subset(tree: Any, size: int, *, batch_size: Optional[int] = None) ->
     >>> nrs_jax.strided_subset({"x": jnp.arange(8), "key": jnp.zeros(2)}, 4)["x"]
     Array([0, 2, 4, 6], dtype=int32)
   """
-  if batch_size is None:
-    dims = [jnp.shape(x)[0] for x in jax.tree_util.tree_leaves(tree) if jnp.ndim(x) >= 1]
-    if not dims:
-      raise ValueError("strided_subset needs an array with a leading (batch) dimension.")
-    batch_size = max(dims)
-  b = batch_size
+  dims = [jnp.shape(x)[0] for x in jax.tree_util.tree_leaves(tree) if jnp.ndim(x) >= 1]
+  if not (batch_size or dims):
+    raise ValueError("strided_subset needs an array with a leading (batch) dimension.")
+  b = batch_size or max(dims)
   if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not 0 < size <= b:
     raise ValueError(
       f"neighbor_batch_size={size!r} must be a positive int no larger than the batch size {b}."
@@ -283,37 +220,31 @@ def strided_subset(tree: Any, size: int, *, batch_size: Optional[int] = None) ->
       "(under data-parallel sharding, also a multiple of the number of data shards)."
     )
 
-  def take(x):
-    if jnp.ndim(x) == 0 or jnp.shape(x)[0] != b:
-      return x
-    return jnp.reshape(x, (size, b // size, *jnp.shape(x)[1:]))[:, 0]
-
-  return jax.tree_util.tree_map(take, tree)
+  take = lambda x: jnp.reshape(x, (size, b // size, *jnp.shape(x)[1:]))[:, 0]
+  return jax.tree_util.tree_map(lambda x: take(x) if jnp.ndim(x) and x.shape[0] == b else x, tree)
 
 
 def make_nrs_loss(
   apply_fn: Callable[[Any, Any], Any],
   task_loss_fn: Callable[[jax.Array, Any], jax.Array],
   *,
-  alpha: Scalar,
+  alpha: float | jax.Array,
   radius: Any,
   num_neighbors: int = 1,
   noise: str = "gaussian",
   scale: str = "absolute",
-  divergence: Union[str, Callable] = "kl",
+  divergence: str | Callable = "kl",
   aggregation: str = "mean",
   mask: Any = None,
   stop_gradient_center: bool = False,
   strategy: str = "auto",
-  neighbor_chunk_size: Optional[int] = None,
-  where_fn: Optional[Callable[[Any], jax.Array]] = None,
-  neighbor_batch_size: Optional[int] = None,
+  neighbor_chunk_size: int | None = None,
+  where_fn: Callable[[Any], jax.Array] | None = None,
+  neighbor_batch_size: int | None = None,
   reuse_center_logits: bool = False,
   has_aux: bool = False,
 ) -> Callable[[Any, Any, jax.Array], tuple[jax.Array, dict]]:
-  """Builds ``loss(params, batch, key) -> (task_loss + alpha * penalty, aux)``.
-
-  The task loss and the penalty share the centre's forward pass.
+  """``loss(params, batch, key) -> (task_loss + alpha * penalty, aux)``, one centre pass.
 
   Args:
     apply_fn: ``(params, batch) -> logits``, or ``-> (logits, model_aux)`` with
@@ -322,12 +253,10 @@ def make_nrs_loss(
     alpha: weight of the penalty, >= 0 (0: exactly the task loss).
     radius, num_neighbors, noise, scale, divergence, aggregation, mask, stop_gradient_center, strategy, neighbor_chunk_size: see :func:`nrs_penalty`.
     where_fn: ``batch -> where`` (see :func:`nrs_penalty`).
-    neighbor_batch_size: ``m`` dividing the batch size ``B``: the penalty on
-      the :func:`strided_subset` of ``m`` examples (``where_fn`` sees it),
-      ``1 + (K + 1) m / B`` passes a step; data shards must divide ``m``.
+    neighbor_batch_size: ``m`` dividing the batch size ``B``: the penalty on the
+      :func:`strided_subset` of ``m`` examples, ``1 + (K + 1) m / B`` passes.
     reuse_center_logits: with ``m``, the centre's logits from the task pass
-      (``1 + K m / B`` passes); exact only for per-example deterministic
-      outputs (not train-mode BatchNorm or a batch-shaped dropout mask).
+      (``1 + K m / B`` passes); exact only for per-example deterministic outputs.
     has_aux: whether ``apply_fn`` returns ``(logits, model_aux)``.
 
   Returns:
@@ -346,14 +275,10 @@ def make_nrs_loss(
     ...     {"w": jnp.full((3, 4), 0.1)}, batch, jax.random.key(0))
     >>> sorted(aux)
     ['logits', 'nrs_penalty', 'task_loss']
-
-  References:
-    Zhao and Zhang, Neighborhood Region Smoothing Regularization for Finding
-    Flat Minima In Deep Neural Networks, arXiv 2201.06064, 2022.
   """
-  check_nonnegative("alpha", alpha)
-  check_nonnegative("radius", radius, tree=True)
-  options = NRSOptions.of(locals())
+  _options.check_nonnegative("alpha", alpha)
+  _options.check_nonnegative("radius", radius, tree=True)
+  options = _options.NRSOptions.of(locals())
   m = neighbor_batch_size
   if m is not None and (isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1):
     raise ValueError(
@@ -361,7 +286,7 @@ def make_nrs_loss(
     )
   if reuse_center_logits and m is None:
     raise ValueError("reuse_center_logits=True needs neighbor_batch_size (a sub-batch).")
-  skip = is_static_zero(alpha)
+  skip = _options.is_static_zero(alpha)
   logits_of = (lambda out: out[0]) if has_aux else (lambda out: out)
 
   def loss(params, batch, key):

@@ -1,15 +1,10 @@
-"""How the K neighbours run: ``loop``, ``vmap``, ``chunked``, and ``auto``'s rule.
-
-Every strategy computes the same ``A_k d_k`` and its derivatives; what differs
-is what XLA runs and what stays alive for the backward pass. The measurements
-behind ``auto`` (:func:`choose`) are on the docs' method and benchmark pages.
-"""
+"""How the K neighbours run (``loop``, ``vmap``, ``chunked``, ``auto``'s rule): the same
+``A_k d_k`` and derivatives, different programs and memory (docs: method, benchmarks)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -44,11 +39,8 @@ def _has_primitive(jaxpr: Any, name: str) -> bool:
 
 
 def runs_convolution(logits_fn: Callable[[Any], Any], params: Any, selected: list[bool]) -> bool:
-  """Whether ``logits_fn`` runs ``lax.conv_general_dilated`` (nested jaxprs included).
-
-  Only a perturbed leaf of 3 or more dims can be a conv kernel: without one,
-  nothing is traced; otherwise ``logits_fn`` is traced once more (no compute).
-  """
+  """Whether ``logits_fn`` runs a convolution (traced once more only if a perturbed leaf has
+  3 or more dims)."""
   leaves = jax.tree_util.tree_leaves(params)
   if not any(s and jnp.ndim(x) >= 3 for x, s in zip(leaves, selected)):
     return False
@@ -64,30 +56,18 @@ def choose(k: int, has_conv: bool) -> str:
   return "dense" if k <= CPU_DENSE_LOOP_UP_TO else "vmap"
 
 
-def aggregate(divs: jax.Array, aggregation: str, axis_name: Optional[str]) -> jax.Array:
+def aggregate(divs: jax.Array, aggregation: str, axis_name: str | None) -> jax.Array:
   """``A_k d_k``: the mean or the max of the K divergences (global over ``axis_name``)."""
   divs = divs if axis_name is None else jax.lax.pmean(divs, axis_name)
   return jnp.mean(divs) if aggregation == "mean" else jnp.max(divs)
 
 
 def evaluate(
-  strategy: str,
-  divs_of: DivsOf,
-  deltas_of: DeltasOf,
-  params: Any,
-  center: jax.Array,
-  keys: jax.Array,
-  *,
-  chunk_size: int,
-  aggregation: str,
-  axis_name: Optional[str],
-) -> jax.Array:
-  """``A_k d_k`` over the neighbours drawn from ``keys`` (one key per neighbour).
-
-  ``strategy``: ``loop``, ``vmap``, ``chunked`` or ``dense`` (``loop`` on CPU,
-  ``vmap`` elsewhere: a ``platform_dependent``, so an exported program holds
-  what its platform runs).
-  """
+  strategy, divs_of: DivsOf, deltas_of: DeltasOf, params, center, keys, options, axis_name
+):
+  """``A_k d_k`` over the neighbours drawn from ``keys``; ``dense`` is a ``platform_dependent``
+  of ``loop`` (CPU) and ``vmap``."""
+  aggregation = options.aggregation
 
   def loop():
     deltas = deltas_of(params, keys)
@@ -103,7 +83,7 @@ def evaluate(
   if strategy == "dense":
     return jax.lax.platform_dependent(cpu=loop, default=vmapped)
   if strategy == "chunked":
-    groups = keys.reshape((keys.shape[0] // chunk_size, chunk_size))
+    groups = keys.reshape((-1, options.neighbor_chunk_size))
     return _chunked(divs_of, deltas_of, params, center, groups, aggregation, axis_name)
   return {"loop": loop, "vmap": vmapped}[strategy]()
 
@@ -119,17 +99,9 @@ def _order_tie(grads: list, dtype) -> jax.Array:
 
 
 def _chunked(divs_of, deltas_of, params, center, groups, aggregation, axis_name):
-  """``A_k d_k`` whose gradient is taken chunk by chunk in the forward pass.
-
-  A ``custom_jvp`` whose rule visits the chunks (a row of ``groups`` each):
-  it draws the chunk's perturbations, runs ``jax.vjp`` of its divergences and
-  adds the chunk's share of the gradient at once (1/K each for ``mean``; the
-  largest so far for ``max``), so one chunk is alive at a time. The tangent is
-  that gradient dotted with the input tangents: linear, so reverse mode
-  transposes it (only the gradient is kept), and forward mode works too.
-  Closed-over values being differentiated become explicit inputs
-  (``jax.closure_convert``), so their derivatives are exact as well.
-  """
+  """``A_k d_k`` as a ``custom_jvp`` whose rule takes each chunk's (a row of ``groups``)
+  gradient by ``jax.vjp`` in the forward pass, one chunk alive at a time; its tangent is
+  that gradient dotted with the input tangents (linear: reverse mode transposes it)."""
   leaves, treedef = jax.tree_util.tree_flatten(params)
   n_groups, group = groups.shape
   k, n = n_groups * group, len(leaves)

@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 from typing import NamedTuple
-from typing import Optional
-from typing import Union
 
 import jax
 import jax.numpy as jnp
@@ -14,12 +12,8 @@ import numpy as np
 import optax
 
 from nrs_jax import _neighbors
+from nrs_jax import _options
 from nrs_jax import _penalty
-from nrs_jax._options import NRSOptions
-from nrs_jax._options import check_nonnegative
-from nrs_jax._options import check_positive_int
-from nrs_jax._options import is_function
-from nrs_jax._options import is_static_zero
 
 _MaskedNode = getattr(optax, "MaskedNode", ())
 
@@ -36,23 +30,20 @@ def _check_not_masked(tree: Any) -> None:
     )
 
 
-def _check_update(params: Any, logits_fn: Any, center_logits: Any, options: NRSOptions) -> None:
+def _check_update(params: Any, logits_fn: Any, center_logits: Any, options: Any) -> None:
   if params is None:
     raise ValueError("add_nrs_gradient needs params: call tx.update(grads, state, params, ...).")
   _check_not_masked(params)
   if logits_fn is None:
     raise ValueError(
-      "add_nrs_gradient needs logits_fn, a function params -> logits that closes "
-      "over the batch: tx.update(grads, state, params, logits_fn=lambda p: "
-      "model.apply(p, x)) (with nnx: optimizer.update(model, grads, "
-      "logits_fn=...))."
+      "add_nrs_gradient needs logits_fn, params -> logits closing over the batch: tx.update("
+      "grads, state, params, logits_fn=lambda p: model.apply(p, x)) (nnx: optimizer.update("
+      "model, grads, logits_fn=...))."
     )
   if center_logits is not None and not options.stop_gradient_center:
     raise ValueError(
-      "center_logits can only be used with stop_gradient_center=True: with a "
-      "differentiable centre the penalty's gradient needs the centre's own backward "
-      "pass, which logits alone cannot give. Set stop_gradient_center=True to share "
-      "the centre pass, or drop center_logits (the transform recomputes it)."
+      "center_logits needs stop_gradient_center=True: a differentiable centre needs its own "
+      "backward pass. Set stop_gradient_center=True, or drop center_logits (recomputed)."
     )
 
 
@@ -69,27 +60,9 @@ def _add_selected(updates, grads, selected, a, axis_name):
 
 
 class NRSState(NamedTuple):
-  """State of :func:`add_nrs_gradient`.
-
-  Attributes:
-    count: updates so far (int32), the argument of ``alpha`` and ``radius``
-      schedules.
-    key: raw data (``jax.random.key_data``) of the base key. Update ``t`` draws
-      from ``fold_in(key, t // resample_every)``: the key never changes, so it
-      is the same on every replica and under wrappers that mask state updates.
-    penalty: the raw penalty (before ``alpha``) of the last update, for
-      logging; 0 before the first update and when ``alpha`` is 0.
-
-  Examples:
-    >>> import jax, jax.numpy as jnp
-    >>> import nrs_jax
-    >>> tx = nrs_jax.add_nrs_gradient(alpha=1.0, radius=0.1, key=0)
-    >>> params = {"w": jnp.ones((3, 2))}
-    >>> state = tx.init(params)
-    >>> _, state = tx.update(params, state, params, logits_fn=lambda p: jnp.eye(3) @ p["w"])
-    >>> int(state.count), bool(state.penalty > 0)
-    (1, True)
-  """
+  """State of :func:`add_nrs_gradient`: ``count`` (int32, the schedules' argument), ``key``
+  (raw base key data, never changed: update ``t`` draws from ``fold_in(key, t //
+  resample_every)``) and ``penalty`` (the last raw penalty, for logging; 0 when ``alpha`` is)."""
 
   count: jax.Array  # type: ignore[assignment]  # (shadows tuple.count, as optax states do)
   key: jax.Array
@@ -97,61 +70,42 @@ class NRSState(NamedTuple):
 
 
 def add_nrs_gradient(
-  alpha: Union[float, jax.Array, optax.Schedule],
-  radius: Union[float, jax.Array, optax.Schedule, Any],
+  alpha: float | jax.Array | optax.Schedule,
+  radius: Any,
   num_neighbors: int = 1,
   *,
-  key: Union[int, jax.Array] = 0,
+  key: int | jax.Array = 0,
   noise: str = "gaussian",
   scale: str = "absolute",
-  divergence: Union[str, Callable] = "kl",
+  divergence: str | Callable = "kl",
   aggregation: str = "mean",
   mask: Any = None,
   stop_gradient_center: bool = False,
   strategy: str = "auto",
-  neighbor_chunk_size: Optional[int] = None,
+  neighbor_chunk_size: int | None = None,
   resample_every: int = 1,
-  axis_name: Optional[str] = None,
+  axis_name: str | None = None,
   per_replica_neighbors: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
-  """Adds ``alpha * grad(nrs_penalty)`` to the incoming gradient.
+  """Adds ``alpha * grad(nrs_penalty)`` to the incoming gradient: chain it first, **before
+  the optimiser** (after it, it would climb the penalty).
 
-  Put it first in a chain, **before the optimiser**, as you would
-  ``optax.add_decayed_weights``::
-
-    tx = optax.chain(nrs_jax.add_nrs_gradient(1.0, 0.05), optax.sgd(0.1))
-    updates, state = tx.update(grads, state, params, logits_fn=logits_fn)
-
-  (After the optimiser it would climb the penalty; nothing can detect that.)
-  ``update`` takes the extra keyword arguments ``logits_fn`` (``params ->
-  logits``, closing over the batch), ``where`` and, with a fixed centre,
-  ``center_logits`` (the task pass's logits, not recomputed); it ignores others.
-  Leaves outside ``mask`` pass through unchanged; inside ``optax.masked`` or
-  ``optax.partition`` it raises (use ``mask=``).
+  ``update`` takes the extra arguments ``logits_fn`` (``params -> logits``, closing
+  over the batch), ``where`` and, with a fixed centre, ``center_logits``. Leaves
+  outside ``mask`` pass through; inside ``optax.masked`` / ``partition`` it raises.
 
   Args:
     alpha: penalty weight >= 0, or an optax schedule of the step count.
-    radius: as in :func:`nrs_penalty` (a scalar or a pytree of per-leaf
-      radii), or an optax schedule of the step count (its value at step 0 is
-      checked; later values are traced and must stay >= 0).
-    num_neighbors: K, a static int (list it in ``static_args`` of
-      ``optax.inject_hyperparams``).
+    radius: as in :func:`nrs_penalty`, or a schedule (checked at step 0).
+    num_neighbors: K, a static int (``static_args`` of ``inject_hyperparams``).
     key: an int seed or a PRNG key; a 0-d integer array counts as a seed.
     noise, scale, divergence, aggregation, mask, stop_gradient_center, strategy, neighbor_chunk_size, axis_name, per_replica_neighbors: see :func:`nrs_penalty`; with ``axis_name``, pass the task gradients already ``pmean``-ed.
-    resample_every: new neighbours every this many updates (static). For
-      gradient accumulation over k micro-batches, chain this transform outside
-      ``optax.MultiSteps`` with ``resample_every=k``.
+    resample_every: new neighbours every this many updates (static); with
+      ``optax.MultiSteps`` over k micro-batches, chain outside it with k.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs`` with state :class:`NRSState`.
-
-  Raises:
-    ValueError: at construction for invalid options; in ``init``/``update`` for
-      params that do not fit ``mask`` or ``radius``, or missing arguments.
-
-  .. note::
-    With a differentiable centre the centre's forward and backward pass is
-    recomputed here ((2 + K) / (1 + K) the work of :func:`make_nrs_loss`).
+    An ``optax.GradientTransformationExtraArgs`` with state :class:`NRSState`;
+    a ValueError for invalid options, params or missing arguments.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax
@@ -165,30 +119,23 @@ def add_nrs_gradient(
     >>> updates, state = tx.update(grads, state, params, logits_fn=logits_fn)
     >>> int(state[0].count)
     1
-
-  References:
-    Zhao and Zhang, Neighborhood Region Smoothing Regularization for Finding
-    Flat Minima In Deep Neural Networks, arXiv 2201.06064, 2022.
   """
-  check_nonnegative("alpha", alpha, schedule=True)
-  check_nonnegative("radius", radius, tree=True, schedule=True)
-  options = NRSOptions.of(locals())
+  _options.check_nonnegative("alpha", alpha, schedule=True)
+  _options.check_nonnegative("radius", radius, tree=True, schedule=True)
+  options = _options.NRSOptions.of(locals())
   if not isinstance(resample_every, jax.core.Tracer):  # traced under inject_hyperparams
-    resample_every = check_positive_int("resample_every", resample_every)
+    resample_every = _options.check_positive_int("resample_every", resample_every)
   # The implementation of the base key (its data is made in init: no backend before).
-  impl = None if isinstance(key, (int, np.integer)) else _neighbors.key_impl(key)
-  alpha_is_zero = is_static_zero(alpha)
-  radius_at = radius if is_function(radius) else lambda _: radius
+  impl = None if isinstance(key, (int, np.integer)) else jax.random.key_impl(_neighbors.as_key(key))
+  alpha_is_zero = _options.is_static_zero(alpha)
+  radius_at = radius if _options.is_function(radius) else lambda _: radius
 
   def init_fn(params):
     _check_not_masked(params)
     if jax.tree_util.tree_leaves(params):  # (optax.tree_utils.tree_map_params inits with none)
       _neighbors.Sampler(params, radius=radius_at(0), noise=noise, scale=scale, mask=mask)
-    return NRSState(
-      count=jnp.zeros([], jnp.int32),
-      key=jax.random.key_data(_neighbors.as_key(key)),
-      penalty=jnp.zeros([], jnp.float32),
-    )
+    zero = jnp.zeros([], jnp.float32)
+    return NRSState(jnp.zeros([], jnp.int32), jax.random.key_data(_neighbors.as_key(key)), zero)
 
   def update_fn(
     updates, state, params=None, *, logits_fn=None, center_logits=None, where=None, **extra_args
@@ -202,11 +149,9 @@ def add_nrs_gradient(
     step_key = jax.random.fold_in(base, state.count // resample_every)
     a = alpha(state.count) if callable(alpha) else alpha
     selected = _neighbors.perturbed_leaf_mask(params, options.mask)
-
-    kw = dict(axis_name=axis_name, per_replica_neighbors=per_replica_neighbors, where=where)
-    penalty = lambda p: _penalty.penalty(
-      options, logits_fn, p, step_key, radius_at(state.count), center_logits=center_logits, **kw
-    )
+    kw = dict(axis_name=axis_name, where=where, center_logits=center_logits)
+    r, per_replica = radius_at(state.count), per_replica_neighbors
+    penalty = lambda p: _penalty.penalty(options, logits_fn, p, step_key, r, per_replica, **kw)
     value, grads = jax.value_and_grad(penalty, allow_int=True)(params)
     updates = _add_selected(updates, grads, selected, a, axis_name)
     logged = jnp.where(a == 0, 0.0, value).astype(jnp.float32)
