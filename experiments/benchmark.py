@@ -1,20 +1,27 @@
 """Step-time, compile-time and memory ratios of NRS vs SGD and SAM, measured side by side.
 
-  python -m experiments.benchmark                    # MLP, CNN, ResNet-18 (CIFAR shape, batch 128)
-  python -m experiments.benchmark --models=mlp --repeats=5 --out=benchmark.json
+  python -m experiments.benchmark                       # CPU: MLP, CNN, ResNet-18 (batch 128)
+  python -m experiments.benchmark --models=mlp --ks=1 --repeats=5 --out=benchmark.json
+  python -m experiments.benchmark --accelerator         # GPU/TPU: ResNet-18, batch 256, bfloat16
+  python -m experiments.benchmark --accelerator --models=tiny   # the same rows in seconds on a CPU
 
-Every row is compiled first, then timed round-robin: ``--repeats`` rounds that
-call each row once in turn, after warm-up, all in one process (a change in
-machine load hits every row alike). Medians are reported as ratios to the SGD
-step and to the SAM step (two-pass ascent step, as optax.contrib.sam's opaque
-mode computes). Absolute seconds depend on the machine; ratios are what to
-compare.
+Both entry points build their rows from one list (:func:`row_specs`) over one set of
+models, compile each row first (compile seconds, XLA's memory analysis), then time all
+rows round-robin in one process (``timing.interleaved_medians``: a change in machine
+load hits every row alike). Ratios to the SGD and SAM steps of the same run are what to
+compare. The accelerator run computes in bfloat16 (float32 master weights and BatchNorm
+statistics) with float32 reference rows, checks that the strategies agree on the
+device, and writes ``benchmark_gpu_<device>.json``; the CPU run adds the flatness
+toolkit's and token-level rows and writes ``benchmark.json``.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import platform
+import re
 import time
 from functools import partial
 
@@ -22,204 +29,241 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app
-from absl import flags
+import optax
+from flax import nnx
 
 import nrs_jax
-from experiments import input_pipeline
 from experiments import methods
+from experiments import models
 from experiments import timing
-from experiments import train
-from experiments.configs import default
-
-FLAGS = flags.FLAGS
-flags.DEFINE_list("models", ["mlp", "cnn", "resnet18"], "Models to benchmark.")
-flags.DEFINE_list("ks", ["1", "2", "4", "8"], "Numbers of neighbours.")
-flags.DEFINE_integer("repeats", 0, "Timed calls per row (0: per-model default).")
-flags.DEFINE_string("out", "benchmark.json", "Where to write the results.")
-flags.DEFINE_bool("hessian", True, "Also time HVPs and Lanczos (flatness toolkit).")
-flags.DEFINE_list(
-  "token_vocabs", [], "Token-level rows ([B, T, V] logits, padding mask) at these vocab sizes."
-)
+from experiments.tables import markdown_table
 
 MODELS = {
-  # name: (config model, model_kwargs, input shape, batch, default repeats, classes)
-  "mlp": ("mlp", dict(hidden=(256, 256)), (40,), 128, 60, 10),
-  # The same MLP with an 11-class head: an odd parameter count (79,115).
-  "mlp11": ("mlp", dict(hidden=(256, 256)), (40,), 128, 60, 11),
-  "cnn": ("cnn1d", dict(channels=(64, 64, 64)), (40,), 128, 20, 10),
-  "resnet18": ("resnet18", dict(), (32, 32, 3), 128, 3, 10),
+  # name: (model, kwargs, input shape, CPU batch, accelerator batch, default timed rounds)
+  "mlp": ("mlp", dict(hidden=(256, 256)), (40,), 128, 128, 60),
+  "mlp11": ("mlp", dict(hidden=(256, 256)), (40,), 128, 128, 60),  # 11 classes: 79,115 params
+  "cnn": ("cnn1d", dict(channels=(64, 64, 64)), (40,), 128, 128, 20),
+  "resnet18": ("resnet18", {}, (32, 32, 3), 128, 256, 3),
+  "tiny": ("resnet18", dict(stage_sizes=(1,), width=4), (4, 4, 3), 8, 8, 3),
 }
 
 
-def _config(model, kwargs, method, nrs=None):
-  config = default.get_config()
-  with config.unlocked():
-    config.model, config.model_kwargs, config.method = model, kwargs, method
-    if nrs:
-      config.nrs = ml_collections.ConfigDict({**config.nrs.to_dict(), **nrs})
+def _model(name: str):
+  model, kwargs, shape = MODELS[name][:3]
+  return models.create_model(model, shape, 11 if name == "mlp11" else 10, 0, **kwargs)
+
+
+def row_specs(model: str, ks: list, batch_size: int, accelerator: bool) -> list:
+  """(label, dtype, method, nrs options) per row, the most wanted first."""
+  dt = "bfloat16" if accelerator else "float32"
+  specs = [("sgd", dt, "sgd", {}), ("sam", dt, "sam", {})]
+  specs += [("sam_optax_opaque", dt, "optax_sam", {})] if accelerator else []
+  conv_on_cpu = model == "resnet18" and not accelerator  # vmap/scan over conv: 10-100x slower
+  for k in ks:
+    strategies = (
+      ["auto"]
+      if conv_on_cpu or (accelerator and k != max(ks))
+      else ["auto", "loop", "chunked", "vmap"]
+    )
+    chunk = k // 4 if k >= 8 else (2 if accelerator and k >= 4 else 0)  # chunks under lax.scan
+    for s in strategies + ([f"chunked{chunk}"] if chunk and len(strategies) > 1 else []):
+      opts = {"num_neighbors": k, "strategy": "chunked" if s.startswith("chunked") else s}
+      specs.append(
+        (f"nrs_k{k}_{s}", dt, "nrs", {**opts, **({"neighbor_chunk_size": chunk} if s[7:] else {})})
+      )
+    if not accelerator:
+      specs.append(
+        (f"nrs_k{k}_transform", dt, "nrs", {"num_neighbors": k, "implementation": "transform"})
+      )
+    if k == 1 or not (conv_on_cpu or accelerator):  # a fixed centre, fused and transform
+      sg = {"num_neighbors": k, "stop_gradient_center": True}
+      specs += [
+        (f"nrs_k{k}_fused_sg", dt, "nrs", sg),
+        (f"nrs_k{k}_transform_sg", dt, "nrs", {**sg, "implementation": "transform"}),
+      ]
+  for k in [k for k in ks if k <= 2 and (k == 1 or not (conv_on_cpu or accelerator))]:
+    for frac in (4, 8):  # neighbours on B/frac: 1 + (K+1)/frac SGD passes, 1 + K/frac reusing
+      sub = {"num_neighbors": k, "neighbor_batch_size": batch_size // frac}
+      specs += [
+        (f"nrs_k{k}_sub{frac}", dt, "nrs", sub),
+        (f"nrs_k{k}_sub{frac}_reuse", dt, "nrs", {**sub, "reuse_center_logits": True}),
+      ]
+  if accelerator:
+    specs += [
+      ("sgd_f32", "float32", "sgd", {}),
+      ("nrs_k1_auto_f32", "float32", "nrs", {"num_neighbors": 1}),
+    ]
+  return specs
+
+
+def _config(method: str, nrs: dict) -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict(
+    dict(
+      seed=0,
+      learning_rate=0.1,
+      weight_decay=5e-4,
+      momentum=0.9,
+      method=method,
+      **methods.method_defaults(),
+    )
+  )
+  config.nrs.update(nrs)
   return config
 
 
-def bench_model(name, ks, repeats):
-  model_name, kwargs, shape, batch_size, default_repeats, classes = MODELS[name]
-  repeats = repeats or default_repeats
+def _apply_fn(graphdef, rest, dtype):
+  """``apply(params, bs, x, train, key) -> (logits, new_bs)`` computing in ``dtype``, with
+  float32 master weights and BatchNorm statistics (mixed precision as usual)."""
+  cast = lambda t: jax.tree_util.tree_map(
+    lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, t
+  )
+
+  def apply(params, bs, x, train, dropout_key):
+    m = nnx.merge(graphdef, cast(params), bs, rest, copy=True)
+    for _, node in nnx.iter_graph(m):
+      if isinstance(node, nnx.BatchNorm):
+        node.dtype = dtype  # statistics stay float32; the normalised output is in dtype
+    return m(x.astype(dtype), train=train, dropout_key=dropout_key), nnx.state(m, nnx.BatchStat)
+
+  return apply
+
+
+def _step(method: str, apply, nrs: dict):
+  config = _config("sam" if method == "optax_sam" else method, nrs)
+  tx = methods.make_optimizer(config, 1000)
+  if method != "optax_sam":
+    return methods.make_step(method, apply, tx, config), tx
+  # optax.contrib.sam (opaque mode, sync period 2) around the same SGD chain.
+  inner = optax.chain(optax.contrib.normalize(), optax.sgd(config.sam.rho))
+  tx = optax.contrib.sam(
+    methods.base_optimizer(config, 1000), inner, sync_period=2, opaque_mode=True
+  )
+
+  def step(params, bs, opt_state, batch, key):
+    (loss, (_, new_bs)), g = methods._grad_at(apply, params, bs, batch, key)
+    grad_fn = lambda p, _: methods._grad_at(apply, p, bs, batch, key)[1]
+    updates, opt_state = tx.update(g, opt_state, params, grad_fn=grad_fn)
+    return optax.apply_updates(params, updates), new_bs, opt_state, {"loss": loss}
+
+  return step, tx
+
+
+def measure(
+  model: str, ks: list, accelerator: bool, repeats: int = 0, budget_s: float = 1e9, only=()
+) -> dict:
+  """Compiles every row (an error is recorded, not raised), then times them side by side."""
+  _, _, shape, cpu_batch, acc_batch, default_repeats = MODELS[model]
+  batch_size = acc_batch if accelerator else cpu_batch
+  graphdef, params, bs, rest = nnx.split(_model(model), nnx.Param, nnx.BatchStat, ...)
   rng = np.random.default_rng(0)
-  ds = input_pipeline.Dataset(
-    name, None, None, None, classes, shape
-  )  # only the shapes are used to build the model
   batch = {
     "x": jnp.asarray(rng.normal(size=(batch_size, *shape)), jnp.float32),
-    "y": jnp.asarray(rng.integers(0, classes, batch_size)),
+    "y": jnp.asarray(rng.integers(0, 10, batch_size)),
   }
-  key = jax.random.key(0)
-  rows, fns = {}, {}
-
-  def run(label, method, nrs=None):
-    config = _config(model_name, kwargs, method, nrs)
-    model = train.Model(config, ds)
-    tx = methods.make_optimizer(config, 1000)
-    step = methods.make_step(method, model.apply, tx, config)
-    args = (model.params, model.batch_stats, tx.init(model.params), batch, key)
+  key, rows, fns, t_start = jax.random.key(0), {}, {}, time.perf_counter()
+  for label, dtype, method, nrs in row_specs(model, ks, batch_size, accelerator):
+    if (only and label not in only) or time.perf_counter() - t_start > budget_s:
+      continue
+    step, tx = _step(method, _apply_fn(graphdef, rest, jnp.dtype(dtype)), nrs)
+    args = (params, bs, tx.init(params), batch, key)
     t0 = time.perf_counter()
-    lowered = jax.jit(step).lower(*args)
-    compiled = lowered.compile()
-    compile_s = time.perf_counter() - t0
+    try:
+      compiled = jax.jit(step).lower(*args).compile()
+    except Exception as e:  # noqa: BLE001  (record it and go on: one device call per run)
+      rows[label] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+      continue
     mem = compiled.memory_analysis()
-    temp = int(getattr(mem, "temp_size_in_bytes", 0)) if mem is not None else 0
-    rows[label] = {"compile_seconds": compile_s, "temp_bytes": temp}
+    rows[label] = {"dtype": dtype, "compile_seconds": time.perf_counter() - t0}
+    for field in ("temp", "argument"):
+      rows[label][f"{field}_bytes"] = int(getattr(mem, f"{field}_size_in_bytes", 0) or 0)
     fns[label] = (compiled, args)
-    print(f"  {name:9s} {label:28s} compile {compile_s:6.2f} s", flush=True)
-    return model
-
-  run("sgd", "sgd")
-  model = run("sam", "sam")
-  for k in ks:
-    # "chunked": chunks of one neighbour, unrolled; "chunked{c}": chunks of c = K/4
-    # under lax.scan (from K = 8).
-    strategies = ["auto", "loop", "chunked", "vmap"] + ([f"chunked{k // 4}"] if k >= 8 else [])
-    if name == "resnet18":
-      # vmap and lax.scan over conv kernels are 10-100x slower on XLA:CPU;
-      # time them on an accelerator only.
-      strategies = ["auto"] + (["vmap"] if k == 2 and jax.default_backend() != "cpu" else [])
-    for s in strategies:
-      nrs = {"num_neighbors": k, "strategy": s}
-      if s.startswith("chunked") and s != "chunked":
-        nrs = {"num_neighbors": k, "strategy": "chunked", "neighbor_chunk_size": int(s[7:])}
-      run(f"nrs_k{k}_{s}", "nrs", nrs)
-    run(f"nrs_k{k}_transform", "nrs", {"num_neighbors": k, "implementation": "transform"})
-    # With a fixed centre the transform takes the task pass's logits (center_logits=):
-    # the same work as the fused loss with a fixed centre.
-    if name != "resnet18" or k == 1:  # ResNet-18 at K = 1 only: a row costs minutes on CPU
-      sg = {"num_neighbors": k, "stop_gradient_center": True}
-      run(f"nrs_k{k}_fused_sg", "nrs", sg)
-      run(f"nrs_k{k}_transform_sg", "nrs", {**sg, "implementation": "transform"})
-
-  # Neighbours on a sub-batch (B/4 and B/8 examples), the centre re-evaluated on it or
-  # reused from the task pass: a step costs 1 + (K+1) m/B or 1 + K m/B SGD steps.
-  for k in [k for k in ks if k <= 2 and (name != "resnet18" or k == 1)]:
-    for frac in (4, 8):
-      sub = {"num_neighbors": k, "neighbor_batch_size": batch_size // frac}
-      run(f"nrs_k{k}_sub{frac}", "nrs", sub)
-      run(f"nrs_k{k}_sub{frac}_reuse", "nrs", {**sub, "reuse_center_logits": True})
-
-  # Sampling alone, timed in the same rounds, as a share of the NRS K=1 step.
-  sample = jax.jit(
-    lambda p, k: nrs_jax.sample_perturbations(p, k, radius=0.05, num_neighbors=1).deltas
-  )
-  fns["sampling_k1"] = (sample, (model.params, key))
-  rows["sampling_k1"] = {}
-  print(f"  {name:9s} timing {len(fns)} rows, {repeats} interleaved rounds", flush=True)
-  for label, secs in timing.interleaved_medians(fns, repeats).items():
-    rows[label]["seconds"] = secs
+    print(f"  {model:9s} {label:32s} compile {rows[label]['compile_seconds']:6.2f} s", flush=True)
+  if not accelerator:  # sampling alone, as a share of the NRS K=1 step
+    sample = lambda p, k: nrs_jax.sample_perturbations(p, k, radius=0.05, num_neighbors=1).deltas
+    fns["sampling_k1"], rows["sampling_k1"] = (jax.jit(sample), (params, key)), {}
+  for label, secs in timing.interleaved_medians(fns, repeats or default_repeats).items():
+    rows[label].update(seconds=secs, images_per_second=batch_size / secs)
   return rows
 
 
-def summarize(name, rows, ks):
+def summarize(rows: dict, ks: list) -> dict:
+  """Adds each row's ratios to SGD and SAM in place; returns the checks its rows allow."""
   sgd, sam = rows["sgd"]["seconds"], rows["sam"]["seconds"]
-  out = {}
-  for label, r in rows.items():
-    if "compile_seconds" in r:
-      out[label] = {
-        "vs_sgd": r["seconds"] / sgd,
-        "vs_sam": r["seconds"] / sam,
-        "compile_vs_sgd": r["compile_seconds"] / rows["sgd"]["compile_seconds"],
-        "temp_mb": r["temp_bytes"] / 2**20,
-      }
+  secs = lambda label: rows.get(label, {}).get("seconds")
+  for r in rows.values():
+    if "compile_seconds" in r and "seconds" in r:
+      r.update(
+        vs_sgd=r["seconds"] / sgd, vs_sam=r["seconds"] / sam, temp_mb=r["temp_bytes"] / 2**20
+      )
+      r["compile_vs_sgd"] = r["compile_seconds"] / rows["sgd"]["compile_seconds"]
   checks = {}
   for k in ks:
-    auto = rows[f"nrs_k{k}_auto"]["seconds"]
+    auto = secs(f"nrs_k{k}_auto")
+    if auto is None:
+      continue
     checks[f"default_k{k}_vs_floor"] = auto / (0.5 * (1 + k) * sam)  # target <= 1
-    # Differentiable centre: the transform recomputes the centre pass, (2+K)/(1+K) the work.
-    checks[f"transform_k{k}_vs_fused"] = rows[f"nrs_k{k}_transform"]["seconds"] / auto
-    checks[f"transform_k{k}_vs_fused_work_bound"] = (2 + k) / (1 + k)
-    if f"nrs_k{k}_transform_sg" in rows:
-      checks[f"transform_sg_k{k}_vs_fused_sg"] = (  # target <= 1.15
-        rows[f"nrs_k{k}_transform_sg"]["seconds"] / rows[f"nrs_k{k}_fused_sg"]["seconds"]
+    if secs(f"nrs_k{k}_transform"):  # the transform redoes the centre: (2+K)/(1+K) the work
+      checks[f"transform_k{k}_vs_fused"] = secs(f"nrs_k{k}_transform") / auto
+    if secs(f"nrs_k{k}_transform_sg") and secs(f"nrs_k{k}_fused_sg"):  # target <= 1.15
+      checks[f"transform_sg_k{k}_vs_fused_sg"] = secs(f"nrs_k{k}_transform_sg") / secs(
+        f"nrs_k{k}_fused_sg"
       )
-  for label, r in rows.items():  # sub-batch rows against their work count in SGD steps
-    parts = label.split("_")
-    if len(parts) >= 3 and parts[2].startswith("sub"):
-      k, frac = int(parts[1][1:]), int(parts[2][3:])
-      work = 1 + (k if label.endswith("_reuse") else k + 1) / frac
-      checks[f"{label}_vs_work"] = (r["seconds"] / sgd) / work  # target <= 1.10
-      checks[f"{label}_vs_full_nrs"] = r["seconds"] / rows[f"nrs_k{k}_auto"]["seconds"]
-  checks["k1_fused_vs_sam"] = rows["nrs_k1_auto"]["seconds"] / sam  # <= 1.05
-  checks["sampling_share_k1"] = rows["sampling_k1"]["seconds"] / rows["nrs_k1_auto"]["seconds"]
-  checks["compile_k1_vs_sgd"] = (
-    rows["nrs_k1_auto"]["compile_seconds"] / rows["sgd"]["compile_seconds"]
-  )
-  if "nrs_k8_chunked2" in rows and rows["nrs_k1_auto"]["temp_bytes"]:
-    checks["chunked_k8_temp_vs_k1"] = (
-      rows["nrs_k8_chunked2"]["temp_bytes"] / rows["nrs_k1_auto"]["temp_bytes"]
+    strategies = {
+      s: secs(f"nrs_k{k}_{s}")
+      for s in ("loop", "chunked", "vmap", *(f"chunked{c}" for c in (2, k // 4)))
+    }
+    strategies = {s: v for s, v in strategies.items() if v}
+    if len(strategies) > 1:
+      fastest = min(strategies, key=strategies.get)
+      checks[f"k{k}_fastest_strategy"] = fastest
+      checks[f"k{k}_auto_vs_fastest"] = auto / strategies[fastest]
+      checks[f"k{k}_auto_within_5pct"] = bool(auto <= 1.05 * strategies[fastest])
+  for label in rows:  # sub-batch rows against their work count in SGD passes
+    m = re.fullmatch(r"nrs_k(\d+)_sub(\d+)(_reuse)?", label)
+    if m and secs(label):
+      k, frac = int(m[1]), int(m[2])
+      checks[f"{label}_vs_work"] = secs(label) / sgd / (1 + (k if m[3] else k + 1) / frac)
+  if secs("sampling_k1") and secs("nrs_k1_auto"):
+    checks["sampling_share_k1"] = secs("sampling_k1") / secs("nrs_k1_auto")
+  if secs("nrs_k1_auto_f32") and secs("sgd_f32"):
+    checks["bf16_speedup_sgd"] = secs("sgd_f32") / sgd
+    checks["bf16_speedup_nrs_k1"] = secs("nrs_k1_auto_f32") / secs("nrs_k1_auto")
+  return checks
+
+
+def check_strategies(k: int) -> dict:
+  """The NRS penalty's value and gradient under every strategy relative to ``loop``, on the
+  tiny ResNet in train mode (float32, BatchNorm on batch statistics), on this device."""
+  _, _, shape, batch_size, _, _ = MODELS["tiny"]
+  graphdef, params, bs, rest = nnx.split(_model("tiny"), nnx.Param, nnx.BatchStat, ...)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(batch_size, *shape)), jnp.float32)
+  logits_fn = lambda p: _apply_fn(graphdef, rest, jnp.float32)(p, bs, x, True, None)[0]
+  out, ref = {}, None
+  for s in ("loop", "vmap", "chunked", "chunked2"):
+    opts = dict(strategy="chunked", neighbor_chunk_size=2) if s == "chunked2" else dict(strategy=s)
+    pen = lambda p, opts=opts: nrs_jax.nrs_penalty(
+      logits_fn, p, jax.random.key(1), radius=0.05, num_neighbors=k, **opts
     )
-  return out, checks
-
-
-def main(argv):
-  del argv
-  ks = [int(k) for k in FLAGS.ks]
-  result = {
-    "machine": {
-      "backend": jax.default_backend(),
-      "devices": [str(d) for d in jax.devices()],
-      "cpu_count": __import__("os").cpu_count(),
-      "platform": platform.platform(),
-      "jax": jax.__version__,
-    },
-    "models": {},
-  }
-  for name in FLAGS.models:
-    print(f"[{name}]", flush=True)
-    rows = bench_model(name, ks, FLAGS.repeats)
-    ratios, checks = summarize(name, rows, ks)
-    result["models"][name] = {"raw": rows, "ratios": ratios, "checks": checks}
-  if FLAGS.hessian:
-    print("[hessian]", flush=True)
-    result["hessian"] = bench_hessian()
-  if FLAGS.token_vocabs:
-    print("[tokens]", flush=True)
-    result["tokens"] = bench_tokens([int(v) for v in FLAGS.token_vocabs])
-  with open(FLAGS.out, "w") as f:
-    json.dump(result, f, indent=2)
-  print()
-  print(markdown_table(result))
+    try:
+      value, grad = jax.jit(jax.value_and_grad(pen))(params)
+    except Exception as e:  # noqa: BLE001
+      out[s] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+      continue
+    flat = np.concatenate([np.ravel(g) for g in jax.tree_util.tree_leaves(grad)])
+    ref = ref or (float(value), flat)
+    out[s] = {
+      "value": float(value),
+      "value_rel_diff": abs(float(value) - ref[0]) / max(abs(ref[0]), 1e-30),
+      "grad_rel_diff": float(np.linalg.norm(flat - ref[1]) / max(np.linalg.norm(ref[1]), 1e-30)),
+    }
+  return out
 
 
 def bench_tokens(vocabs, k=4, batch=16, length=128, width=128, repeats=10) -> dict:
-  """Token-level NRS: the gradient of task loss + penalty over ``[B, T, V]`` logits.
-
-  A small causal-free token model (embedding, one hidden layer, a V-way output
-  head) on a batch of ``B`` sequences of ``T`` tokens with a padding mask
-  (``where``, a quarter of the positions padded). Per vocab size, XLA's temp
-  memory and the step time of the loop, vmap and chunked (chunks of one)
-  strategies with K neighbours, over plain cross-entropy's. The K neighbours'
-  ``[B, T, V]`` logits are what grows with V; chunked keeps one neighbour's.
-  """
-  import optax
-
-  out = {}
-  rng = np.random.default_rng(0)
+  """Token-level NRS over ``[B, T, V]`` logits with a padding mask (``where``, a quarter of
+  the positions padded): per vocab size, XLA's temp memory and the step time of ``loop``,
+  ``vmap`` and ``chunked`` with K neighbours, over plain cross-entropy's."""
+  out, rng = {}, np.random.default_rng(0)
   for v in vocabs:
     tokens = jnp.asarray(rng.integers(0, v, (batch, length)))
     where = jnp.asarray(np.arange(length)[None, :] < rng.integers(length // 2, length, (batch, 1)))
@@ -229,23 +273,16 @@ def bench_tokens(vocabs, k=4, batch=16, length=128, width=128, repeats=10) -> di
       "hidden": jax.random.normal(keys[1], (width, width)) / np.sqrt(width),
       "out": jax.random.normal(keys[2], (width, v)) / np.sqrt(width),
     }
+    logits_fn = lambda p, tokens=tokens: jax.nn.gelu(p["emb"][tokens] @ p["hidden"]) @ p["out"]
 
-    def logits_fn(p, tokens=tokens):
-      return jax.nn.gelu(p["emb"][tokens] @ p["hidden"]) @ p["out"]
-
-    def task(p, tokens=tokens, where=where):
+    def task(p, tokens=tokens, where=where, logits_fn=logits_fn):
       ce = optax.softmax_cross_entropy_with_integer_labels(logits_fn(p), tokens)
       return jnp.sum(ce * where) / jnp.sum(where)
 
     def loss(p, strategy, where=where, logits_fn=logits_fn, task=task):
+      key = jax.random.key(1)
       pen = nrs_jax.nrs_penalty(
-        logits_fn,
-        p,
-        jax.random.key(1),
-        radius=0.01,
-        num_neighbors=k,
-        strategy=strategy,
-        where=where,
+        logits_fn, p, key, radius=0.01, num_neighbors=k, strategy=strategy, where=where
       )
       return task(p) + pen
 
@@ -258,94 +295,145 @@ def bench_tokens(vocabs, k=4, batch=16, length=128, width=128, repeats=10) -> di
       fns[label] = (compiled, (params,))
     secs = timing.interleaved_medians(fns, repeats)
     for label, r in rows.items():
-      r["seconds"] = secs[label]
-      r["vs_ce"] = secs[label] / secs["ce"]
-      r["temp_mib"] = r["temp_bytes"] / 2**20
+      r.update(
+        seconds=secs[label], vs_ce=secs[label] / secs["ce"], temp_mib=r["temp_bytes"] / 2**20
+      )
     out[f"V{v}"] = rows
-    print(
-      f"  V={v}: "
-      + ", ".join(f"{s} {r['vs_ce']:.2f}x CE, {r['temp_mib']:.1f} MiB" for s, r in rows.items()),
-      flush=True,
-    )
   return out
-
-
-def markdown_table(result) -> str:
-  lines = [
-    "| model | row | x SGD | x SAM | compile x SGD | temp MiB |",
-    "|---|---|---|---|---|---|",
-  ]
-  for name, m in result["models"].items():
-    for label, r in m["ratios"].items():
-      lines.append(
-        f"| {name} | {label} | {r['vs_sgd']:.2f} | {r['vs_sam']:.2f} | "
-        f"{r['compile_vs_sgd']:.2f} | {r['temp_mb']:.1f} |"
-      )
-  lines.append("")
-  lines.append("| model | check | value |")
-  lines.append("|---|---|---|")
-  for name, m in result["models"].items():
-    for label, v in m["checks"].items():
-      lines.append(f"| {name} | {label} | {v:.2f} |")
-  if "hessian" in result:
-    lines += ["", "| model | params | HVP / grad | k=5 Lanczos / grad |", "|---|---|---|---|"]
-    for name, r in result["hessian"].items():
-      lz = (
-        f"{r['lanczos_k5_vs_grad']:.0f} ({r['lanczos_iters']} iters)"
-        if "lanczos_k5_vs_grad" in r
-        else ""
-      )
-      lines.append(f"| {name} | {r['params']} | {r['hvp_vs_grad']:.2f} | {lz} |")
-  if "tokens" in result:
-    lines += ["", "| vocab | row | step x CE | XLA temp MiB |", "|---|---|---|---|"]
-    for v, rows in result["tokens"].items():
-      for label, r in rows.items():
-        lines.append(f"| {v} | {label} | {r['vs_ce']:.2f} | {r['temp_mib']:.1f} |")
-  return "\n".join(lines)
 
 
 def bench_hessian(repeats: int = 10) -> dict:
   """HVP time over gradient time (MLP, small CNN) and k=5 Lanczos on a ~100k MLP."""
-  from flax import nnx
-
-  from experiments.models import create_model
   from nrs_jax import flatness
 
-  out = {}
-  rng = np.random.default_rng(0)
+  out, rng = {}, np.random.default_rng(0)
   for name, model_name, kwargs, shape in (
     ("mlp", "mlp", dict(hidden=(256, 256)), (40,)),
     ("cnn", "cnn1d", dict(channels=(64, 64, 64)), (40,)),
     ("mlp_100k", "mlp", dict(hidden=(384, 192)), (64,)),
   ):
-    model = create_model(model_name, shape, 10, 0, **kwargs)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    x = jnp.asarray(rng.normal(size=(128, *shape)), jnp.float32)
-    y = jnp.asarray(rng.integers(0, 10, 128))
-
-    def loss(p, b):
-      logits = nnx.merge(graphdef, p, rest, copy=True)(b[0])
-      return methods.cross_entropy(logits, b[1])
-
-    grad = jax.jit(jax.grad(loss))
-    hvp = jax.jit(lambda p, v, b: flatness.hvp(loss, p, v, b))
-    t = timing.interleaved_medians(
-      {"grad": (grad, (params, (x, y))), "hvp": (hvp, (params, params, (x, y)))}, repeats
+    graphdef, params, rest = nnx.split(
+      models.create_model(model_name, shape, 10, 0, **kwargs), nnx.Param, ...
     )
-    t_grad, t_hvp = t["grad"], t["hvp"]
-    n = sum(int(a.size) for a in jax.tree_util.tree_leaves(params))
-    row = {"params": n, "hvp_vs_grad": t_hvp / t_grad}
+    data = (
+      jnp.asarray(rng.normal(size=(128, *shape)), jnp.float32),
+      jnp.asarray(rng.integers(0, 10, 128)),
+    )
+    loss = lambda p, b, g=graphdef, r=rest: methods.cross_entropy(
+      nnx.merge(g, p, r, copy=True)(b[0]), b[1]
+    )
+    grad, hvp = (
+      jax.jit(jax.grad(loss)),
+      jax.jit(lambda p, v, b, loss=loss: flatness.hvp(loss, p, v, b)),
+    )
+    t = timing.interleaved_medians(
+      {"grad": (grad, (params, data)), "hvp": (hvp, (params, params, data))}, repeats
+    )
+    row = {
+      "params": sum(int(a.size) for a in jax.tree_util.tree_leaves(params)),
+      "hvp_vs_grad": t["hvp"] / t["grad"],
+    }
     if name == "mlp_100k":
-      t = time.perf_counter()
-      r = flatness.top_hessian_eigenvalues(
-        loss, params, (x, y), jax.random.key(0), k=5, num_iters=60
+      t0 = time.perf_counter()
+      r = flatness.top_hessian_eigenvalues(loss, params, data, jax.random.key(0), k=5, num_iters=60)
+      row.update(
+        lanczos_k5_vs_grad=(time.perf_counter() - t0) / t["grad"], lanczos_iters=r.num_iters
       )
-      row["lanczos_k5_vs_grad"] = (time.perf_counter() - t) / t_grad
-      row["lanczos_iters"] = r.num_iters
     out[name] = row
-    print(f"  {name}: {row}", flush=True)
   return out
 
 
+def _machine() -> dict:
+  d = jax.devices()[0]
+  return dict(
+    backend=jax.default_backend(),
+    device=str(getattr(d, "device_kind", d.platform)),
+    devices=[str(x) for x in jax.devices()],
+    cpu_count=os.cpu_count(),
+    platform=platform.platform(),
+    jax=jax.__version__,
+    optax=optax.__version__,
+  )
+
+
+def report(result: dict) -> str:
+  """The markdown tables of a result (either entry point's)."""
+  f = lambda v: v if isinstance(v, (str, bool)) else f"{v:.2f}"
+  rows, checks = [], []
+  for model, m in result["models"].items():
+    for label, r in m["raw"].items():
+      cells = (
+        [f"{r[c]:.2f}" for c in ("vs_sgd", "vs_sam", "compile_vs_sgd")]
+        if "vs_sgd" in r
+        else [r.get("error", "not timed")[:80], "", ""]
+      )
+      rows.append(
+        [model, label, r.get("dtype", ""), *cells, f"{r.get('temp_bytes', 0) / 2**20:.1f}"]
+      )
+    checks += [[model, c, f(v)] for c, v in m["checks"].items()]
+    for s, r in m.get("strategy_agreement", {}).items():
+      diff = f"value {r.get('value_rel_diff', 0):.1e}, grad {r.get('grad_rel_diff', 0):.1e}"
+      checks.append([model, f"{s} vs loop (float32)", r.get("error") or diff])
+  out = [
+    markdown_table(["model", "row", "dtype", "x SGD", "x SAM", "compile x SGD", "temp MiB"], rows),
+    "",
+    markdown_table(["model", "check", "value"], checks),
+  ]
+  if "hessian" in result:
+    h = [
+      [n, str(r["params"]), f"{r['hvp_vs_grad']:.2f}", f"{r.get('lanczos_k5_vs_grad', 0):.0f}"]
+      for n, r in result["hessian"].items()
+    ]
+    out += ["", markdown_table(["model", "params", "HVP / grad", "k=5 Lanczos / grad"], h)]
+  if "tokens" in result:
+    t = [
+      [v, label, f"{r['vs_ce']:.2f}", f"{r['temp_mib']:.1f}"]
+      for v, rs in result["tokens"].items()
+      for label, r in rs.items()
+    ]
+    out += ["", markdown_table(["vocab", "row", "step x CE", "XLA temp MiB"], t)]
+  return "\n".join(out)
+
+
+def main(argv=None) -> dict:
+  listed = lambda s: [x for x in s.split(",") if x]
+  ints = lambda s: [int(k) for k in listed(s)]
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--accelerator", action="store_true", help="the GPU/TPU run (bfloat16 rows)")
+  p.add_argument("--models", type=listed, help="default: mlp,cnn,resnet18 (CPU), resnet18")
+  p.add_argument("--ks", type=ints, help="default: 1,2,4,8 (CPU), 1,4")
+  p.add_argument("--repeats", type=int, default=0, help="timed rounds (0: the model's default)")
+  p.add_argument("--budget_s", type=float, default=1e9, help="stop compiling new rows after this")
+  p.add_argument("--rows", type=listed, default=[], help="only these row labels")
+  p.add_argument("--out", default="", help="JSON path (a folder: benchmark_gpu_<device>.json)")
+  p.add_argument("--nohessian", dest="hessian", action="store_false", help="skip the HVP rows")
+  p.add_argument("--token_vocabs", type=ints, default=[])
+  p.add_argument("--check_only", action="store_true", help="only the strategy agreement check")
+  a = p.parse_args(argv)
+  acc = a.accelerator
+  ks = a.ks or ([1, 4] if acc else [1, 2, 4, 8])
+  if a.check_only:
+    return check_strategies(max(ks))
+  result: dict = {"machine": _machine(), "models": {}}
+  names = ["resnet18"] if acc else ["mlp", "cnn", "resnet18"]
+  for name in names if a.models is None else a.models:
+    raw = measure(name, ks, acc, a.repeats, a.budget_s, a.rows)
+    result["models"][name] = {"raw": raw, "checks": summarize(raw, ks)}
+    if acc:
+      result["models"][name]["strategy_agreement"] = check_strategies(max(ks))
+  if a.hessian and not acc:
+    result["hessian"] = bench_hessian()
+  if a.token_vocabs:
+    result["tokens"] = bench_tokens(a.token_vocabs)
+  out = a.out or "benchmark.json"
+  if os.path.isdir(out):
+    name = re.sub(r"[^a-z0-9]+", "_", result["machine"]["device"].lower()).strip("_")
+    out = os.path.join(out, f"benchmark_gpu_{name}.json")
+  with open(out, "w") as f:
+    json.dump(result, f, indent=2)
+  print(f"{report(result)}\n\nwrote {out}")
+  return result
+
+
 if __name__ == "__main__":
-  app.run(main)
+  main()

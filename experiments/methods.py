@@ -1,11 +1,8 @@
-"""Training methods as step builders: sgd, nrs, sam, asam, rwp, saf, mesa.
-
-A step builder turns ``apply_fn(params, batch_stats, x, train, dropout_key) ->
-(logits, new_batch_stats)`` and an optax ``tx`` into a pure
-``step(params, batch_stats, opt_state, batch, key) -> (params, batch_stats,
-opt_state, metrics)``. Every method updates BatchNorm statistics from the
-centre (unperturbed) pass only and uses one dropout key for all its passes.
-"""
+"""Training methods as step builders: sgd, nrs, sam, asam, rwp, saf, mesa. A step builder turns
+``apply_fn(params, batch_stats, x, train, dropout_key) -> (logits, new_batch_stats)`` and an
+optax ``tx`` into a pure ``step(params, batch_stats, opt_state, batch, key) -> (params,
+batch_stats, opt_state, metrics)``. Every method updates BatchNorm statistics from the centre
+(unperturbed) pass only and uses one dropout key for all its passes."""
 
 from __future__ import annotations
 
@@ -36,11 +33,9 @@ def valid_tokens(labels):
 
 def cross_entropy(logits, labels, smoothing=0.0):
   """Mean cross-entropy: over examples, or over the valid tokens of ``[B, T]`` labels.
-
-  ``smoothing`` > 0 mixes the one-hot target with the uniform distribution
-  (label smoothing, ``optax.smooth_labels``). Token-level labels below 0 are
-  padding and are left out of the mean.
-  """
+  ``smoothing`` > 0 mixes the one-hot target with the uniform distribution (label smoothing,
+  ``optax.smooth_labels``). Token-level labels below 0 are padding and are left out of the
+  mean."""
   safe = jnp.maximum(labels, 0)
   if smoothing:
     target = optax.smooth_labels(jax.nn.one_hot(safe, logits.shape[-1]), smoothing)
@@ -87,11 +82,9 @@ OPTIMIZERS = ("sgd", "adamw")
 
 def base_optimizer(config, total_steps: int) -> optax.GradientTransformation:
   """The base optimiser with a (warmup +) cosine schedule; every method composes with it.
-
-  ``config.optimizer``: ``"sgd"`` (momentum ``config.momentum``, coupled weight
-  decay, as in the CNN recipes) or ``"adamw"`` (``config.adam_b1``, ``adam_b2``,
-  decoupled weight decay ``config.weight_decay``, as in ViT recipes).
-  """
+  ``config.optimizer``: ``"sgd"`` (momentum ``config.momentum``, coupled weight decay, as in
+  the CNN recipes) or ``"adamw"`` (``config.adam_b1``, ``adam_b2``, decoupled weight decay
+  ``config.weight_decay``, as in ViT recipes)."""
   name = config.get("optimizer", "sgd")
   if name not in OPTIMIZERS:
     raise ValueError(f"optimizer={name!r} is not known: choose one of {OPTIMIZERS}.")
@@ -114,25 +107,15 @@ def base_optimizer(config, total_steps: int) -> optax.GradientTransformation:
 
 
 class SAFState(NamedTuple):
-  """SAF's memory: each training example's logits of the last ``epochs`` epochs.
-
-  Attributes:
-    count: steps taken.
-    outputs: ``[epochs, num_train, num_classes]`` float32; slot ``e % epochs``
-      holds epoch ``e``'s logits until epoch ``e + epochs`` reads and replaces them.
-  """
+  """SAF's memory: ``count`` steps taken; ``outputs [epochs, num_train, num_classes]`` (float32),
+  slot ``e % epochs`` holding epoch ``e``'s logits until epoch ``e + epochs`` replaces them."""
 
   count: jax.Array
   outputs: jax.Array
 
 
 class TeacherState(NamedTuple):
-  """MESA's teacher: an exponential moving average of the parameters.
-
-  Attributes:
-    count: steps taken.
-    ema: ``decay * ema + (1 - decay) * params`` after every step.
-  """
+  """MESA's teacher: ``count`` steps taken; ``ema`` = ``decay * ema + (1 - decay) * params``."""
 
   count: jax.Array
   ema: Any
@@ -185,14 +168,11 @@ TWO_PASS = ("nrs", "sam", "asam", "rwp")
 
 
 def step_probability(config) -> float:
-  """``config.<method>.probability``: the share of steps that run the method's own step.
-
-  1 (the default) runs it every step; below 1 each step draws on the host
-  between the method's step and a plain SGD step (randomized SAM/NRS, as in
-  RST). Raises a ValueError naming the key for a value outside [0, 1], for a
-  one-pass method, or for the NRS transform path (its optimiser state needs
-  ``logits_fn`` on every step).
-  """
+  """``config.<method>.probability``: the share of steps that run the method's own step. 1 (the
+  default) runs it every step; below 1 each step draws on the host between the method's step
+  and a plain SGD step (randomized SAM/NRS, as in RST). Raises a ValueError naming the key for
+  a value outside [0, 1], for a one-pass method, or for the NRS transform path (its optimiser
+  state needs ``logits_fn`` on every step)."""
   sub = config.get(config.method) if config.method in TWO_PASS else None
   p = 1.0 if sub is None else sub.get("probability", 1.0)
   if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p <= 1.0:
@@ -257,13 +237,11 @@ def _distilled_grad(apply_fn, params, bs, batch, key, teacher_logits, weight, ta
 
 
 def _saf(apply_fn, tx, config, steps_per_epoch):
-  """SAF (Du et al., NeurIPS 2022): KL to each example's own outputs ``epochs`` epochs ago.
-
-  loss = CE + lam * KL(softmax(z_{e - E} / tau) || softmax(z / tau)) from epoch
-  E on (before that there is nothing to compare with), where ``z_{e - E}`` are
-  the logits the example got when it was seen E epochs earlier. One forward and
-  backward pass per step, plus the memory of E x N x C logits.
-  """
+  """SAF (Du et al., NeurIPS 2022): KL to each example's own outputs ``epochs`` epochs ago. loss =
+  CE + lam * KL(softmax(z_{e - E} / tau) || softmax(z / tau)) from epoch E on (before that
+  there is nothing to compare with), where ``z_{e - E}`` are the logits the example got when it
+  was seen E epochs earlier. One forward and backward pass per step, plus the memory of E x N x
+  C logits."""
   lam, tau, epochs = config.saf.lam, config.saf.tau, int(config.saf.epochs)
   loss = task_loss(config)
 
@@ -290,13 +268,11 @@ def _saf(apply_fn, tx, config, steps_per_epoch):
 
 
 def _mesa(apply_fn, tx, config, steps_per_epoch):
-  """MESA (Du et al., 2022): KL to an EMA teacher's outputs, from ``start_epoch`` on.
-
-  loss = CE + lam * KL(softmax(f_ema(x) / tau) || softmax(f(x) / tau)); the
-  teacher runs on the same batch, BatchNorm mode and dropout key as the
-  student (its statistics are discarded) and is updated as ``ema = decay * ema
-  + (1 - decay) * params`` after each step. Two forward passes and one backward.
-  """
+  """MESA (Du et al., 2022): KL to an EMA teacher's outputs, from ``start_epoch`` on. loss = CE +
+  lam * KL(softmax(f_ema(x) / tau) || softmax(f(x) / tau)); the teacher runs on the same batch,
+  BatchNorm mode and dropout key as the student (its statistics are discarded) and is updated
+  as ``ema = decay * ema + (1 - decay) * params`` after each step. Two forward passes and one
+  backward."""
   lam, tau, decay = config.mesa.lam, config.mesa.tau, config.mesa.decay
   start = int(config.mesa.start_epoch) * steps_per_epoch
   loss = task_loss(config)
@@ -328,11 +304,9 @@ def _sgd(apply_fn, tx, config):
 
 
 def _nrs(apply_fn, tx, config):
-  """NRS through make_nrs_loss (default) or the optax transform.
-
-  Token-level labels ``[B, T]``: the penalty averages over the valid (non-PAD)
-  positions, through ``where_fn`` / the transform's ``where``.
-  """
+  """NRS through make_nrs_loss (default) or the optax transform. Token-level labels ``[B, T]``:
+  the penalty averages over the valid (non-PAD) positions, through ``where_fn`` / the
+  transform's ``where``."""
   opts = _nrs_options(config)
   task = task_loss(config)
   if config.nrs.get("implementation", "loss") == "transform":
@@ -419,12 +393,9 @@ def _asam(apply_fn, tx, config):
 
 
 def _rwp(apply_fn, tx, config):
-  """Random weight perturbation: g = (1 - mix) g(w) + mix g(w + delta), delta random.
-
-  delta is drawn with nrs_jax.sample_perturbations (gaussian, the configured
-  scale); mix = 1 is plain RWP (Bisla et al., 2022), mix < 1 the mixed-loss form
-  of Li et al. (2022).
-  """
+  """Random weight perturbation: g = (1 - mix) g(w) + mix g(w + delta), delta random. delta is
+  drawn with nrs_jax.sample_perturbations (gaussian, the configured scale); mix = 1 is plain
+  RWP (Bisla et al., 2022), mix < 1 the mixed-loss form of Li et al. (2022)."""
   opts = dict(config.rwp)
   mix = opts.pop("mix")
   opts.pop("probability", None)

@@ -1,13 +1,11 @@
-"""Flax NNX models (and one Linen model) used by the harness.
-
-Every NNX model is called as ``model(x, train=bool, dropout_key=key_or_None)``:
-``train`` switches BatchNorm to batch statistics and enables dropout, whose mask
-comes from ``dropout_key`` (so the centre and the NRS neighbours, called with the
-same key, share it).
-"""
+"""Flax NNX models (and one Linen model) used by the harness. Every NNX model is called as
+``model(x, train=bool, dropout_key=key_or_None)``: ``train`` switches BatchNorm to batch
+statistics and enables dropout, whose mask comes from ``dropout_key`` (so the centre and the
+NRS neighbours, called with the same key, share it)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from functools import partial
 from typing import Any
@@ -59,21 +57,22 @@ class BNMLP(nnx.Module):
     return self.head(x)
 
 
-class CNN1D(nnx.Module):
-  """1-D CNN for mnist1d (inputs ``[batch, length]`` or ``[batch, length, 1]``)."""
+class CNN(nnx.Module):
+  """Small CNN, strided after the first conv: 1-D for mnist1d (``[batch, length]``), 2-D
+  for images ``[batch, height, width, channels]``."""
 
-  def __init__(self, in_features, num_classes, channels=(32, 32, 32), *, rngs):
-    chans = [1, *channels]
+  def __init__(self, in_shape, num_classes, channels=(32, 32, 32), kernel=5, *, rngs):
+    spatial = list(in_shape[:-1]) if len(in_shape) == 3 else [in_shape[0]]
+    chans, d = [in_shape[-1] if len(in_shape) == 3 else 1, *channels], len(spatial)
     self.convs = nnx.List(
       [
-        nnx.Conv(a, b, kernel_size=(5,), strides=(2,) if i else (1,), rngs=rngs)
+        nnx.Conv(a, b, kernel_size=(kernel,) * d, strides=(2 if i else 1,) * d, rngs=rngs)
         for i, (a, b) in enumerate(zip(chans[:-1], chans[1:]))
       ]
     )
-    length = in_features
-    for i in range(len(channels)):
-      length = length if i == 0 else -(-length // 2)
-    self.head = nnx.Linear(length * channels[-1], num_classes, rngs=rngs)
+    for _ in channels[1:]:
+      spatial = [-(-n // 2) for n in spatial]
+    self.head = nnx.Linear(math.prod(spatial) * channels[-1], num_classes, rngs=rngs)
 
   def __call__(self, x, *, train=False, dropout_key=None):
     del train, dropout_key
@@ -230,43 +229,6 @@ class WideResNet(nnx.Module):
     return self.head(jnp.mean(x, axis=(1, 2)))
 
 
-class VGG(nnx.Module):
-  """VGG-16 with BatchNorm for 32x32 inputs (a single linear head)."""
-
-  CFG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
-
-  def __init__(self, num_classes, cfg=CFG16, in_channels=3, *, rngs):
-    layers, cin = [], in_channels
-    for v in cfg:
-      if v == "M":
-        layers.append("M")
-      else:
-        layers.append(
-          nnx.List(
-            [
-              nnx.Conv(cin, v, (3, 3), padding=1, use_bias=False, rngs=rngs),
-              nnx.BatchNorm(v, momentum=0.9, rngs=rngs),
-            ]
-          )
-        )
-        cin = v
-    self.layers = nnx.List([x for x in layers if not isinstance(x, str)])
-    self.pools = tuple(i for i, x in enumerate(layers) if isinstance(x, str))
-    self.head = nnx.Linear(cin, num_classes, rngs=rngs)
-
-  def __call__(self, x, *, train=False, dropout_key=None):
-    del dropout_key
-    convs = iter(self.layers)
-    n = len(self.layers) + len(self.pools)
-    for i in range(n):
-      if i in self.pools:
-        x = nnx.max_pool(x, (2, 2), strides=(2, 2))
-      else:
-        conv, bn = next(convs)
-        x = jax.nn.relu(bn(conv(x), use_running_average=not train))
-    return self.head(jnp.mean(x, axis=(1, 2)))
-
-
 # ViT sizes (Dosovitskiy et al., 2021; Steiner et al., 2022): width, depth, heads, MLP width.
 VIT_SIZES = {
   "Ti": dict(dim=192, depth=12, heads=3, mlp_dim=768),
@@ -300,15 +262,12 @@ class _EncoderBlock(nnx.Module):
 
 
 class ViT(nnx.Module):
-  """Vision Transformer (Dosovitskiy et al., 2021) for images or 1-D signals.
-
-  Non-overlapping patches, flattened and embedded by a linear layer (no
-  convolution), learned position embeddings, a class token (``pool="cls"``) or
-  mean pooling (``"mean"``), pre-LayerNorm encoder blocks with dropout, a final
-  LayerNorm and a linear head. Inputs ``[B, H, W, C]`` with ``patch=(ph, pw)``,
-  or ``[B, L]`` / ``[B, L, C]`` with ``patch=(pl,)``. ``size`` (``"Ti"``,
-  ``"S"``, ``"B"``) sets width, depth, heads and MLP width as in ViT-Ti/S/B.
-  """
+  """Vision Transformer (Dosovitskiy et al., 2021) for images or 1-D signals. Non-overlapping
+  patches, flattened and embedded by a linear layer (no convolution), learned position
+  embeddings, a class token (``pool="cls"``) or mean pooling (``"mean"``), pre-LayerNorm
+  encoder blocks with dropout, a final LayerNorm and a linear head. Inputs ``[B, H, W, C]``
+  with ``patch=(ph, pw)``, or ``[B, L]`` / ``[B, L, C]`` with ``patch=(pl,)``. ``size``
+  (``"Ti"``, ``"S"``, ``"B"``) sets width, depth, heads and MLP width as in ViT-Ti/S/B."""
 
   def __init__(
     self,
@@ -395,14 +354,11 @@ class _CausalBlock(_EncoderBlock):
 
 
 class TransformerLM(nnx.Module):
-  """A small decoder-only transformer language model (GPT-style).
-
-  Token ids ``[B, T]`` (int) -> next-token logits ``[B, T, vocab]``: token and
-  learned position embeddings, pre-LayerNorm blocks with causal self-attention
-  and dropout, a final LayerNorm, and an output head tied to the token
-  embedding (``tied=True``: logits = h @ E^T) or a separate linear layer.
-  ``max_len`` is the number of positions; a longer input raises a ValueError.
-  """
+  """A small decoder-only transformer language model (GPT-style). Token ids ``[B, T]`` (int) ->
+  next-token logits ``[B, T, vocab]``: token and learned position embeddings, pre-LayerNorm
+  blocks with causal self-attention and dropout, a final LayerNorm, and an output head tied to
+  the token embedding (``tied=True``: logits = h @ E^T) or a separate linear layer. ``max_len``
+  is the number of positions; a longer input raises a ValueError."""
 
   def __init__(
     self,
@@ -460,8 +416,8 @@ class LinenMLP(linen.Module):
     return linen.Dense(self.num_classes)(x)
 
 
-def _resnet18(in_shape, num_classes, rngs, **kw):
-  return ResNet(num_classes, (2, 2, 2, 2), in_channels=in_shape[-1], rngs=rngs, **kw)
+def _resnet18(in_shape, num_classes, rngs, stage_sizes=(2, 2, 2, 2), **kw):
+  return ResNet(num_classes, stage_sizes, in_channels=in_shape[-1], rngs=rngs, **kw)
 
 
 def _resnet50(in_shape, num_classes, rngs, **kw):
@@ -493,13 +449,13 @@ def _flat(in_shape):
 MODELS = {
   "mlp": lambda in_shape, nc, rngs, **kw: MLP(_flat(in_shape), nc, rngs=rngs, **kw),
   "bn_mlp": lambda in_shape, nc, rngs, **kw: BNMLP(_flat(in_shape), nc, rngs=rngs, **kw),
-  "cnn1d": lambda in_shape, nc, rngs, **kw: CNN1D(in_shape[0], nc, rngs=rngs, **kw),
+  "cnn1d": lambda in_shape, nc, rngs, **kw: CNN(in_shape, nc, rngs=rngs, **kw),
+  "cnn": lambda in_shape, nc, rngs, **kw: CNN(in_shape, nc, rngs=rngs, **kw),
   "resnet18": _resnet18,
   "resnet50": _resnet50,
   "wrn28_10": lambda in_shape, nc, rngs, **kw: WideResNet(
     nc, **{"depth": 28, "widen": 10, **kw}, in_channels=in_shape[-1], rngs=rngs
   ),
-  "vgg16_bn": lambda in_shape, nc, rngs, **kw: VGG(nc, in_channels=in_shape[-1], rngs=rngs, **kw),
   "vit": lambda in_shape, nc, rngs, **kw: ViT(in_shape, nc, rngs=rngs, **kw),
   # Token ids [B, T] -> logits [B, T, V]; nc is the vocabulary, in_shape (T,) the block.
   "lm": lambda in_shape, nc, rngs, **kw: _lm(in_shape, nc, rngs, **kw),

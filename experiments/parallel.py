@@ -14,19 +14,13 @@ from jax.sharding import PartitionSpec as P
 
 
 def initialize_distributed(config) -> None:
-  """``jax.distributed.initialize`` from the config; call it before any other JAX call.
-
-  With ``config.distributed`` and no address, JAX detects the cluster itself
-  (TPU pods, SLURM, Open MPI, Kubernetes). ``coordinator_address``,
-  ``num_processes`` and ``process_id`` name it for clusters JAX does not
-  detect (``num_processes`` and ``process_id`` go together). A second call is a
-  no-op, so ``compare`` initialises once.
-
-  Raises:
-    ValueError: for flags that do not go together.
-    RuntimeError: when the coordinator cannot be reached within
-      ``config.distributed_timeout_s``, naming the flags to check.
-  """
+  """``jax.distributed.initialize`` from the config; call it before any other JAX call. With
+  ``config.distributed`` and no address, JAX detects the cluster itself (TPU pods, SLURM, Open
+  MPI, Kubernetes). ``coordinator_address``, ``num_processes`` and ``process_id`` name it for
+  clusters JAX does not detect (``num_processes`` and ``process_id`` go together). A second
+  call is a no-op, so ``compare`` initialises once. A ValueError for flags that do not go
+  together; a RuntimeError, naming the flags to check, when the coordinator cannot be reached
+  within ``config.distributed_timeout_s``."""
   if not config.get("distributed", False) or jax.distributed.is_initialized():
     return
   addr = config.get("coordinator_address") or None
@@ -142,11 +136,9 @@ def global_batch(local_batch, mesh):
 
 
 def padded_global(arrays: dict, mesh) -> dict:
-  """Host arrays (the same on every process) as arrays sharded over ``data``.
-
-  Rows are padded to a multiple of the device count (``w`` = 0 there). Each
-  process transfers only the rows of its own devices.
-  """
+  """Host arrays (the same on every process) as arrays sharded over ``data``. Rows are padded to a
+  multiple of the device count (``w`` = 0 there). Each process transfers only the rows of its
+  own devices."""
   n = len(arrays["y"])
   pad = 0 if mesh is None else -n % mesh.devices.size
   out = {k: np.concatenate([v, np.zeros((pad, *v.shape[1:]), v.dtype)]) for k, v in arrays.items()}

@@ -54,33 +54,3 @@ def plot_runs(workdir: str, runs: list[str]) -> list[str]:
     out.append(path)
   plt.close(fig)
   return out
-
-
-def plot_landscape_1d(results: dict[str, dict], path: str) -> str:
-  """Loss along a filter-normalised direction, one curve per run.
-
-  Args:
-    results: ``{label: nrs_jax.flatness.loss_landscape_1d(...)}``.
-    path: the PNG to write.
-  """
-  fig, ax = plt.subplots(figsize=(5, 4))
-  for label, r in results.items():
-    ax.plot(r["alphas"], r["losses"], label=label)
-  ax.set(xlabel="step along a filter-normalised direction", ylabel="loss")
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
-
-
-def plot_landscape_2d(result: dict, path: str, title: str = "") -> str:
-  """Contours of ``nrs_jax.flatness.loss_landscape_2d(...)``'s grid."""
-  fig, ax = plt.subplots(figsize=(5, 4))
-  cs = ax.contourf(result["alphas"], result["betas"], result["losses"].T, levels=20)
-  fig.colorbar(cs, ax=ax, label="loss")
-  ax.set(xlabel="direction 1", ylabel="direction 2", title=title)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path

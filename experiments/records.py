@@ -29,12 +29,8 @@ CONFIG_FILE = "config.json"
 
 def check_or_record_config(config, workdir: str, resuming: bool, write: bool = True) -> None:
   """Records the resolved config in ``workdir``; a resume must not change what it computes.
-
-  Raises:
-    ValueError: when ``workdir`` holds a run whose recorded config differs from
-      ``config`` in any key but the launch keys (``LAUNCH_KEYS``), naming the
-      keys and how to start fresh.
-  """
+  A ValueError, naming the keys and how to start fresh, when ``workdir`` holds a run whose
+  recorded config differs from ``config`` in any key but the launch keys (``LAUNCH_KEYS``)."""
   path = os.path.join(workdir, CONFIG_FILE)
   new = json.loads(json.dumps(config.to_dict(), default=str))  # tuples -> lists, as stored
   if resuming and os.path.exists(path):

@@ -1,367 +1,210 @@
-"""The evidence study's statistics, figures and markdown report (the runner is study.py).
-
-Everything here reads finished runs' metrics; nothing trains.
-"""
+"""The study's report, written from its records alone (``experiments/results/study_runs.csv``).
+Per task: each method's chosen setting with its grid position, its tuning runs, the mean test
+value over the final seeds with a 95% t-interval, and NRS minus each method as a paired
+difference (by seed) with its 95% interval and a Holm-adjusted p over the task's comparisons
+(``scipy.stats``). A diverged run counts at its chance value."""
 
 from __future__ import annotations
 
 import json
 import os
-import platform
 
 import numpy as np
+from scipy import stats
+
+from experiments import study
+from experiments.tables import markdown_table
 
 
-def ci95(xs):
-  from scipy import stats
-
+def ci95(xs) -> tuple[float, float, float]:
+  """Mean and the 95% t-interval of the mean."""
   xs = np.asarray(xs, float)
-  if len(xs) < 2:
-    return float(xs.mean()), 0.0, float("nan")
-  half = stats.t.ppf(0.975, len(xs) - 1) * xs.std(ddof=1) / np.sqrt(len(xs))
-  return float(xs.mean()), float(xs.std(ddof=1)), float(half)
+  m = float(xs.mean())
+  if len(xs) < 2 or np.all(xs == xs[0]):
+    return m, m, m
+  lo, hi = stats.t.interval(0.95, len(xs) - 1, loc=m, scale=stats.sem(xs))
+  return m, float(lo), float(hi)
 
 
-def diff_ci(a, b):
-  """Welch 95% CI of mean(a) - mean(b)."""
-  from scipy import stats
-
-  a, b = np.asarray(a, float), np.asarray(b, float)
-  va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
-  d = a.mean() - b.mean()
-  se = np.sqrt(va + vb)
-  dof = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1)) if se > 0 else 1
-  half = stats.t.ppf(0.975, dof) * se
-  return float(d), float(d - half), float(d + half)
+def paired(a, b) -> tuple[float, float, float, float]:
+  """Mean of ``a - b`` (paired by seed), its 95% interval, and the two-sided t-test's p."""
+  d = np.asarray(a, float) - np.asarray(b, float)
+  m, lo, hi = ci95(d)
+  p = 1.0 if np.all(d == d[0]) and d[0] == 0 else float(stats.ttest_1samp(d, 0.0).pvalue)
+  return m, lo, hi, (0.0 if np.isnan(p) else p)
 
 
-def lambda_at_loss(rows, level):
-  """log-log interpolation of the top eigenvalue at a training loss level."""
-  pts = [(r["train_loss"], r["hessian/lambda_max"]) for r in rows if "hessian/lambda_max" in r]
-  pts = sorted(pts)
-  if not pts or not (pts[0][0] <= level <= pts[-1][0]):
-    return float("nan")
-  ls, lam = np.log([p[0] for p in pts]), np.log(np.maximum([p[1] for p in pts], 1e-12))
-  return float(np.exp(np.interp(np.log(level), ls, lam)))
+def holm(ps: list[float]) -> list[float]:
+  """Holm's step-down adjustment (controls the family-wise error over ``ps``)."""
+  order, out, running = np.argsort(ps), [0.0] * len(ps), 0.0
+  for rank, i in enumerate(order):
+    running = max(running, min(1.0, (len(ps) - rank) * ps[i]))
+    out[i] = running
+  return out
 
 
-def plots(results, outdir):
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  os.makedirs(outdir, exist_ok=True)
-  paths = []
-  for tname, r in results.items():
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for m, runs in r["runs"].items():
-      acc = [x[-1]["test_accuracy"] for x in runs]
-      mean, _, half = ci95(acc)
-      axes[0].errorbar([m], [mean], yerr=[0 if np.isnan(half) else half], fmt="o", capsize=4)
-      pts = sorted(
-        (row["train_loss"], row["hessian/lambda_max"])
-        for x in runs
-        for row in x
-        if "hessian/lambda_max" in row
-      )
-      if pts:
-        axes[1].plot(*zip(*pts), "o", alpha=0.5, label=m)
-    axes[0].set(ylabel="test accuracy (mean, 95% CI)", title=tname)
-    axes[1].set(
-      xlabel="training loss",
-      ylabel="top Hessian eigenvalue",
-      xscale="log",
-      yscale="log",
-      title="flatness at matched loss",
+def check(rows: dict, tasks: list, quick: bool) -> None:
+  """Raises unless every row names a known task and method and every task in ``tasks``
+  has all its final runs (a partial table is never written silently)."""
+  for r in rows.values():
+    names = study.task_of(r["task"]).methods if r["task"] in (*study.TASKS, "pilot") else None
+    ok = names is not None and (
+      r["method"] in names or (r["task"] == study.ABLATION_TASK and r["method"] in study.ABLATIONS)
     )
-    axes[1].legend(fontsize=8)
-    fig.tight_layout()
-    path = os.path.join(outdir, f"{tname}.png")
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    paths.append(path)
-  return paths
+    if not ok:
+      raise ValueError(
+        f"records: task {r['task']!r} with method {r['method']!r} is not in the study's lists."
+      )
+  for t in tasks:
+    seeds = study.final_seeds(study.TASKS[t], quick)
+    names = [*study.TASKS[t].methods, *(study.ABLATIONS if t == study.ABLATION_TASK else ())]
+    missing = [m for m in names if len(_finals(rows, t, m)) < len(seeds)]
+    if missing:
+      raise ValueError(
+        f"records lack final runs of task {t!r} for {missing}: run the study, or declare the "
+        "finished tasks with --tasks for a partial report."
+      )
 
 
-def report(results, abl, seconds, path, command, reading=None):
-  import jax
+def _finals(rows, task, method) -> dict:
+  return {
+    r["seed"]: r
+    for r in rows.values()
+    if (r["task"], r["method"], r["phase"]) == (task, method, "final")
+  }
 
-  lines = ["# NRS evidence study", ""]
-  lines += [
-    f"Regenerate: `{command}` ({seconds / 60:.1f} min on this machine: {os.cpu_count()} CPU cores, "
-    f"{platform.platform()}, jax {jax.__version__}, backend {jax.default_backend()}).",
-    "",
-    "Protocol: each method gets the same number of tuning runs (one seed) on a validation split "
-    "carved from the training set; the best setting by validation accuracy then runs with every "
-    "seed; test accuracy is read once at the end. `sgd_2x` is SGD with twice the epochs: the pass "
-    "budget of NRS with K=1 (two forward/backward passes per step). Mean +- std and the 95% "
-    "confidence interval (t distribution) over seeds. Flatness: the top Hessian eigenvalue "
-    "(Lanczos) and trace (Hutchinson) of the training loss on 1024 training examples, at the end and "
-    "interpolated at a training loss that every method reaches (matched loss).",
-    "",
+
+def chosen(rows, task, method) -> tuple[dict, str, int]:
+  """The tuned setting (best mean validation value), its grid position, the tuning runs."""
+  tune = [
+    r for r in rows.values() if (r["task"], r["method"], r["phase"]) == (task, method, "tune")
   ]
-  figdir = os.path.join(os.path.dirname(path), "results")
-  plots(results, figdir)
-  for tname, r in results.items():
-    lines += [f"## {tname}", "", f"Chosen on validation: {json.dumps(r['chosen'])}", ""]
-    lines += [
-      "| method | test acc (mean +- std) | 95% CI | final lambda_max | final trace | lambda_max at matched loss | train loss |",
-      "|---|---|---|---|---|---|---|",
-    ]
-    finals = {m: [x[-1] for x in runs] for m, runs in r["runs"].items()}
-    level = max(min(row["train_loss"] for x in runs for row in x) for runs in r["runs"].values())
-    for m, recs in finals.items():
-      mean, std, half = ci95([x["test_accuracy"] for x in recs])
-      lam = np.mean([x.get("hessian/lambda_max", np.nan) for x in recs])
-      tr = np.mean([x.get("hessian/trace", np.nan) for x in recs])
-      lam_m = np.nanmean([lambda_at_loss(x, level) for x in r["runs"][m]])
-      tl = np.mean([x["train_loss"] for x in recs])
-      lines.append(
-        f"| {m} | {100 * mean:.2f} +- {100 * std:.2f} | [{100 * (mean - half):.2f}, {100 * (mean + half):.2f}] "
-        f"| {lam:.3g} | {tr:.3g} | {lam_m:.3g} | {tl:.3g} |"
-      )
-    lines += ["", f"Matched training loss level: {level:.3g}.", ""]
-    nrs = [x["test_accuracy"] for x in finals["nrs"]]
-    for other in ("sgd", "sgd_2x", "sam", "rwp"):
-      d, lo, hi = diff_ci(nrs, [x["test_accuracy"] for x in finals[other]])
-      verdict = "NRS better" if lo > 0 else ("NRS worse" if hi < 0 else "no significant difference")
-      lines.append(
-        f"- NRS - {other}: {100 * d:+.2f} pp, 95% CI [{100 * lo:+.2f}, {100 * hi:+.2f}]: {verdict}."
-      )
-    lines += ["", f"![{tname}](results/{tname}.png)", ""]
-  if abl:
-    lines += ["## NRS ablations (mnist1d MLP, other settings as the default config)", ""]
-    for name, rows in abl.items():
-      lines += [
-        f"### {name}",
-        "",
-        "| variant | test acc | 95% CI | val acc | lambda_max | train loss |",
-        "|---|---|---|---|---|---|",
+  if not tune:
+    return {}, "", 0
+  sign = -1.0 if tune[0]["metric"] == "bits_per_char" else 1.0
+  by = {}
+  for r in tune:
+    by.setdefault(r["setting"], []).append(sign * r["val"])
+  best = max(by, key=lambda s: np.mean(by[s]))
+  setting = json.loads(best)
+  pos = []
+  for k, v in setting.items():
+    axis = sorted({json.loads(s)[k] for s in by})
+    if len(axis) > 1:
+      i = axis.index(v)
+      pos.append(f"{k} {i + 1}/{len(axis)}" + (" (edge)" if i in (0, len(axis) - 1) else ""))
+  return setting, ", ".join(pos), len(tune)
+
+
+def _fmt(metric, x):
+  return f"{x:.3f}" if metric == "bits_per_char" else f"{100 * x:.2f}"
+
+
+def task_section(rows, t, quick) -> tuple[list, dict]:
+  task = study.TASKS[t]
+  seeds = study.final_seeds(task, quick)
+  names = [*task.methods, *(study.ABLATIONS if t == study.ABLATION_TASK else ())]
+  test = {m: [_finals(rows, t, m)[s]["test"] for s in seeds] for m in names}
+  unit = (
+    "bits per character, lower is better" if task.metric == "bits_per_char" else "test accuracy, %"
+  )
+  f = lambda x: _fmt(task.metric, x)
+  others = [m for m in task.methods if m != "nrs"]
+  diffs = {m: paired(test["nrs"], test[m]) for m in others}
+  adj = dict(zip(others, holm([diffs[m][3] for m in others])))
+  body, points = [], {}
+  for m in task.methods:
+    setting, pos, n = chosen(rows, t, m)
+    r0 = _finals(rows, t, m)[seeds[0]]
+    mean, lo, hi = ci95(test[m])
+    points[m] = (r0["step_cost"], mean, lo, hi)
+    d = "" if m == "nrs" else "{} [{}, {}]".format(*map(f, diffs[m][:3]))
+    p = "" if m == "nrs" else f"{diffs[m][3]:.3g} / {adj[m]:.3g}"
+    div = sum(_finals(rows, t, m)[s]["diverged"] for s in seeds)
+    row = [m, f"{r0['passes']:.2f}", f"{r0['step_cost']:.2f}", json.dumps(setting, sort_keys=True)]
+    body.append([*row, pos, str(n), f"{f(mean)} [{f(lo)}, {f(hi)}]", str(div), d, p])
+  head = [
+    "method",
+    "passes",
+    "step cost",
+    "chosen",
+    "grid position",
+    "tuning runs",
+    f"mean [95% CI] ({unit})",
+    "diverged",
+    "NRS - method [95% CI]",
+    "p / Holm p",
+  ]
+  lines = [f"## {t}", "", markdown_table(head, body), ""]
+  if t == study.ABLATION_TASK:
+    abl = list(study.ABLATIONS)
+    d = {a: paired(test[a], test["nrs"]) for a in abl}
+    adj = dict(zip(abl, holm([d[a][3] for a in abl])))
+    body = [
+      [
+        a,
+        json.dumps(study.ABLATIONS[a]),
+        "{} [{}, {}]".format(*map(f, ci95(test[a]))),
+        "{} [{}, {}]".format(*map(f, d[a][:3])),
+        f"{adj[a]:.3g}",
       ]
-      for ov, recs in rows:
-        te, _, half = ci95([100 * x["test_accuracy"] for x in recs])
-        ci = "" if np.isnan(half) else f"[{te - half:.2f}, {te + half:.2f}]"
-        va = np.mean([x["val_accuracy"] for x in recs])
-        lam = np.mean([x.get("hessian/lambda_max", np.nan) for x in recs])
-        tl = np.mean([x["train_loss"] for x in recs])
-        lines.append(
-          f"| {json.dumps(ov)} | {te:.2f} | {ci} | {100 * va:.2f} | {lam:.3g} | {tl:.3g} |"
-        )
-      lines.append("")
-    lines.append(
-      f"Ablations use {len(next(iter(abl.values()))[0][1])} seeds each. The variants were not "
-      "tuned on validation: read a variant that beats the default as a lead for a tuned "
-      "follow-up, not as a result."
-    )
-  _write(path, lines, reading, blank_before_reading=True)
+      for a in abl
+    ]
+    head = ["ablation", "changed from nrs", "mean [95% CI]", "ablation - nrs [95% CI]", "Holm p"]
+    lines += [
+      f"### Ablations of nrs at its chosen setting ({t}, the same seeds)",
+      "",
+      markdown_table(head, body),
+      "",
+    ]
+  return lines, points
 
 
-def _write(path, lines, reading=None, blank_before_reading=False):
-  """Writes a report's lines, then the hand-written reading (a markdown file) if given."""
-  if reading and os.path.exists(reading):
-    with open(reading) as f:
-      lines = [*lines, *([""] if blank_before_reading else []), f.read().rstrip()]
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  with open(path, "w") as f:
-    f.write("\n".join(lines) + "\n")
-
-
-def _edge(grid: list, chosen: dict) -> str:
-  """Where the chosen setting sits among the grid's settings of the same kind.
-
-  Settings of the same kind have the same keys and the same non-numeric values
-  (e.g. NRS's absolute and filter-scaled radii are two kinds): 'low edge' or
-  'high edge' when the chosen one is the first or last of its kind.
-  """
-  kind = [
-    g
-    for g in grid
-    if set(g) == set(chosen)
-    and all(g[k] == chosen[k] for k in g if not isinstance(g[k], (int, float)))
-  ]
-  i = kind.index(chosen)
-  return "low edge" if i == 0 else ("high edge" if i == len(kind) - 1 else "interior")
-
-
-def diverged(record: dict, num_classes: int = 10) -> bool:
-  """A run that ended at chance accuracy (or with a non-finite loss) has diverged."""
-  loss = record.get("train_loss", float("nan"))
-  return not np.isfinite(loss) or record["test_accuracy"] < 2.0 / num_classes
-
-
-def collapsed(task_name: str, record: dict) -> bool:
-  """Diverged: a non-finite loss (every task) or, on the classification tasks, chance accuracy."""
-  if task_name == "stdlib_lm":
-    return not np.isfinite(record.get("test_loss", np.nan))
-  return diverged(record)
-
-
-def cost_report(results, costs, seconds, path, command, passes, grids, reading=None):
-  """RESULTS_COST.md: accuracy against measured step cost, per task, with a plot."""
-  import jax
+def plot(points: dict, path: str) -> None:
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  lines = ["# NRS cost-accuracy study", ""]
-  lines += [
-    f"Regenerate: `{command}` ({seconds / 60:.1f} min on this machine: {os.cpu_count()} CPU "
-    f"cores, {platform.platform()}, jax {jax.__version__}).",
-    "",
-    "Protocol: every method gets the same number of tuning runs (6 settings, one seed) on a "
-    "validation split carved from the training set; the setting with the best validation "
-    "accuracy then runs with every seed, and test accuracy is read once at the end. All "
-    "methods share the base recipe of the task (SGD with momentum, learning rate 0.2 cosine, "
-    "weight decay 5e-4, batch 128); SGD tunes its learning rate, the others their own "
-    "parameter (NRS: the radius of absolute Gaussian noise, and one filter-scaled setting). "
-    "A run that ends at chance accuracy (test accuracy < 2/10) or with a non-finite loss is "
-    "reported as diverged and left out of the mean. Cost: each method's step time over SGD's, "
-    "measured side by side in one process on this CPU (`measure_step_costs`; randomized "
-    "methods as p expensive + (1 - p) plain steps), and the forward/backward passes per step.",
-    "",
-  ]
-  figdir = os.path.join(os.path.dirname(path) or ".", "results")
-  os.makedirs(figdir, exist_ok=True)
-  for tname, r in results.items():
-    lines += [f"## {tname}", ""]
-    lines += [
-      "| method | passes / step | step time x SGD | chosen (validation) | grid position "
-      "| test acc (mean +- std) | 95% CI | diverged seeds |",
-      "|---|---|---|---|---|---|---|---|",
-    ]
-    points = []
-    for m, recs in r["runs"].items():
-      ok = [x["test_accuracy"] for x in recs if not diverged(x)]
-      n_div = len(recs) - len(ok)
-      mean, std, half = ci95(ok) if ok else (float("nan"), float("nan"), float("nan"))
-      ci = "" if np.isnan(half) else f"[{100 * (mean - half):.2f}, {100 * (mean + half):.2f}]"
-      cost = costs.get(tname, {}).get(m, float("nan"))
-      chosen = r["chosen"][m]
-      lines.append(
-        f"| {m} | {passes[m]:.2f} | {cost:.2f} | {json.dumps(chosen)} | "
-        f"{_edge(grids[m][: len(r['tuning'][m])], chosen)} | {100 * mean:.2f} +- "
-        f"{100 * std:.2f} | {ci} | {n_div} |"
-      )
-      points.append((m, cost, mean, half))
-    lines.append("")
-    full = [x["test_accuracy"] for x in r["runs"]["nrs"] if not diverged(x)]
-    for other in r["runs"]:
-      if other == "nrs":
-        continue
-      vals = [x["test_accuracy"] for x in r["runs"][other] if not diverged(x)]
-      if len(vals) > 1 and len(full) > 1:
-        d, lo, hi = diff_ci(vals, full)
-        lines.append(
-          f"- {other} - nrs: {100 * d:+.2f} pp, 95% CI [{100 * lo:+.2f}, {100 * hi:+.2f}]."
-        )
-    lines += ["", "Tuning (validation accuracy of each setting; * diverged):", ""]
-    for m, rows in r["tuning"].items():
-      cells = ", ".join(
-        f"{json.dumps(ov)}: {100 * acc:.1f}{'*' if div else ''}" for ov, acc, div in rows
-      )
-      lines.append(f"- {m}: {cells}")
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for m, cost, mean, half in points:
-      ax.errorbar(
-        [cost], [100 * mean], yerr=[0 if np.isnan(half) else 100 * half], fmt="o", capsize=3
-      )
-      ax.annotate(m, (cost, 100 * mean), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set(
-      xlabel="step time x SGD (measured)", ylabel="test accuracy % (mean, 95% CI)", title=tname
+  fig, axes = plt.subplots(1, len(points), figsize=(4 * len(points), 3.5), squeeze=False)
+  for ax, (t, pts) in zip(axes[0], points.items()):
+    for m, (c, mean, lo, hi) in pts.items():
+      ax.errorbar([c], [mean], yerr=[[mean - lo], [hi - mean]], fmt="o", capsize=3)
+      ax.annotate(m, (c, mean), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set(title=t, xlabel="step time / base method's")
+  axes[0][0].set_ylabel("test metric (mean, 95% CI)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def write(rows: dict, tasks: list, path: str, quick: bool = False, declared: bool = False) -> None:
+  check(rows, tasks, quick)
+  pilot = []
+  for m in study.PILOT.methods:
+    setting, pos, n = chosen(rows, "pilot", m)
+    vals = [rows[study.key_of("pilot", m, "tune", s, setting)]["val"] for s in study.TUNE_SEEDS]
+    pilot.append(
+      [m, json.dumps(setting, sort_keys=True), pos, str(n), f"{100 * np.mean(vals):.2f}"]
     )
-    fig.tight_layout()
-    fig.savefig(os.path.join(figdir, f"cost_{tname}.png"), dpi=90)
-    plt.close(fig)
-    lines += ["", f"![cost-accuracy, {tname}](results/cost_{tname}.png)", ""]
-  _write(path, lines, reading)
-
-
-def _fmt_setting(ov: dict) -> str:
-  return ", ".join(f"{k}={v}" for k, v in ov.items()) or "defaults"
-
-
-def transformer_report(results, costs, seconds, path, command, passes, grids, env, reading=None):
-  """RESULTS_TRANSFORMERS.md: AdamW vs SAM vs NRS on the ViT and LM tasks.
-
-  ``results[task]``: ``chosen``/``tuning``/``runs`` as ``study.transformer_study``
-  returns them; ``costs[task][method]``: measured step time over AdamW's;
-  ``env``: where the runs were trained (``done.json`` of a run) and where the
-  costs were measured, as one line each.
-  """
-  lines = ["# Transformers: AdamW vs SAM vs NRS on a ViT and a character-level LM", ""]
-  lines += [
-    f"Regenerate: `{command}` (accumulated wall time {seconds / 60:.1f} min).",
+  lines = [
+    "# The evidence study",
     "",
-    env,
+    f"Written by `python -m experiments.study --report_only{' --tasks=' + ','.join(tasks) if declared else ''}` from `experiments/results/study_runs.csv` ({len(rows)} runs, {sum(r['seconds'] for r in rows.values()) / 3600:.1f} CPU hours); do not edit.",
     "",
-    "Protocol: the base optimiser is AdamW with warmup and cosine decay for every method. "
-    "AdamW first tunes its weight decay x dropout (4 runs); SAM and NRS (full batch, and with "
-    "the neighbours on a strided quarter of the batch, `neighbor_batch_size` = B/4) then tune "
-    "their radius on top of AdamW's choice, 4 runs each, so every method gets the same 4 "
-    "tuning runs. Tuning reads the validation split (the ViT: accuracy; the LM: loss); the "
-    "chosen settings then run with every seed, and test metrics are read once, at the end. "
-    "The LM's loss is over the valid (non-padding) characters only, and so is NRS's penalty "
-    "(`where`). Cost per epoch: each method's step time over AdamW's (every method takes "
-    "the same steps per epoch), measured side by side in one process, with the forward/"
-    "backward passes per step beside it. A run with a non-finite loss (or, on mnist1d, "
-    "chance accuracy) is reported as diverged and left out of the mean.",
+    "NRS's noise family, chosen on the pilot task (mnist1d, another data seed; outside the tables):",
+    "",
+    markdown_table(["family", "chosen", "grid position", "tuning runs", "validation %"], pilot),
     "",
   ]
-  for tname, r in results.items():
-    lm = tname == "stdlib_lm"
-    lines += [f"## {tname}", ""]
-    if lm:
-      head = "| test bits/char (mean +- std) | 95% CI | test next-char acc |"
-    else:
-      head = "| test acc % (mean +- std) | 95% CI |"
-    lines += [
-      "| method | passes / step | cost per epoch x AdamW | chosen (validation) | grid position "
-      + head
-      + " seeds (diverged) |",
-      "|---|---|---|---|---|" + "---|" * (3 if lm else 2) + "---|",
-    ]
-    vals = {}
-    for m, recs in r["runs"].items():
-      ok = [x for x in recs if not collapsed(tname, x)]
-      v = [x["test_loss"] / np.log(2) if lm else 100 * x["test_accuracy"] for x in ok]
-      vals[m] = v
-      mean, std, half = ci95(v) if v else (float("nan"),) * 3
-      digits = 3 if lm else 2
-      ci = "" if np.isnan(half) else f"[{mean - half:.{digits}f}, {mean + half:.{digits}f}]"
-      chosen = r["chosen"][m]
-      grid = grids[m][: len(r["tuning"][m])]
-      own = {k: v2 for k, v2 in chosen.items() if k in grid[0]}
-      pos = _edge(grid, own) if len(grid[0]) == 1 else f"{len(grid)}-point grid"
-      cost = costs.get(tname, {}).get(m, float("nan"))
-      row = f"| {m} | {passes[m]:.2f} | {cost:.2f} | {_fmt_setting(chosen)} | {pos} | "
-      if lm:
-        acc = np.mean([100 * x["test_accuracy"] for x in ok]) if ok else float("nan")
-        row += f"{mean:.3f} +- {std:.3f} | {ci} | {acc:.2f}% |"
-      else:
-        row += f"{mean:.2f} +- {std:.2f} | {ci} |"
-      lines.append(row + f" {len(recs)} ({len(recs) - len(ok)}) |")
-    lines.append("")
-    unit = "bits/char" if lm else "pp"
-    for a, b in (
-      ("nrs", "adamw"),
-      ("nrs", "sam"),
-      ("nrs_b4", "adamw"),
-      ("nrs_b4", "nrs"),
-      ("sam", "adamw"),
-    ):
-      if len(vals.get(a, [])) > 1 and len(vals.get(b, [])) > 1:
-        d, lo, hi = diff_ci(vals[a], vals[b])
-        better = "lower is better" if lm else "higher is better"
-        lines.append(f"- {a} - {b}: {d:+.3f} {unit}, 95% CI [{lo:+.3f}, {hi:+.3f}] ({better}).")
-    metric = "validation loss" if lm else "validation accuracy %"
-    lines += ["", f"Tuning ({metric} of each setting; * diverged):", ""]
-    for m, rows in r["tuning"].items():
-      cells = "; ".join(
-        f"{_fmt_setting(ov)}: {(v if lm else 100 * v):.3f}{'*' if div else ''}"
-        for ov, v, div in rows
-      )
-      lines.append(f"- {m}: {cells}")
-    lines.append("")
-  _write(path, lines, reading)
+  points = {}
+  for t in tasks:
+    sec, points[t] = task_section(rows, t, quick)
+    lines += sec
+  if points:
+    png = os.path.join(os.path.dirname(path) or ".", "results", "study_cost_accuracy.png")
+    os.makedirs(os.path.dirname(png), exist_ok=True)
+    plot(points, png)
+    lines += [f"![cost and accuracy](results/{os.path.basename(png)})", ""]
+  with open(path, "w") as f:
+    f.write("\n".join(lines))

@@ -1,9 +1,7 @@
-"""Markdown tables from the committed benchmark JSON (``experiments/results/``).
-
-The documentation's benchmark page renders these at build time, so its tables are
-the measured numbers, never copies. Each function takes a JSON path (relative to
-``experiments/results/`` unless absolute) and returns a markdown table.
-"""
+"""Markdown tables from the committed benchmark JSON (``experiments/results/``). The
+documentation's benchmark page renders these at build time, so its tables are the measured
+numbers, never copies. Each function takes a JSON path (relative to ``experiments/results/``
+unless absolute) and returns a markdown table."""
 
 from __future__ import annotations
 
@@ -26,15 +24,17 @@ def _fmt(x: float | None) -> str:
   return f"{x:.2f}" if x < 10 else f"{x:.3g}"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+  """The one markdown-table helper of the harness (reports, benchmarks, the demo)."""
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  lines += ["| " + " | ".join(r) + " |" for r in rows]
+  lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
   return "\n".join(lines)
 
 
 def gpu_rows(name: str = "benchmark_gpu_nvidia_h200.json") -> str:
   """Every row of an accelerator run: step time over SGD and SAM, images/s, temp memory."""
-  rows = load(name)["rows"]
+  d = load(name)
+  rows = d["rows"] if "rows" in d else next(iter(d["models"].values()))["raw"]
   out = []
   for label, r in rows.items():
     if "seconds" not in r:
@@ -49,7 +49,7 @@ def gpu_rows(name: str = "benchmark_gpu_nvidia_h200.json") -> str:
         f"{r['temp_bytes'] / MiB:,.0f}",
       ]
     )
-  return _table(["row", "dtype", "x SGD", "x SAM", "images/s", "XLA temp MiB"], out)
+  return markdown_table(["row", "dtype", "x SGD", "x SAM", "images/s", "XLA temp MiB"], out)
 
 
 def _raw(result: dict, model: str) -> dict:
@@ -85,7 +85,7 @@ def cpu_strategies(name: str = "benchmark_cpu_strategies_after.json") -> str:
     out.append(cells + [" / ".join(temps)])
   header = ["model", "K", "floor 0.5(1+K)", "auto", "loop", "chunked (chunks of 1)", "vmap"]
   header += ["chunked, chunks of 2", "temp MiB: loop / chunked / chunks of 2"]
-  return _table(header, out)
+  return markdown_table(header, out)
 
 
 def cpu_transform(name: str = "benchmark_cpu_strategies_after.json") -> str:
@@ -96,7 +96,7 @@ def cpu_transform(name: str = "benchmark_cpu_strategies_after.json") -> str:
     sg = _x(raw, f"nrs_k{k}_transform_sg", f"nrs_k{k}_fused_sg")
     out.append([model, str(k), f"{_fmt(diff)} ({(2 + k) / (1 + k):.2f})", _fmt(sg)])
   header = ["model", "K", "differentiable centre (work bound (2+K)/(1+K))"]
-  return _table(header + ["fixed centre + `center_logits`"], out)
+  return markdown_table(header + ["fixed centre + `center_logits`"], out)
 
 
 def cpu_subbatch(name: str = "benchmark_cpu_subbatch.json") -> str:
@@ -109,7 +109,7 @@ def cpu_subbatch(name: str = "benchmark_cpu_subbatch.json") -> str:
         cells.append(_fmt(_x(raw, f"nrs_k{k}_sub{frac}{reuse}", "sgd")))
     out.append(cells)
   header = ["model", "K", "full NRS", "B/4", "B/4 reuse", "B/8", "B/8 reuse"]
-  return _table(header, out)
+  return markdown_table(header, out)
 
 
 def strategies_before_after(
@@ -143,7 +143,7 @@ def strategies_before_after(
           ]
         )
   header = ["model", "K", "row", "x SAM before", "after", "compile x SGD before", "after"]
-  return _table(header + ["temp MiB before", "after"], out)
+  return markdown_table(header + ["temp MiB before", "after"], out)
 
 
 def cpu_tokens(name: str = "benchmark_cpu_tokens.json") -> str:
@@ -152,4 +152,4 @@ def cpu_tokens(name: str = "benchmark_cpu_tokens.json") -> str:
   for vocab, rows in load(name)["tokens"].items():
     for label, r in rows.items():
       out.append([vocab[1:], label, _fmt(r["vs_ce"]), f"{r['temp_mib']:.1f}"])
-  return _table(["vocab", "row", "step x cross-entropy step", "XLA temp MiB"], out)
+  return markdown_table(["vocab", "row", "step x cross-entropy step", "XLA temp MiB"], out)

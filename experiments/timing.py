@@ -9,12 +9,10 @@ import jax
 
 
 def interleaved_medians(fns: dict, repeats: int) -> dict:
-  """Median seconds per call of each ``label: (fn, args)``, timed round-robin.
-
-  Two warm-up calls each, then ``repeats`` rounds that time every function once
-  in turn: a change in machine load hits all rows alike instead of whichever
-  row was running, which is what keeps the ratios comparable on a shared host.
-  """
+  """Median seconds per call of each ``label: (fn, args)``, timed round-robin. Two warm-up calls
+  each, then ``repeats`` rounds that time every function once in turn: a change in machine load
+  hits all rows alike instead of whichever row was running, which is what keeps the ratios
+  comparable on a shared host."""
   for fn, args in fns.values():
     for _ in range(2):
       jax.block_until_ready(fn(*args))

@@ -20,6 +20,7 @@ from experiments import methods
 from experiments import models
 from experiments import parallel
 from experiments import records
+from experiments.tables import markdown_table
 from nrs_jax import flatness
 
 
@@ -55,11 +56,9 @@ class Model:
 
 def make_eval_step(apply):
   """One jitted (params, bs, x, y, w) -> (summed loss, correct, count), compiled once per run.
-
-  ``w`` weights each example (0 for the padding that makes a batch divide the
-  devices). Token-level labels ``[B, T]`` count each valid token (label >= 0)
-  once, so the means are per token (per character for the byte-level LM).
-  """
+  ``w`` weights each example (0 for the padding that makes a batch divide the devices).
+  Token-level labels ``[B, T]`` count each valid token (label >= 0) once, so the means are per
+  token (per character for the byte-level LM)."""
 
   @jax.jit
   def step(params, bs, x, y, w):
@@ -129,7 +128,8 @@ def _hessian(model, params, bs, ds, config, key, mesh=None):
 
 def load_data(config) -> input_pipeline.Dataset:
   """The config's dataset (``block_size`` applies to the token datasets)."""
-  extra = {"block_size": int(config.block_size)} if "block_size" in config else {}
+  keys = ("block_size", "mnist1d_samples", "mnist1d_seed")
+  extra = {k: int(config[k]) for k in keys if k in config}
   return input_pipeline.load(
     config.dataset,
     validation_fraction=config.validation_fraction,
@@ -178,13 +178,11 @@ def _evaluate(model, eval_step, state, ds, train_view, mesh) -> dict:
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
-  """Trains ``config.method`` on ``config.dataset``; resumes from ``workdir`` if present.
-
-  Writes ``metrics.jsonl`` (one line per evaluation), checkpoints, and
-  ``final_state.npz`` (:class:`experiments.records.Run`); returns the final
-  metrics. Under several processes every process runs this with the same config
-  and workdir (a shared filesystem) and feeds its own rows of every global batch.
-  """
+  """Trains ``config.method`` on ``config.dataset``; resumes from ``workdir`` if present. Writes
+  ``metrics.jsonl`` (one line per evaluation), checkpoints, and ``final_state.npz``
+  (:class:`experiments.records.Run`); returns the final metrics. Under several processes every
+  process runs this with the same config and workdir (a shared filesystem) and feeds its own
+  rows of every global batch."""
   parallel.initialize_distributed(config)  # before any other JAX call
   run = records.Run(config, workdir, lead=parallel.is_lead())
   mesh = parallel.make_mesh(config)
@@ -327,18 +325,7 @@ def compare(config, workdir: str) -> dict[str, dict[str, float]]:
 
 
 def format_table(summary: dict[str, dict[str, float]]) -> str:
-  cols = [
-    "test_accuracy",
-    "val_accuracy",
-    "train_loss",
-    "hessian_top_eigenvalue",
-    "hessian_trace",
-    "wall_seconds",
-  ]
-  head = f"| {'method':6} | " + " | ".join(cols) + " |"
-  sep = "|" + "|".join("-" * (len(c) + 2) for c in ["method".ljust(6), *cols]) + "|"
-  rows = [head, sep]
-  for m, r in summary.items():
-    vals = [f"{r[c]:.4f}" if "accuracy" in c or c == "train_loss" else f"{r[c]:.3g}" for c in cols]
-    rows.append(f"| {m:6} | " + " | ".join(v.rjust(len(c)) for v, c in zip(vals, cols)) + " |")
-  return "\n".join(rows)
+  cols = ["test_accuracy", "val_accuracy", "train_loss", "hessian_top_eigenvalue", "hessian_trace"]
+  fmt = lambda c, v: f"{v:.4f}" if "accuracy" in c or c == "train_loss" else f"{v:.3g}"
+  rows = [[m, *(fmt(c, r[c]) for c in [*cols, "wall_seconds"])] for m, r in summary.items()]
+  return markdown_table(["method", *cols, "wall_seconds"], rows)

@@ -1,26 +1,29 @@
-"""Landscape plotting helpers write PNGs from nrs_jax.flatness grids."""
+"""The demo's plots are drawn from the runs' metrics (curves, not just a PNG header)."""
 
-import jax
-import jax.numpy as jnp
+import json
+
 import numpy as np
 
 from experiments import plots  # (selects the Agg backend)
 from experiments.plots import plt
-from nrs_jax import flatness
 
 
-def test_landscape_pngs(tmp_path):
-  params = {"w": jnp.ones((3, 2))}
-  loss = lambda p, b: jnp.sum((b @ p["w"]) ** 2)
-  x = jnp.ones((4, 3))
-  r1 = flatness.loss_landscape_1d(loss, params, x, jax.random.key(0), alphas=np.linspace(-1, 1, 5))
-  r2 = flatness.loss_landscape_2d(loss, params, x, jax.random.key(1), alphas=np.linspace(-1, 1, 4))
-  p1 = plots.plot_landscape_1d({"a": r1}, str(tmp_path / "l1.png"))
-  p2 = plots.plot_landscape_2d(r2, str(tmp_path / "l2.png"), title="t")
-  img1, img2 = (plt.imread(p) for p in (p1, p2))
-  # a curve on a white canvas: some dark pixels, mostly white
-  dark = (img1[..., :3].mean(-1) < 0.5).mean()
-  assert 0.001 < dark < 0.3, dark
-  # a filled contour: many distinct colours
-  colours = np.unique((img2[..., :3] * 255).astype(np.uint8).reshape(-1, 3), axis=0)
-  assert len(colours) > 20, len(colours)
+def test_plot_runs_draws_every_run_and_skips_missing_ones(tmp_path):
+  for name, acc in (("sgd", 0.6), ("nrs", 0.7)):
+    (tmp_path / name).mkdir()
+    rows = [
+      {"epoch": e, "train_accuracy": acc + 0.02 * e, "test_accuracy": acc + 0.01 * e,
+       "train_loss": 1.0 / (e + 1), **({"hessian/lambda_max": 10.0 / (e + 1)} if e % 2 else {})}
+      for e in range(1, 6)
+    ]  # fmt: skip
+    (tmp_path / name / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+  paths = plots.plot_runs(str(tmp_path), ["sgd", "nrs", "missing"])
+  assert [p.rsplit("/", 1)[1] for p in paths] == ["accuracy.png", "hessian.png"]
+  img = plt.imread(paths[0])[..., :3]
+  # Two runs in two default colours (blue and orange) on a white canvas.
+  blue = np.all(np.abs(img - np.array([31, 119, 180]) / 255) < 0.05, -1).mean()
+  orange = np.all(np.abs(img - np.array([255, 127, 14]) / 255) < 0.05, -1).mean()
+  assert blue > 1e-4 and orange > 1e-4, (blue, orange)
+  assert (img.mean(-1) > 0.95).mean() > 0.5
+  only_curves = plots.plot_runs(str(tmp_path), ["missing"])
+  assert [p.rsplit("/", 1)[1] for p in only_curves] == ["accuracy.png"]  # no eigenvalues: no plot

@@ -1,205 +1,189 @@
-"""The study runner in --quick mode, and its statistics helpers against direct computation."""
+"""The study runner: tuning with edge extension, paired final seeds, records, resume, report.
 
-import os
-import time
+Orchestration runs with a fake trainer (a known score surface), so that what the runner
+selects, extends, counts and reports is checked exactly; one slow test trains for real.
+"""
+
+import csv
+import json
+import math
 
 import numpy as np
 import pytest
 from scipy import stats
 
+from experiments import input_pipeline
 from experiments import study
 from experiments import study_report
 
 
-def test_ci95_and_welch_difference():
-  xs = [0.70, 0.72, 0.71, 0.74, 0.73]
-  mean, std, half = study_report.ci95(xs)
-  assert np.isclose(mean, np.mean(xs)) and np.isclose(std, np.std(xs, ddof=1))
-  lo, hi = stats.t.interval(0.95, 4, loc=np.mean(xs), scale=stats.sem(xs))
-  assert np.isclose(mean - half, lo) and np.isclose(mean + half, hi)
-  a, b = [0.75, 0.76, 0.77, 0.76, 0.78], xs
-  d, lo, hi = study_report.diff_ci(a, b)
-  t = stats.ttest_ind(a, b, equal_var=False)
-  assert np.isclose(d, np.mean(a) - np.mean(b))
-  assert (lo > 0) == (t.pvalue < 0.05)
+def fake_trainer(optima, diverge=()):
+  """Scores peak at ``optima[method][key]`` (log distance); ``diverge``: (method, seed) pairs."""
+  calls = []
+
+  def train(job):
+    task, method, phase, seed, setting, *_ = job
+    calls.append(job)
+    opt = optima.get(method, {})
+    val = 0.9 - sum(0.01 * math.log2(setting[k] / v) ** 2 for k, v in opt.items() if k in setting)
+    val += 0.001 * (seed % 3)  # paired by seed: the same offset for every method
+    test = val - 0.02 + (0.01 if method == "nrs" else 0.0)
+    bad = (method, seed) in diverge
+    row = dict(task=task, method=method, phase=phase, seed=seed, metric="accuracy")
+    row.update(setting=json.dumps(setting, sort_keys=True), val=val, test=test)
+    if bad:
+      row.update(val=0.1, test=0.1)
+    return {**row, "diverged": int(bad), "seconds": 1.0}
+
+  train.calls = calls
+  return train
 
 
-def test_lambda_at_loss_interpolates_in_log_log():
-  rows = [
-    {"train_loss": 1.0, "hessian/lambda_max": 10.0},
-    {"train_loss": 0.5},
-    {"train_loss": 0.01, "hessian/lambda_max": 0.1},
-  ]
-  assert np.isclose(study_report.lambda_at_loss(rows, 0.1), 1.0)
-  assert np.isnan(study_report.lambda_at_loss(rows, 5.0))
+@pytest.fixture
+def no_timing(monkeypatch):
+  monkeypatch.setattr(study, "step_costs", lambda name, family, quick: {})
 
 
-@pytest.mark.slow
-def test_quick_study_writes_the_report(tmp_path):
-  results, abl, secs = study.study(str(tmp_path / "runs"), True, ["digits_bn"], False, 1)
-  assert set(results["digits_bn"]["runs"]) == {"sgd", "sam", "rwp", "nrs", "sgd_2x"}
-  report = tmp_path / "RESULTS.md"
-  study_report.report(results, abl, secs, str(report), "python -m experiments.study --quick")
-  text = report.read_text()
-  for m in ("| sgd |", "| sam |", "| rwp |", "| nrs |", "| sgd_2x |"):
-    assert m in text
-  assert "NRS - sgd:" in text and "95% CI" in text
-  assert (tmp_path / "results" / "digits_bn.png").stat().st_size > 1000
-  # Resumable: a second call finds every run finished and trains nothing
-  # (its few seconds add to the accumulated wall time).
-  t = time.time()
-  again, _, secs2 = study.study(str(tmp_path / "runs"), True, ["digits_bn"], False, 1)
-  assert time.time() - t < 0.5 * secs
-  assert secs2 >= secs
+def _study(tmp_path, trainer):
+  return study.Study(str(tmp_path / "runs.csv"), str(tmp_path / "w"), 1, False, trainer)
 
 
-def test_diverged_runs_and_grid_edges():
-  assert study_report.diverged({"test_accuracy": 0.11, "train_loss": 2.3})
-  assert study_report.diverged({"test_accuracy": 0.9, "train_loss": float("nan")})
-  assert not study_report.diverged({"test_accuracy": 0.5, "train_loss": 0.3})
-  grid = [{"a": 1}, {"a": 2}, {"a": 3}]
-  assert [study_report._edge(grid, g) for g in grid] == ["low edge", "interior", "high edge"]
-  mixed = [{"r": 0.1}, {"r": 0.2}, {"s": "filter", "r": 0.5}, {"s": "filter", "r": 1.0}]
-  assert [study_report._edge(mixed, g) for g in mixed] == ["low edge", "high edge"] * 2
-  # Every cost-study method has a grid of the same size and a pass count.
-  assert {len(g) for g in study.COST_GRIDS.values()} == {6}
-  assert set(study.COST_GRIDS) == set(study.COST_METHODS) == set(study.COST_PASSES)
-
-
-@pytest.mark.slow
-def test_quick_cost_study_writes_the_report(tmp_path):
-  results, secs = study.cost_study(str(tmp_path / "runs"), True, ["mnist1d_mlp"], 1)
-  assert set(results["mnist1d_mlp"]["runs"]) == set(study.COST_METHODS)
-  costs = {"mnist1d_mlp": study.measure_step_costs("mnist1d_mlp", repeats=2)}
-  assert costs["mnist1d_mlp"]["sgd"] == 1.0 and costs["mnist1d_mlp"]["sam"] > 1.0
-  report = tmp_path / "RESULTS_COST.md"
-  study_report.cost_report(
-    results, costs, secs, str(report), "cmd", study.COST_PASSES, study.COST_GRIDS
+def test_tuning_selects_on_the_mean_validation_and_extends_edges_up_to_twice(tmp_path):
+  # sam's optimum (rho 3.2) lies two steps past its grid's high edge (0.8), its lr optimum
+  # (0.1) on the low edge (one extension makes it interior); sgd's optimum is interior.
+  train = fake_trainer(
+    {
+      "sam": {"sam.rho": 3.2, "learning_rate": 0.1},
+      "sgd": {"weight_decay": 5e-4, "learning_rate": 0.2},
+    }
   )
+  s = _study(tmp_path, train)
+  axes = {m: study._axes("mnist1d_mlp", m, "filter", False, True) for m in ("sgd", "sam")}
+  assert axes["sam"] == [("learning_rate", [0.1, 0.2, 0.4]), ("sam.rho", [0.1, 0.2, 0.4, 0.8])]
+  chosen = s.tune("mnist1d_mlp", axes)
+  assert chosen["sam"] == {"learning_rate": 0.1, "sam.rho": 3.2}
+  assert chosen["sgd"] == {"learning_rate": 0.2, "weight_decay": 5e-4}
+  sam_runs = [j for j in train.calls if j[1] == "sam"]
+  # 3 x 4, then lr 0.05 and rho 1.6 (4 x 5), then rho 3.2 (4 x 6): 24 settings x 2 seeds.
+  assert len(sam_runs) == 24 * 2 and {j[3] for j in sam_runs} == set(study.TUNE_SEEDS)
+  assert len([j for j in train.calls if j[1] == "sgd"]) == 12 * 2  # interior: no extension
+  setting, pos, n = study_report.chosen(s.rows, "mnist1d_mlp", "sam")
+  assert setting == chosen["sam"] and n == 48
+  assert pos == "learning_rate 2/4, sam.rho 6/6 (edge)"
+
+
+def test_a_diverged_tuning_run_counts_in_its_settings_mean(tmp_path):
+  train = fake_trainer({"sgd": {"weight_decay": 5e-4}}, diverge={("sgd", 1)})
+  s = _study(tmp_path, train)
+  chosen = s.tune("mnist1d_mlp", {"sgd": [("weight_decay", [5e-4, 2e-3])]})
+  # Every setting has one diverged seed (0.1), so the means still rank the settings.
+  assert chosen["sgd"] == {"weight_decay": 5e-4}
+  assert s.scores("mnist1d_mlp", "sgd", [chosen["sgd"]]) == [pytest.approx((0.9 + 0.1) / 2)]
+
+
+def test_the_study_resumes_from_its_records_and_writes_the_report(tmp_path, no_timing):
+  optima = {"nrs_absolute": {"nrs.radius": 0.05}, "nrs_filter": {"nrs.radius": 0.25}}
+  train = fake_trainer(optima, diverge={("sam", study.FINAL_SEED0 + 1)})
+  s = _study(tmp_path, train)
+  family = study.pilot_family(s)
+  assert family == "absolute"  # the fake gives both 0.9; ties go to the first family
+  chosen = study.run_task(s, "mnist1d_mlp", family)
+  finals = [j for j in train.calls if j[2] == "final"]
+  seeds = list(range(study.FINAL_SEED0, study.FINAL_SEED0 + 10))
+  per_method = {m: sorted(j[3] for j in finals if j[1] == m) for m in study.IMAGE}
+  assert all(v == seeds for v in per_method.values())  # paired: the same 10 seeds each
+  assert not set(seeds) & set(study.TUNE_SEEDS)
+  ablations = {j[1] for j in finals} - set(study.IMAGE)
+  assert ablations == set(study.ABLATIONS)
+  assert all(j[4] == chosen["nrs"] for j in finals if j[1] in study.ABLATIONS)
+  n = len(train.calls)
+  again = fake_trainer(optima)
+  s2 = _study(tmp_path, again)  # a fresh checkout: only the records survive
+  study.pilot_family(s2)
+  study.run_task(s2, "mnist1d_mlp", family)
+  assert again.calls == [] and len(s2.rows) == n
+  with open(tmp_path / "runs.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert tuple(rows[0]) == study.COLUMNS and len(rows) == n
+  assert {r["passes"] for r in rows if r["method"] == "nrs_k4"} == {"5.0"}
+  report = tmp_path / "RESULTS_STUDY.md"
+  study_report.write(study.read_records(str(tmp_path / "runs.csv")), ["mnist1d_mlp"], str(report))
   text = report.read_text()
-  assert "| nrs_b4 | 1.50 |" in text and "nrs_b4 - nrs:" in text and "diverged seeds" in text
-  assert (tmp_path / "results" / "cost_mnist1d_mlp.png").stat().st_size > 1000
+  sam = [line for line in text.splitlines() if line.startswith("| sam |")][0]
+  # The diverged seed counts at chance (10%) in sam's mean, and is reported.
+  test = study_report._finals(s.rows, "mnist1d_mlp", "sam")
+  mean = np.mean([test[s]["test"] for s in seeds])
+  assert f"{100 * mean:.2f} [" in sam and "| 1 |" in sam
+  assert "NRS - method" in text and "Ablations of nrs" in text
+  assert (tmp_path / "results" / "study_cost_accuracy.png").stat().st_size > 1000
 
 
-def test_transformer_selection_minimises_the_lm_loss_and_skips_diverged_runs():
-  grid = [{"a": 1}, {"a": 2}, {"a": 3}]
-  lm = [
-    {"val_loss": 1.0, "test_loss": 1.0},
-    {"val_loss": 0.5, "test_loss": float("nan")},  # the lowest, but diverged
-    {"val_loss": 0.8, "test_loss": 0.8},
-  ]
-  assert study._best("stdlib_lm", grid, lm) == {"a": 3}
-  vit = [
-    {"val_accuracy": 0.5, "test_accuracy": 0.5, "train_loss": 1.0},
-    {"val_accuracy": 0.9, "test_accuracy": 0.1, "train_loss": 2.3},  # chance: diverged
-    {"val_accuracy": 0.7, "test_accuracy": 0.7, "train_loss": 0.9},
-  ]
-  assert study._best("mnist1d_vit", grid, vit) == {"a": 3}
-  assert study.transformer_method("mnist1d_vit", "nrs_b4") == (
-    "nrs",
-    {"nrs.neighbor_batch_size": 32},
+def test_report_only_refuses_records_that_do_not_match(tmp_path, no_timing):
+  s = _study(tmp_path, fake_trainer({}))
+  s.run([("mnist1d_mlp", "sgd", "final", study.FINAL_SEED0, {"weight_decay": 5e-4})])
+  rows = study.read_records(str(tmp_path / "runs.csv"))
+  with pytest.raises(ValueError, match="lack final runs of task 'mnist1d_mlp'.*--tasks"):
+    study_report.write(rows, ["mnist1d_mlp"], str(tmp_path / "r.md"))
+  bad = dict(next(iter(rows.values())), method="rwp")
+  with pytest.raises(ValueError, match="method 'rwp' is not in the study's lists"):
+    study_report.write({("x",): bad}, [], str(tmp_path / "r.md"))
+
+
+def test_bad_names_and_empty_grids_fail_before_training():
+  with pytest.raises(ValueError, match="method='adam' is not known"):
+    study.method_of("adam", "absolute")
+  with pytest.raises(ValueError, match="noise family"):
+    study.method_of("nrs", "")
+  with pytest.raises(ValueError, match="empty grid"):
+    study._axes("mnist1d_mlp", "nrs_k2", "absolute", False, True)
+
+
+def test_methods_on_the_transformers_tune_below_the_previous_low_edges():
+  vit = study.TASKS["mnist1d_vit"]
+  assert max(study.method_of("sam", "absolute", vit).grid) <= 0.02
+  assert max(study.method_of("nrs", "absolute", vit).grid) <= 0.01
+  config = study.make_config(vit, "nrs_cheap", {"nrs.radius": 0.005}, 3, False, "absolute")
+  assert config.nrs.neighbor_batch_size == config.batch_size // 4
+  assert config.nrs.stop_gradient_center and config.seed == 3 and config.method == "nrs"
+
+
+def test_statistics_match_scipy():
+  a, b = [0.75, 0.76, 0.77, 0.76, 0.78], [0.70, 0.72, 0.71, 0.74, 0.73]
+  m, lo, hi, p = study_report.paired(a, b)
+  t = stats.ttest_rel(a, b)
+  assert np.isclose(m, np.mean(np.subtract(a, b))) and np.isclose(p, t.pvalue)
+  ci = t.confidence_interval()
+  assert np.isclose(lo, ci.low) and np.isclose(hi, ci.high)
+  assert study_report.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+  assert study_report.holm([0.5, 0.001]) == pytest.approx([0.5, 0.002])
+
+
+def test_mnist5k_is_real_digits_with_a_clean_validation_split():
+  ds = input_pipeline.load("mnist5k", validation_fraction=0.25, seed=0, label_noise=0.2)
+  assert (
+    ds.train.x.shape == (3000, 28, 28, 1)
+    and len(ds.validation.y) == 1000
+    and len(ds.test.y) == 1000
   )
-  assert study.transformer_method("stdlib_lm", "nrs_b4") == ("nrs", {"nrs.neighbor_batch_size": 8})
-  assert study.transformer_method("stdlib_lm", "adamw") == ("sgd", {})
+  assert 0.0 <= ds.train.x.min() and ds.train.x.max() == 1.0
+  assert np.bincount(ds.test.y, minlength=10).min() > 60  # shuffled: every class in test
+  clean = input_pipeline.load("mnist5k", validation_fraction=0.25, seed=0)
+  np.testing.assert_array_equal(
+    ds.validation.y, clean.validation.y
+  )  # noise only in training labels
+  assert np.mean(ds.train.y != clean.train.y) == pytest.approx(0.2, abs=0.001)
 
 
-def _fake_score(task, method, ov):
-  """A made-up validation score with a known best setting per method."""
-  own = {"sgd": ("weight_decay", 0.1), "sam": ("sam.rho", 0.05), "nrs": ("nrs.radius", 0.025)}
-  key, best = own[method]
-  return 1.0 - abs(ov[key] - best) - (0.0 if ov.get("model_kwargs.dropout") else 0.001)
-
-
-def test_transformer_study_tunes_adamw_first_then_the_others_on_top(tmp_path, monkeypatch):
-  jobs_seen = []
-
-  def fake_run_all(jobs, workers):
-    import json
-    import os
-
-    for d, t, method, ov, seed, _quick in jobs:
-      jobs_seen.append((d, t, method, dict(ov), seed))
-      os.makedirs(d, exist_ok=True)
-      s = _fake_score(t, method, ov)
-      rec = {"val_accuracy": s, "test_accuracy": s, "train_loss": 0.1, "val_loss": 2 - s,
-             "test_loss": 2 - s}  # fmt: skip
-      with open(os.path.join(d, "metrics.jsonl"), "w") as f:
-        f.write(json.dumps(rec) + "\n")
-      study._mark_done(os.path.join(d, study.DONE))
-
-  monkeypatch.setattr(study, "run_all", fake_run_all)
-  tasks = ["mnist1d_vit", "stdlib_lm"]
-  results, _ = study.transformer_study(str(tmp_path), False, tasks, 1)
-  for t in tasks:
-    chosen = results[t]["chosen"]
-    assert chosen["adamw"] == {"weight_decay": 0.1, "model_kwargs.dropout": 0.1}
-    assert chosen["sam"] == {**chosen["adamw"], "sam.rho": 0.05}
-    assert chosen["nrs"] == {**chosen["adamw"], "nrs.radius": 0.025}
-    assert chosen["nrs_b4"] == chosen["nrs"]
-    assert len(results[t]["runs"]["nrs"]) == study.TRANSFORMER_SEEDS[t]
-  # Equal budgets: four tuning runs per method and task, on one seed; hessians off.
-  tune = [j for j in jobs_seen if j[4] == 100]
-  assert len(tune) == 2 * 4 * len(study.TRANSFORMER_METHODS)
-  assert all(j[3]["hessian.num_iters"] == 0 for j in jobs_seen)
-  b4 = [j for j in jobs_seen if "nrs_b4" in j[0] and j[1] == "stdlib_lm"]
-  assert b4 and all(j[3]["nrs.neighbor_batch_size"] == 8 for j in b4)
-  # A second call trains nothing (every run is marked done).
-  n = len(jobs_seen)
-  monkeypatch.setattr(study, "run_all", lambda jobs, workers: [study._run(j) for j in jobs])
-  study.transformer_study(str(tmp_path), False, tasks, 1)
-  assert len(jobs_seen) == n
-  # The report: a row per method, bits per character for the LM, the comparisons.
-  costs = {t: {m: 1.0 + i for i, m in enumerate(study.TRANSFORMER_METHODS)} for t in tasks}
-  path = tmp_path / "R.md"
-  study_report.transformer_report(
-    results, costs, 60.0, str(path), "cmd", study.TRANSFORMER_PASSES,
-    study.TRANSFORMER_GRIDS, "env line",
-  )  # fmt: skip
-  text = path.read_text()
-  for m in study.TRANSFORMER_METHODS:
-    assert f"| {m} |" in text
-  assert "test bits/char" in text and "nrs - adamw:" in text and "env line" in text
-  assert "| interior |" in text and "4-point grid" in text
+def test_mnist1d_cache_names_the_sample_count(tmp_path):
+  ds = input_pipeline.load("mnist1d", data_dir=str(tmp_path), mnist1d_samples=1000)
+  assert (tmp_path / "mnist1d_seed42_n1000.npz").exists()
+  assert len(ds.train.y) + len(ds.validation.y) == 800 and len(ds.test.y) == 200
 
 
 @pytest.mark.slow
-def test_quick_transformer_part_trains_elsewhere_and_reports_here(tmp_path):
-  """--train_only, then the report from the runs' metrics.jsonl and done.json alone."""
-  import shutil
-
-  runs = tmp_path / "trained"
-  study.transformer_study(str(runs), True, ["mnist1d_vit"], 1)
-  copied = tmp_path / "copied"
-  for done in study._done_files(str(runs)):
-    d = os.path.dirname(done)
-    dest = copied / os.path.relpath(d, runs)
-    dest.mkdir(parents=True)
-    for name in (study.DONE, "metrics.jsonl"):
-      shutil.copy(os.path.join(d, name), dest / name)
-  report = tmp_path / "R.md"
-  t = time.time()
-  study.transformers_part(str(copied), True, ["mnist1d_vit"], 1, str(report), "cmd")
-  assert time.time() - t < 120  # nothing retrained: step costs and the report only
-  text = report.read_text()
-  assert "| nrs_b4 |" in text and "Runs trained on:" in text
-
-
-def test_a_run_whose_loss_turns_nan_is_recorded_as_diverged(tmp_path, monkeypatch):
-  from experiments import train
-
-  def boom(config, workdir):
-    raise FloatingPointError("training loss is nan at step 7")
-
-  monkeypatch.setattr(train, "train_and_evaluate", boom)
-  d = str(tmp_path / "run")
-  os.makedirs(d)
-  study._run((d, "mnist1d_mlp", "sgd", {"learning_rate": 9.0}, 0, True))
-  last = study.read(d)[-1]
-  assert study_report.diverged(last) and "nan at step 7" in last["diverged"]
-  assert study_report.collapsed("stdlib_lm", last) and study_report.collapsed("mnist1d_vit", last)
-  grid = [{"a": 1}, {"a": 2}]
-  assert study._best("mnist1d_vit", grid, [last, {"val_accuracy": 0.3, "test_accuracy": 0.3,
-                                                  "train_loss": 1.0}]) == {"a": 2}  # fmt: skip
-  # Finished: a second call does not train again.
-  monkeypatch.setattr(train, "train_and_evaluate", lambda c, w: pytest.fail("retrained"))
-  study._run((d, "mnist1d_mlp", "sgd", {"learning_rate": 9.0}, 0, True))
+def test_a_quick_study_trains_and_reports(tmp_path):
+  s = study.Study(str(tmp_path / "runs.csv"), str(tmp_path / "w"), 1, True)
+  family = study.pilot_family(s)
+  study.run_task(s, "mnist1d_mlp", family)
+  study_report.write(s.rows, ["mnist1d_mlp"], str(tmp_path / "r.md"), quick=True)
+  assert "| nrs_cheap |" in (tmp_path / "r.md").read_text()

@@ -217,7 +217,7 @@ def test_compare_writes_summary_table_and_plots(tmp_path, capsys):
     assert all(isinstance(v, float) for v in row.values())
   assert (tmp_path / "accuracy.png").stat().st_size > 1000
   assert (tmp_path / "hessian.png").stat().st_size > 1000
-  assert "| nrs    |" in capsys.readouterr().out
+  assert "| nrs | " in capsys.readouterr().out
 
 
 def _bn_setup(dropout=0.0, model="bn_mlp"):
