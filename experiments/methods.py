@@ -315,15 +315,13 @@ def _nrs(apply_fn, tx, config):
 
     def step(params, bs, opt_state, batch, key):
       (loss, (logits, new_bs)), g = _grad_at(apply_fn, params, bs, batch, key, task)
-      # Neighbours on the strided sub-batch when asked, as make_nrs_loss does.
-      sub = (lambda v: v) if m is None else (lambda v: nrs_jax.strided_subset(v, m))
-      pen_x = sub(batch["x"])
-      extra = {"logits_fn": lambda p: apply_fn(p, bs, pen_x, True, key)[0]}
+      # The library's sub-batch (make_nrs_loss's neighbor_batch_size) of the batch and logits.
+      pen, centre = (batch, logits) if m is None else nrs_jax.strided_subset((batch, logits), m)
+      extra = {"logits_fn": lambda p: apply_fn(p, bs, pen["x"], True, key)[0]}
       if is_token_level(batch["y"]):
-        extra["where"] = valid_tokens(sub(batch["y"]))
+        extra["where"] = valid_tokens(pen["y"])
       if opts.get("stop_gradient_center", False) and (m is None or reuse):
-        # A fixed target: share the centre pass (its subset with a sub-batch).
-        extra["center_logits"] = sub(logits)
+        extra["center_logits"] = centre  # a fixed target: share the task pass
       params, opt_state = _finish(tx, params, opt_state, g, extra)
       return params, new_bs, opt_state, {"loss": loss, "accuracy": _accuracy(logits, batch["y"])}
 

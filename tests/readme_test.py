@@ -34,6 +34,6 @@ def test_every_number_in_the_readme_evidence_section_is_in_a_generated_report():
       with open(os.path.join(ROOT, "experiments", name)) as f:
         reports += f.read()
   numbers = set(re.findall(r"(?<![\w.])[+-]?\d+\.\d+", section))
-  assert len(numbers) > 20  # the section quotes the tables
+  assert len(numbers) >= 10  # the section quotes the reports (the check is not vacuous)
   missing = sorted(n for n in numbers if n not in reports and n.lstrip("+") not in reports)
   assert not missing, f"README Evidence numbers no experiments/RESULTS*.md holds: {missing}"
