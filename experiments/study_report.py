@@ -140,23 +140,23 @@ def task_section(rows, t, quick) -> tuple[list, dict]:
     abl = list(study.ABLATIONS)
     d = {a: paired(test[a], test["nrs"]) for a in abl}
     adj = dict(zip(abl, holm([d[a][3] for a in abl])))
+    r0 = {a: _finals(rows, t, a)[seeds[0]] for a in abl}
     body = [
       [
         a,
         json.dumps(study.ABLATIONS[a]),
+        f"{r0[a]['passes']:.2f}",
+        f"{r0[a]['step_cost']:.2f}",
         "{} [{}, {}]".format(*map(f, ci95(test[a]))),
         "{} [{}, {}]".format(*map(f, d[a][:3])),
         f"{adj[a]:.3g}",
       ]
       for a in abl
     ]
-    head = ["ablation", "changed from nrs", "mean [95% CI]", "ablation - nrs [95% CI]", "Holm p"]
-    lines += [
-      f"### Ablations of nrs at its chosen setting ({t}, the same seeds)",
-      "",
-      markdown_table(head, body),
-      "",
-    ]
+    head = ["ablation", "changed from nrs", "passes", "step cost", "mean [95% CI]"]
+    head += ["ablation - nrs [95% CI]", "Holm p"]
+    title = f"### Ablations of nrs at its chosen setting ({t}, the same seeds)"
+    lines += [title, "", markdown_table(head, body), ""]
   return lines, points
 
 
@@ -192,7 +192,8 @@ def write(rows: dict, tasks: list, path: str, quick: bool = False, declared: boo
     "",
     f"Written by `python -m experiments.study --report_only{' --tasks=' + ','.join(tasks) if declared else ''}` from `experiments/results/study_runs.csv` ({len(rows)} runs, {sum(r['seconds'] for r in rows.values()) / 3600:.1f} CPU hours); do not edit.",
     "",
-    "NRS's noise family, chosen on the pilot task (mnist1d, another data seed; outside the tables):",
+    f"NRS's noise family for the study: **{max(pilot, key=lambda r: float(r[-1]))[0][4:]}**, the "
+    "better tuned validation score on the pilot task (mnist1d, another data seed; not in the tables):",
     "",
     markdown_table(["family", "chosen", "grid position", "tuning runs", "validation %"], pilot),
     "",
