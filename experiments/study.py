@@ -401,6 +401,8 @@ def main(argv):
   if unknown:
     raise ValueError(f"--tasks: {unknown} not known; choose from {list(TASKS)}.")
   tasks = FLAGS.tasks or list(TASKS)
+  for name in tasks:  # an unknown method or an empty grid fails before anything trains
+    [_axes(name, m, "absolute", False, True) for m in TASKS[name].methods]
   study = Study(FLAGS.records, FLAGS.workdir, FLAGS.workers, FLAGS.quick)
   if not FLAGS.report_only:
     family = pilot_family(study)
@@ -408,8 +410,7 @@ def main(argv):
       run_task(study, name, family)
     if FLAGS.train_only:
       return
-  rows = read_records(FLAGS.records)
-  study_report.write(rows, tasks, FLAGS.report, FLAGS.quick, declared=bool(FLAGS.tasks))
+  study_report.write(study.rows, tasks, FLAGS.report, FLAGS.quick, declared=bool(FLAGS.tasks))
   print(open(FLAGS.report).read())
 
 
