@@ -33,8 +33,7 @@ def kl(center_logits: jax.Array, neighbor_logits: jax.Array) -> jax.Array:
   """KL(p_center || p_neighbor) per position (the class axis is the last).
 
   Examples:
-    >>> import jax.numpy as jnp
-    >>> import nrs_jax
+    >>> import jax.numpy as jnp, nrs_jax
     >>> p, q = jnp.array([[2.0, 0.0]]), jnp.array([[0.0, 2.0]])
     >>> [round(float(f(p, q)[0]), 4) for f in
     ...  (nrs_jax.kl, nrs_jax.reverse_kl, nrs_jax.symmetric_kl, nrs_jax.js)]
@@ -44,18 +43,30 @@ def kl(center_logits: jax.Array, neighbor_logits: jax.Array) -> jax.Array:
 
 
 def reverse_kl(center_logits: jax.Array, neighbor_logits: jax.Array) -> jax.Array:
-  """KL(p_neighbor || p_center) per position."""
+  """KL(p_neighbor || p_center) per position.
+
+  >>> float(reverse_kl(jnp.ones((1, 3)), jnp.ones((1, 3)))[0])
+  0.0
+  """
   return _kl(_log_probs(neighbor_logits), _log_probs(center_logits))
 
 
 def symmetric_kl(center_logits: jax.Array, neighbor_logits: jax.Array) -> jax.Array:
-  """(KL(p || q) + KL(q || p)) / 2 per position."""
+  """(KL(p || q) + KL(q || p)) / 2 per position.
+
+  >>> float(symmetric_kl(jnp.ones((1, 3)), jnp.ones((1, 3)))[0])
+  0.0
+  """
   logp, logq = _log_probs(center_logits), _log_probs(neighbor_logits)
   return 0.5 * jnp.sum((jnp.exp(logp) - jnp.exp(logq)) * (logp - logq), axis=-1)
 
 
 def js(center_logits: jax.Array, neighbor_logits: jax.Array) -> jax.Array:
-  """Jensen-Shannon divergence (natural log, at most log 2) per position."""
+  """Jensen-Shannon divergence (natural log, at most log 2) per position.
+
+  >>> float(js(jnp.ones((1, 3)), jnp.ones((1, 3)))[0])
+  0.0
+  """
   logp, logq = _log_probs(center_logits), _log_probs(neighbor_logits)
   # With t = log q - log p: log p - log m = log 2 - softplus(t), log q - log m =
   # log 2 - softplus(-t); in t, equal inputs give exactly 0 (no rounding residue).
@@ -73,7 +84,11 @@ _BY_NAME: dict[str, DivergenceFn] = dict(
 
 def get_divergence(divergence: str | DivergenceFn) -> DivergenceFn:
   """The per-position divergence named in ``DIVERGENCES``, or a given callable
-  ``(center_logits, neighbor_logits) -> values`` (class axis reduced); else a ValueError."""
+  ``(center_logits, neighbor_logits) -> values`` (class axis reduced); else a ValueError.
+
+  >>> get_divergence("js") is js
+  True
+  """
   if callable(divergence):
     return divergence
   if isinstance(divergence, str) and divergence in _BY_NAME:
@@ -90,8 +105,7 @@ def output_divergence(
   """``D_B(w, w')``: the divergence averaged over every leading axis (a scalar).
 
   Examples:
-    >>> import jax.numpy as jnp
-    >>> import nrs_jax
+    >>> import jax.numpy as jnp, nrs_jax
     >>> z = jnp.array([[2.0, 0.0, -1.0]])
     >>> float(nrs_jax.output_divergence(z, z)), round(float(nrs_jax.output_divergence(
     ...     z, z[:, ::-1], "js")), 4)

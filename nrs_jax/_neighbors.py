@@ -17,8 +17,7 @@ import numpy as np
 
 from nrs_jax import _options
 
-# T(w)_i = |w_i| + floor, as in ASAM (Kwon et al., 2021), so zeros still move.
-ELEMENTWISE_FLOOR = 0.01
+ELEMENTWISE_FLOOR = 0.01  # T(w)_i = |w_i| + floor, as in ASAM (Kwon et al., 2021)
 _KEY_WORDS = {2: "threefry2x32", 4: "rbg"}  # raw key data size -> built-in implementation
 
 
@@ -162,6 +161,11 @@ def _scale_factor(w: jax.Array, scale: str, noise: str) -> float | jax.Array:
 class Perturbations:
   """K sampled perturbations, a pytree: ``deltas`` per leaf of ``params`` in flatten order,
   ``(K, *leaf.shape)`` or ``None`` (not perturbed), and ``treedef`` (static).
+
+  >>> p = sample_perturbations({"w": jnp.ones(3), "b": jnp.ones(2)}, 0, radius=0.1,
+  ...                          mask={"w": True, "b": False})
+  >>> [None if d is None else d.shape for d in p.deltas]  # flatten order: b, w
+  [None, (1, 3)]
   """
 
   deltas: list
@@ -201,8 +205,7 @@ def sample_perturbations(
   """K independent perturbations ``delta_k ~ Q_r(w)`` of ``params`` (options: :func:`nrs_penalty`).
 
   Examples:
-    >>> import jax, jax.numpy as jnp
-    >>> import nrs_jax
+    >>> import jax, jax.numpy as jnp, nrs_jax
     >>> params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
     >>> p = nrs_jax.sample_perturbations(
     ...     params, jax.random.key(0), radius=0.1, num_neighbors=4, noise="sphere")

@@ -170,7 +170,3 @@ class NRSOptions:
   def of(cls, arguments: dict) -> NRSOptions:
     """The options among an entry point's ``locals()``."""
     return cls(**{f.name: arguments[f.name] for f in dataclasses.fields(cls)})
-
-  @property
-  def divergence_fn(self) -> Callable[[jax.Array, jax.Array], jax.Array]:
-    return _divergence.get_divergence(self.divergence)

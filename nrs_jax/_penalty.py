@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nrs_jax import _divergence
 from nrs_jax import _neighbors
 from nrs_jax import _options
 from nrs_jax import _strategies
@@ -50,18 +51,16 @@ def nrs_penalty(
   max over the K neighbours. The reference for every entry point's options.
 
   Args:
-    logits_fn: ``params -> logits [..., C]`` closing over the batch, the dropout
-      rng (one rng: the centre and neighbours share a mask) and non-trainable
-      state. ``C == 1`` is one binary logit; leading axes are averaged over.
+    logits_fn: ``params -> logits [..., C]`` closing over the batch, one dropout rng
+      and non-trainable state. ``C == 1`` is one binary logit; leading axes averaged.
     params: the centre ``w``, any pytree.
     key: PRNG key (typed, raw, or an int seed).
     radius: ``r >= 0``, a scalar or a pytree of scalars, a prefix of ``params``.
       0 everywhere gives exactly 0; a leaf of radius 0 is not perturbed but,
       unlike one ``mask`` leaves out, gets the gradient of its centre effect.
     num_neighbors: K, a static int >= 1.
-    noise: ``v``, the unit-radius sample over all perturbed elements together:
-      ``"gaussian"`` N(0, 1) per element, ``"ball"`` / ``"sphere"`` uniform in /
-      on the unit L2 ball; ``delta = r * s(w) * v``.
+    noise: ``v`` in ``delta = r * s(w) * v``: ``"gaussian"`` N(0, 1) per element,
+      ``"ball"`` / ``"sphere"`` uniform in / on the unit L2 ball over all of them.
     scale: ``s(w)``: ``"absolute"`` 1; ``"tensor"`` the leaf's norm (over
       sqrt(size) for gaussian); ``"filter"`` the norm of the element's output
       unit, the last axis (over sqrt(fan-in) for gaussian; the leaf norm for
@@ -75,12 +74,10 @@ def nrs_penalty(
       callable). With a differentiable centre it is recomputed on them.
     stop_gradient_center: treat the centre's outputs as a fixed target.
     strategy: ``"auto"``, ``"loop"``, ``"vmap"`` or ``"chunked"`` (chunks of
-      ``neighbor_chunk_size``, default 1, one alive at a time); the same value
-      and derivatives to float tolerance (docs: method).
+      ``neighbor_chunk_size``, default 1, one alive at a time): the same derivatives.
     neighbor_chunk_size: divides K; with ``"auto"`` it means ``"chunked"``.
     center_logits: the centre's logits if already computed (shares the pass).
-    where: bools broadcastable to ``logits.shape[:-1]``, the positions that
-      count (e.g. not padding); none at all gives 0.
+    where: bools broadcastable to ``logits.shape[:-1]``: the positions that count.
     axis_name: the batch axis under ``pmap`` / ``shard_map``: divergences are
       ``pmean``-ed (the global-batch penalty). Not needed under ``jax.jit``.
     per_replica_neighbors: with ``axis_name``, each replica draws its own.
@@ -89,8 +86,7 @@ def nrs_penalty(
     A float32 (or wider) scalar; a ValueError for an invalid option.
 
   Examples:
-    >>> import jax, jax.numpy as jnp
-    >>> import nrs_jax
+    >>> import jax, jax.numpy as jnp, nrs_jax
     >>> x, params = jnp.ones((8, 3)), {"w": jnp.full((3, 4), 0.1)}
     >>> pen = nrs_jax.nrs_penalty(lambda p: x @ p["w"], params, jax.random.key(0),
     ...                           radius=0.1, num_neighbors=2)
@@ -136,7 +132,7 @@ def penalty(options, logits_fn, params, key, radius, per_replica_neighbors=False
   key = _neighbors.as_key(key)
   if per_replica_neighbors:
     key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
-  div_fn = options.divergence_fn
+  div_fn = _divergence.get_divergence(options.divergence)
 
   def one_at(p, c, deltas):
     z = _check_logits(logits_fn(_neighbors.apply_perturbation(p, deltas)), "a neighbour")
@@ -201,8 +197,7 @@ def strided_subset(tree: Any, size: int, *, batch_size: int | None = None) -> An
   of ``S`` data shards keeps its own rows when ``S`` divides ``size``).
 
   Examples:
-    >>> import jax.numpy as jnp
-    >>> import nrs_jax
+    >>> import jax.numpy as jnp, nrs_jax
     >>> nrs_jax.strided_subset({"x": jnp.arange(8), "key": jnp.zeros(2)}, 4)["x"]
     Array([0, 2, 4, 6], dtype=int32)
   """
@@ -264,8 +259,7 @@ def make_nrs_loss(
     ``nrs_penalty``, ``logits`` (and ``model_aux``).
 
   Examples:
-    >>> import jax, jax.numpy as jnp, optax
-    >>> import nrs_jax
+    >>> import jax, jax.numpy as jnp, optax, nrs_jax
     >>> apply_fn = lambda p, b: b["x"] @ p["w"]
     >>> task = lambda z, b: optax.softmax_cross_entropy_with_integer_labels(
     ...     z, b["y"]).mean()

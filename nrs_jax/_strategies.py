@@ -14,11 +14,6 @@ from nrs_jax._neighbors import is_float
 CONV_LOOP_BELOW = 8  # conv nets: loop for K below this, chunks of one from it on
 CPU_DENSE_LOOP_UP_TO = 8  # dense nets on CPU: loop up to this K, vmap above
 
-# (params, centre logits, deltas with a leading axis of n neighbours) -> divergences [n].
-DivsOf = Callable[[Any, jax.Array, list], jax.Array]
-# (params, keys [n]) -> deltas with a leading axis of n.
-DeltasOf = Callable[[Any, jax.Array], list]
-
 
 def _subjaxprs(value: Any):
   if hasattr(value, "eqns"):
@@ -63,10 +58,10 @@ def aggregate(divs: jax.Array, aggregation: str, axis_name: str | None) -> jax.A
 
 
 def evaluate(
-  strategy, divs_of: DivsOf, deltas_of: DeltasOf, params, center, keys, options, axis_name
+  strategy, divs_of: Callable, deltas_of: Callable, params, center, keys, options, axis_name
 ):
-  """``A_k d_k`` over the neighbours drawn from ``keys``; ``dense`` is a ``platform_dependent``
-  of ``loop`` (CPU) and ``vmap``."""
+  """``A_k d_k`` over the neighbours drawn from ``keys`` (``deltas_of(params, keys)``; then
+  ``divs_of(params, center, deltas) -> [n]``); ``dense``: ``loop`` on CPU, ``vmap`` elsewhere."""
   aggregation = options.aggregation
 
   def loop():

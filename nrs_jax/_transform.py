@@ -62,7 +62,11 @@ def _add_selected(updates, grads, selected, a, axis_name):
 class NRSState(NamedTuple):
   """State of :func:`add_nrs_gradient`: ``count`` (int32, the schedules' argument), ``key``
   (raw base key data, never changed: update ``t`` draws from ``fold_in(key, t //
-  resample_every)``) and ``penalty`` (the last raw penalty, for logging; 0 when ``alpha`` is)."""
+  resample_every)``) and ``penalty`` (the last raw penalty, for logging; 0 when ``alpha`` is).
+
+  >>> NRSState(jnp.zeros([], jnp.int32), jax.random.key_data(jax.random.key(0)), 0.0).penalty
+  0.0
+  """
 
   count: jax.Array  # type: ignore[assignment]  # (shadows tuple.count, as optax states do)
   key: jax.Array
@@ -108,8 +112,7 @@ def add_nrs_gradient(
     a ValueError for invalid options, params or missing arguments.
 
   Examples:
-    >>> import jax, jax.numpy as jnp, optax
-    >>> import nrs_jax
+    >>> import jax, jax.numpy as jnp, optax, nrs_jax
     >>> x, params = jnp.ones((8, 3)), {"w": jnp.zeros((3, 4))}
     >>> logits_fn = lambda p: x @ p["w"]
     >>> tx = optax.chain(nrs_jax.add_nrs_gradient(alpha=1.0, radius=0.05),
