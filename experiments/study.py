@@ -278,10 +278,8 @@ class Study:
   def scores(self, task: str, method: str, settings: list) -> list:
     """Mean validation value over the tuning seeds, per setting (lower-is-better negated)."""
     sign = -1.0 if task_of(task).metric == "bits_per_char" else 1.0
-    return [
-      sign * sum(self.rows[key_of(task, method, "tune", s, st)]["val"] for s in TUNE_SEEDS) / 2
-      for st in settings
-    ]
+    vals = lambda st: [self.rows[key_of(task, method, "tune", s, st)]["val"] for s in TUNE_SEEDS]
+    return [sign * sum(vals(st)) / len(vals(st)) for st in settings]
 
   def tune(self, task: str, axes: dict, base: dict | None = None) -> dict:
     """Tunes ``{method: [(key, values), ...]}`` (on top of ``base``); returns the chosen
@@ -388,8 +386,9 @@ def step_costs(name: str, family: str, quick: bool, path: str = COSTS) -> dict:
   secs = timing.interleaved_medians(fns, 3 if quick else 30)
   ref = secs[names[0]]
   out = {m: round((p * secs[m] + (1 - p) * ref) / ref, 3) for m, p in probs.items()}
-  if not quick:
-    json.dump({**stored, name: out}, open(path, "w"), indent=1, sort_keys=True)
+  if not quick:  # (closed at once, so that a worker started next reads it whole)
+    with open(path, "w") as f:
+      json.dump({**stored, name: out}, f, indent=1, sort_keys=True)
   return out
 
 
