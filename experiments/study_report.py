@@ -180,6 +180,7 @@ def plot(points: dict, path: str) -> None:
 
 def write(rows: dict, tasks: list, path: str, quick: bool = False, declared: bool = False) -> None:
   check(rows, tasks, quick)
+  used = [r for r in rows.values() if r["task"] in (*tasks, "pilot")]  # others may be running
   pilot = []
   for m in study.PILOT.methods:
     setting, pos, n = chosen(rows, "pilot", m)
@@ -190,7 +191,7 @@ def write(rows: dict, tasks: list, path: str, quick: bool = False, declared: boo
   lines = [
     "# The evidence study",
     "",
-    f"Written by `python -m experiments.study --report_only{' --tasks=' + ','.join(tasks) if declared else ''}` from `experiments/results/study_runs.csv` ({len(rows)} runs, {sum(r['seconds'] for r in rows.values()) / 3600:.1f} CPU hours); do not edit.",
+    f"Written by `python -m experiments.study --report_only{' --tasks=' + ','.join(tasks) if declared else ''}` from `experiments/results/study_runs.csv` ({len(used)} runs of these tasks and the pilot, {sum(r['seconds'] for r in used) / 3600:.1f} CPU hours); do not edit.",
     "",
     f"NRS's noise family for the study: **{max(pilot, key=lambda r: float(r[-1]))[0][4:]}**, the "
     "better tuned validation score on the pilot task (mnist1d, another data seed; not in the tables):",
