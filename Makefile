@@ -25,7 +25,7 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 
 test: lint
-	$(PY) -m pytest -n 2 -q --durations=15
+	$(PY) -m pytest -n 2 --dist worksteal -q --durations=15
 
 # The library's tests in two extra venvs: the declared floors (pyproject.toml), and the
 # newest releases on Python 3.13 (found on PATH or through pyenv).
@@ -34,7 +34,7 @@ test-compat:
 	$(PYTHON) .ci/compat.py new
 
 test-slow: $(STAMP)
-	$(PY) -m pytest -n 2 -q --durations=15 -m slow
+	$(PY) -m pytest -n 2 --dist worksteal -q --durations=15 -m slow
 
 format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .

@@ -63,12 +63,17 @@ def test_offline_configs_run(get_config, method, tmp_path):
     kw = dict(patch=(4,), dim=32, depth=1, heads=2, mlp_dim=64, dropout=0.1, pool="mean")
     small = {"model_kwargs": kw}
   config = _shrink(get_config(), method=method, **small)
+  if method != "nrs":  # the Hessian depends on the model, not the method: nrs covers each
+    config.hessian.num_iters = 0
   rec = train.train_and_evaluate(config, str(tmp_path))
   assert rec["step"] == 2
   np.testing.assert_allclose(
     rec["test_accuracy"], recomputed_test_accuracy(config, str(tmp_path)), atol=1e-6
   )
-  assert np.isfinite(rec["hessian/lambda_max"]) and np.isfinite(rec["hessian/trace"])
+  if method == "nrs":
+    assert np.isfinite(rec["hessian/lambda_max"]) and np.isfinite(rec["hessian/trace"])
+  else:
+    assert "hessian/lambda_max" not in rec
   lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
   assert json.loads(lines[-1])["step"] == 2
   if method == "nrs":
