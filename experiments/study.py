@@ -278,8 +278,8 @@ class Study:
   def scores(self, task: str, method: str, settings: list) -> list:
     """Mean validation value over the tuning seeds, per setting (lower-is-better negated)."""
     sign = -1.0 if task_of(task).metric == "bits_per_char" else 1.0
-    vals = lambda st: [self.rows[key_of(task, method, "tune", s, st)]["val"] for s in TUNE_SEEDS]
-    return [sign * sum(vals(st)) / len(vals(st)) for st in settings]
+    val = lambda st, s: self.rows[key_of(task, method, "tune", s, st)]["val"]
+    return [sign * sum(val(st, s) for s in TUNE_SEEDS) / len(TUNE_SEEDS) for st in settings]
 
   def tune(self, task: str, axes: dict, base: dict | None = None) -> dict:
     """Tunes ``{method: [(key, values), ...]}`` (on top of ``base``); returns the chosen

@@ -196,7 +196,8 @@ def test_the_committed_report_is_what_the_committed_records_give(tmp_path):
   byte for byte from ``experiments/results/study_runs.csv`` (for the tasks its first line
   declares), however many runs of other tasks the records already hold."""
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  text = open(os.path.join(root, "experiments", "RESULTS_STUDY.md")).read()
+  with open(os.path.join(root, "experiments", "RESULTS_STUDY.md")) as f:
+    text = f.read()
   declared = re.search(r"--report_only(?: --tasks=([\w,]+))?`", text).group(1)
   rows = study.read_records(os.path.join(root, "experiments", "results", "study_runs.csv"))
   out = tmp_path / "RESULTS_STUDY.md"
