@@ -15,6 +15,17 @@ from scipy import stats
 from experiments import study
 from experiments.tables import markdown_table
 
+READING = (
+  "Reading the tables: a method's chosen setting has the best mean validation score over the "
+  "tuning seeds; the final seeds are disjoint from those and shared by every method (the same "
+  "initialisation, data order and split), so NRS - method is paired by seed: positive means NRS "
+  "is ahead in accuracy, negative means it is ahead in bits per character. Intervals are "
+  "t-intervals, p a paired t-test, and Holm's adjustment runs over the task's comparisons. A "
+  "diverged run counts at chance (1/C accuracy, 8 bits per character), so a method with one has "
+  "seeds far from normal: its interval widens, may pass the metric's range (above 100%), and "
+  "its test loses power. The diverged column says where; the per-seed rows are in the records."
+)
+
 
 def ci95(xs) -> tuple[float, float, float]:
   """Mean and the 95% t-interval of the mean."""
@@ -109,6 +120,7 @@ def task_section(rows, t, quick) -> tuple[list, dict]:
     "bits per character, lower is better" if task.metric == "bits_per_char" else "test accuracy, %"
   )
   f = lambda x: _fmt(task.metric, x)
+  ci = lambda trio: "{} [{}, {}]".format(*map(f, trio))
   others = [m for m in task.methods if m != "nrs"]
   diffs = {m: paired(test["nrs"], test[m]) for m in others}
   adj = dict(zip(others, holm([diffs[m][3] for m in others])))
@@ -118,41 +130,23 @@ def task_section(rows, t, quick) -> tuple[list, dict]:
     r0 = _finals(rows, t, m)[seeds[0]]
     mean, lo, hi = ci95(test[m])
     points[m] = (r0["step_cost"], mean, lo, hi)
-    d = "" if m == "nrs" else "{} [{}, {}]".format(*map(f, diffs[m][:3]))
+    d = "" if m == "nrs" else ci(diffs[m][:3])
     p = "" if m == "nrs" else f"{diffs[m][3]:.3g} / {adj[m]:.3g}"
     div = sum(_finals(rows, t, m)[s]["diverged"] for s in seeds)
     row = [m, f"{r0['passes']:.2f}", f"{r0['step_cost']:.2f}", json.dumps(setting, sort_keys=True)]
-    body.append([*row, pos, str(n), f"{f(mean)} [{f(lo)}, {f(hi)}]", str(div), d, p])
-  head = [
-    "method",
-    "passes",
-    "step cost",
-    "chosen",
-    "grid position",
-    "tuning runs",
-    f"mean [95% CI] ({unit})",
-    "diverged",
-    "NRS - method [95% CI]",
-    "p / Holm p",
-  ]
+    body.append([*row, pos, str(n), ci((mean, lo, hi)), str(div), d, p])
+  head = ["method", "passes", "step cost", "chosen", "grid position", "tuning runs"]
+  head += [f"mean [95% CI] ({unit})", "diverged", "NRS - method [95% CI]", "p / Holm p"]
   lines = [f"## {t}", "", markdown_table(head, body), ""]
   if t == study.ABLATION_TASK:
     abl = list(study.ABLATIONS)
     d = {a: paired(test[a], test["nrs"]) for a in abl}
     adj = dict(zip(abl, holm([d[a][3] for a in abl])))
-    r0 = {a: _finals(rows, t, a)[seeds[0]] for a in abl}
-    body = [
-      [
-        a,
-        json.dumps(study.ABLATIONS[a]),
-        f"{r0[a]['passes']:.2f}",
-        f"{r0[a]['step_cost']:.2f}",
-        "{} [{}, {}]".format(*map(f, ci95(test[a]))),
-        "{} [{}, {}]".format(*map(f, d[a][:3])),
-        f"{adj[a]:.3g}",
-      ]
-      for a in abl
-    ]
+    body = []
+    for a in abl:
+      r0 = _finals(rows, t, a)[seeds[0]]
+      row = [a, json.dumps(study.ABLATIONS[a]), f"{r0['passes']:.2f}", f"{r0['step_cost']:.2f}"]
+      body.append([*row, ci(ci95(test[a])), ci(d[a][:3]), f"{adj[a]:.3g}"])
     head = ["ablation", "changed from nrs", "passes", "step cost", "mean [95% CI]"]
     head += ["ablation - nrs [95% CI]", "Holm p"]
     title = f"### Ablations of nrs at its chosen setting ({t}, the same seeds)"
@@ -197,6 +191,8 @@ def write(rows: dict, tasks: list, path: str, quick: bool = False, declared: boo
     "better tuned validation score on the pilot task (mnist1d, another data seed; not in the tables):",
     "",
     markdown_table(["family", "chosen", "grid position", "tuning runs", "validation %"], pilot),
+    "",
+    READING,
     "",
   ]
   points = {}
