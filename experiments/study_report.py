@@ -78,11 +78,8 @@ def check(rows: dict, tasks: list, quick: bool) -> None:
 
 
 def _finals(rows, task, method) -> dict:
-  return {
-    r["seed"]: r
-    for r in rows.values()
-    if (r["task"], r["method"], r["phase"]) == (task, method, "final")
-  }
+  key = (task, method, "final")
+  return {r["seed"]: r for r in rows.values() if (r["task"], r["method"], r["phase"]) == key}
 
 
 def chosen(rows, task, method) -> tuple[dict, str, int]:
@@ -107,8 +104,7 @@ def chosen(rows, task, method) -> tuple[dict, str, int]:
   return setting, ", ".join(pos), len(tune)
 
 
-def _fmt(metric, x):
-  return f"{x:.3f}" if metric == "bits_per_char" else f"{100 * x:.2f}"
+UNITS = {"bits_per_char": "bits per character, lower is better", "accuracy": "test accuracy, %"}
 
 
 def task_section(rows, t, quick) -> tuple[list, dict]:
@@ -116,10 +112,8 @@ def task_section(rows, t, quick) -> tuple[list, dict]:
   seeds = study.final_seeds(task, quick)
   names = [*task.methods, *(study.ABLATIONS if t == study.ABLATION_TASK else ())]
   test = {m: [_finals(rows, t, m)[s]["test"] for s in seeds] for m in names}
-  unit = (
-    "bits per character, lower is better" if task.metric == "bits_per_char" else "test accuracy, %"
-  )
-  f = lambda x: _fmt(task.metric, x)
+  unit = UNITS[task.metric]
+  f = lambda x: f"{x:.3f}" if task.metric == "bits_per_char" else f"{100 * x:.2f}"
   ci = lambda trio: "{} [{}, {}]".format(*map(f, trio))
   others = [m for m in task.methods if m != "nrs"]
   diffs = {m: paired(test["nrs"], test[m]) for m in others}
@@ -155,18 +149,25 @@ def task_section(rows, t, quick) -> tuple[list, dict]:
 
 
 def plot(points: dict, path: str) -> None:
+  """One panel per task (three a row), each method in the same colour on every panel."""
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  fig, axes = plt.subplots(1, len(points), figsize=(4 * len(points), 3.5), squeeze=False)
-  for ax, (t, pts) in zip(axes[0], points.items()):
-    for m, (c, mean, lo, hi) in pts.items():
-      ax.errorbar([c], [mean], yerr=[[mean - lo], [hi - mean]], fmt="o", capsize=3)
+  color = {m: f"C{i}" for i, m in enumerate([*study.IMAGE, "adamw"])}
+  ncol, nrow = min(3, len(points)), -(-len(points) // 3)  # at least one task
+  fig, axes = plt.subplots(nrow, ncol, figsize=(4.5 * ncol, 3.5 * nrow), squeeze=False)
+  for ax in axes.flat[len(points) :]:
+    ax.axis("off")
+  for ax, (t, pts) in zip(axes.flat, points.items()):
+    bits = study.TASKS[t].metric == "bits_per_char"
+    for m, (c, *mean_lo_hi) in pts.items():
+      mean, lo, hi = (x if bits else 100 * x for x in mean_lo_hi)
+      ax.errorbar([c], [mean], yerr=[[mean - lo], [hi - mean]], fmt="o", capsize=3, c=color[m])
       ax.annotate(m, (c, mean), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set(title=t, xlabel="step time / base method's")
-  axes[0][0].set_ylabel("test metric (mean, 95% CI)")
+    ylabel = f"{UNITS[study.TASKS[t].metric]}\n(mean, 95% CI)"
+    ax.set(title=t, xlabel="step time / base method's", ylabel=ylabel)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)

@@ -120,6 +120,30 @@ def test_the_study_resumes_from_its_records_and_writes_the_report(tmp_path, no_t
   assert (tmp_path / "results" / "study_cost_accuracy.png").stat().st_size > 1000
 
 
+def test_the_plot_gives_each_method_one_colour_on_every_panel(tmp_path):
+  import matplotlib.colors
+  import matplotlib.image
+
+  # In each panel's own colour cycle nrs would be 3rd on the left and 2nd on the right.
+  left = {
+    "sgd": (1.0, 0.7, 0.69, 0.71),
+    "sam": (1.7, 0.72, 0.7, 0.74),
+    "nrs": (1.8, 0.75, 0.7, 0.8),
+  }
+  right = {"adamw": (1.0, 2.6, 2.5, 2.7), "nrs": (1.8, 2.5, 2.4, 2.6)}
+  study_report.plot({"mnist1d_mlp": left, "stdlib_lm": right}, str(tmp_path / "p.png"))
+  img = matplotlib.image.imread(tmp_path / "p.png")[..., :3]
+  halves = img[:, : img.shape[1] // 2], img[:, img.shape[1] // 2 :]
+  # The palette without C7, grey, which anti-aliased text also gives.
+  palette = {f"C{i}": np.array(matplotlib.colors.to_rgb(f"C{i}")) for i in range(10) if i != 7}
+  used = [
+    {c for c, rgb in palette.items() if np.all(np.abs(h - rgb) < 0.01, axis=-1).sum() > 20}
+    for h in halves
+  ]
+  assert len(used[0]) == 3 and len(used[1]) == 2  # every method its own colour
+  assert len(used[0] & used[1]) == 1  # the one shared method, nrs, in one colour
+
+
 def test_report_only_refuses_records_that_do_not_match(tmp_path, no_timing):
   s = _study(tmp_path, fake_trainer({}))
   s.run([("mnist1d_mlp", "sgd", "final", study.FINAL_SEED0, {"weight_decay": 5e-4})])
