@@ -275,12 +275,6 @@ class Study:
       self.rows[key_of(*[row[k] for k in COLUMNS[:4]], json.loads(row["setting"]))] = row
       _append(self.path, row)
 
-  def scores(self, task: str, method: str, settings: list) -> list:
-    """Mean validation value over the tuning seeds, per setting (lower-is-better negated)."""
-    sign = -1.0 if task_of(task).metric == "bits_per_char" else 1.0
-    val = lambda st, s: self.rows[key_of(task, method, "tune", s, st)]["val"]
-    return [sign * sum(val(st, s) for s in TUNE_SEEDS) / len(TUNE_SEEDS) for st in settings]
-
   def tune(self, task: str, axes: dict, base: dict | None = None) -> dict:
     """Tunes ``{method: [(key, values), ...]}`` (on top of ``base``); returns the chosen
     settings, each axis extended outward (up to twice) while its choice sits at an edge."""
@@ -297,8 +291,7 @@ class Study:
       self.run([(task, m, "tune", s, st) for m, g in grids.items() for st in g for s in TUNE_SEEDS])
       chosen, more = {}, False
       for m, g in grids.items():
-        sc = self.scores(task, m, g)
-        chosen[m] = g[max(range(len(g)), key=lambda i: (sc[i], -i))]
+        chosen[m] = select(self.rows, task, m, g)
         for k, vals in axes[m]:
           i = vals.index(chosen[m][k])
           if len(vals) > 1 and i in (0, len(vals) - 1) and grown[m, k] < self.grow_limit:
@@ -307,6 +300,19 @@ class Study:
             grown[m, k], more = grown[m, k] + 1, True
       if not more:
         return chosen
+
+
+def score(rows: dict, task: str, method: str, setting: dict) -> float:
+  """A setting's mean validation value over the tuning seeds (lower-is-better negated)."""
+  sign = -1.0 if task_of(task).metric == "bits_per_char" else 1.0
+  vals = [rows[key_of(task, method, "tune", s, setting)]["val"] for s in TUNE_SEEDS]
+  return sign * sum(vals) / len(vals)
+
+
+def select(rows: dict, task: str, method: str, settings: list) -> dict:
+  """The selection rule of the runner and the report alike: the best score; a tie goes to
+  the smallest values (in sorted-key order), whatever order ``settings`` come in."""
+  return max(settings, key=lambda st: (score(rows, task, method, st), [-st[k] for k in sorted(st)]))
 
 
 _tidy = lambda v: float(f"{v:.6g}")  # grid values without binary noise
@@ -326,7 +332,7 @@ def _axes(task_name: str, method: str, family: str, quick: bool, with_lr: bool) 
 def pilot_family(study: Study) -> str:
   """NRS's noise family for the whole study: the pilot's better tuned validation score."""
   chosen = study.tune("pilot", {m: _axes("pilot", m, "", study.quick, True) for m in PILOT.methods})
-  best = {m: study.scores("pilot", m, [chosen[m]])[0] for m in PILOT.methods}
+  best = {m: score(study.rows, "pilot", m, chosen[m]) for m in PILOT.methods}
   return max(PILOT.methods, key=lambda m: best[m]).removeprefix("nrs_")
 
 

@@ -89,15 +89,11 @@ def chosen(rows, task, method) -> tuple[dict, str, int]:
   ]
   if not tune:
     return {}, "", 0
-  sign = -1.0 if tune[0]["metric"] == "bits_per_char" else 1.0
-  by = {}
-  for r in tune:
-    by.setdefault(r["setting"], []).append(sign * r["val"])
-  best = max(by, key=lambda s: np.mean(by[s]))
-  setting = json.loads(best)
+  settings = [json.loads(s) for s in dict.fromkeys(r["setting"] for r in tune)]
+  setting = study.select(rows, task, method, settings)
   pos = []
   for k, v in setting.items():
-    axis = sorted({json.loads(s)[k] for s in by})
+    axis = sorted({st[k] for st in settings})
     if len(axis) > 1:
       i = axis.index(v)
       pos.append(f"{k} {i + 1}/{len(axis)}" + (" (edge)" if i in (0, len(axis) - 1) else ""))
@@ -176,19 +172,17 @@ def plot(points: dict, path: str) -> None:
 def write(rows: dict, tasks: list, path: str, quick: bool = False, declared: bool = False) -> None:
   check(rows, tasks, quick)
   used = [r for r in rows.values() if r["task"] in (*tasks, "pilot")]  # others may be running
-  pilot = []
+  pilot, best = [], {}
   for m in study.PILOT.methods:
     setting, pos, n = chosen(rows, "pilot", m)
-    vals = [rows[study.key_of("pilot", m, "tune", s, setting)]["val"] for s in study.TUNE_SEEDS]
-    pilot.append(
-      [m, json.dumps(setting, sort_keys=True), pos, str(n), f"{100 * np.mean(vals):.2f}"]
-    )
+    best[m] = study.score(rows, "pilot", m, setting)  # the runner's pilot_family rule
+    pilot.append([m, json.dumps(setting, sort_keys=True), pos, str(n), f"{100 * best[m]:.2f}"])
   lines = [
     "# The evidence study",
     "",
     f"Written by `python -m experiments.study --report_only{' --tasks=' + ','.join(tasks) if declared else ''}` from `experiments/results/study_runs.csv` ({len(used)} runs of these tasks and the pilot, {sum(r['seconds'] for r in used) / 3600:.1f} CPU hours); do not edit.",
     "",
-    f"NRS's noise family for the study: **{max(pilot, key=lambda r: float(r[-1]))[0][4:]}**, the "
+    f"NRS's noise family for the study: **{max(best, key=best.get)[4:]}**, the "
     "better tuned validation score on the pilot task (mnist1d, another data seed; not in the tables):",
     "",
     markdown_table(["family", "chosen", "grid position", "tuning runs", "validation %"], pilot),

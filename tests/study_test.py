@@ -74,13 +74,22 @@ def test_tuning_selects_on_the_mean_validation_and_extends_edges_up_to_twice(tmp
   assert pos == "learning_rate 2/4, sam.rho 6/6 (edge)"
 
 
+def test_runner_and_report_break_a_tie_alike_whatever_the_records_order(tmp_path):
+  s = _study(tmp_path, fake_trainer({}))  # every setting scores 0.9: one tie
+  axes = [("learning_rate", [0.1, 0.2]), ("weight_decay", [5e-4, 2e-3])]
+  chosen = s.tune("mnist1d_mlp", {"sgd": axes})["sgd"]
+  assert chosen == {"learning_rate": 0.025, "weight_decay": 3.125e-5}  # the smallest values
+  for rows in (s.rows, dict(reversed(s.rows.items()))):
+    assert study_report.chosen(rows, "mnist1d_mlp", "sgd")[0] == chosen
+
+
 def test_a_diverged_tuning_run_counts_in_its_settings_mean(tmp_path):
   train = fake_trainer({"sgd": {"weight_decay": 5e-4}}, diverge={("sgd", 1)})
   s = _study(tmp_path, train)
   chosen = s.tune("mnist1d_mlp", {"sgd": [("weight_decay", [5e-4, 2e-3])]})
   # Every setting has one diverged seed (0.1), so the means still rank the settings.
   assert chosen["sgd"] == {"weight_decay": 5e-4}
-  assert s.scores("mnist1d_mlp", "sgd", [chosen["sgd"]]) == [pytest.approx((0.9 + 0.1) / 2)]
+  assert study.score(s.rows, "mnist1d_mlp", "sgd", chosen["sgd"]) == pytest.approx((0.9 + 0.1) / 2)
 
 
 def test_the_study_resumes_from_its_records_and_writes_the_report(tmp_path, no_timing):
