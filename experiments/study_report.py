@@ -107,7 +107,8 @@ def task_section(rows, t, quick) -> tuple[list, dict]:
   task = study.TASKS[t]
   seeds = study.final_seeds(task, quick)
   names = [*task.methods, *(study.ABLATIONS if t == study.ABLATION_TASK else ())]
-  test = {m: [_finals(rows, t, m)[s]["test"] for s in seeds] for m in names}
+  fin = {m: _finals(rows, t, m) for m in names}  # one scan of the records per method
+  test = {m: [fin[m][s]["test"] for s in seeds] for m in names}
   unit = UNITS[task.metric]
   f = lambda x: f"{x:.3f}" if task.metric == "bits_per_char" else f"{100 * x:.2f}"
   ci = lambda trio: "{} [{}, {}]".format(*map(f, trio))
@@ -117,12 +118,12 @@ def task_section(rows, t, quick) -> tuple[list, dict]:
   body, points = [], {}
   for m in task.methods:
     setting, pos, n = chosen(rows, t, m)
-    r0 = _finals(rows, t, m)[seeds[0]]
+    r0 = fin[m][seeds[0]]
     mean, lo, hi = ci95(test[m])
     points[m] = (r0["step_cost"], mean, lo, hi)
     d = "" if m == "nrs" else ci(diffs[m][:3])
     p = "" if m == "nrs" else f"{diffs[m][3]:.3g} / {adj[m]:.3g}"
-    div = sum(_finals(rows, t, m)[s]["diverged"] for s in seeds)
+    div = sum(fin[m][s]["diverged"] for s in seeds)
     row = [m, f"{r0['passes']:.2f}", f"{r0['step_cost']:.2f}", json.dumps(setting, sort_keys=True)]
     body.append([*row, pos, str(n), ci((mean, lo, hi)), str(div), d, p])
   head = ["method", "passes", "step cost", "chosen", "grid position", "tuning runs"]
@@ -134,7 +135,7 @@ def task_section(rows, t, quick) -> tuple[list, dict]:
     adj = dict(zip(abl, holm([d[a][3] for a in abl])))
     body = []
     for a in abl:
-      r0 = _finals(rows, t, a)[seeds[0]]
+      r0 = fin[a][seeds[0]]
       row = [a, json.dumps(study.ABLATIONS[a]), f"{r0['passes']:.2f}", f"{r0['step_cost']:.2f}"]
       body.append([*row, ci(ci95(test[a])), ci(d[a][:3]), f"{adj[a]:.3g}"])
     head = ["ablation", "changed from nrs", "passes", "step cost", "mean [95% CI]"]
