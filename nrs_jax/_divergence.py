@@ -15,7 +15,6 @@ import jax.numpy as jnp
 import optax
 
 DivergenceFn = Callable[[jax.Array, jax.Array], jax.Array]
-DIVERGENCES = ("kl", "reverse_kl", "symmetric_kl", "js")
 
 
 def _log_probs(logits: jax.Array) -> jax.Array:
@@ -34,10 +33,10 @@ def kl(center_logits: jax.Array, neighbor_logits: jax.Array) -> jax.Array:
 
   Examples:
     >>> import jax.numpy as jnp, nrs_jax
-    >>> p, q = jnp.array([[2.0, 0.0]]), jnp.array([[0.0, 2.0]])
+    >>> p, q = jnp.array([[2.0, 0.0, 0.0]]), jnp.array([[0.0, 1.0, -1.0]])
     >>> [round(float(f(p, q)[0]), 4) for f in
     ...  (nrs_jax.kl, nrs_jax.reverse_kl, nrs_jax.symmetric_kl, nrs_jax.js)]
-    [1.5232, 1.5232, 1.5232, 0.3278]
+    [0.742, 0.9177, 0.8299, 0.1879]
   """
   return _kl(_log_probs(center_logits), _log_probs(neighbor_logits))
 
@@ -45,8 +44,9 @@ def kl(center_logits: jax.Array, neighbor_logits: jax.Array) -> jax.Array:
 def reverse_kl(center_logits: jax.Array, neighbor_logits: jax.Array) -> jax.Array:
   """KL(p_neighbor || p_center) per position.
 
-  >>> float(reverse_kl(jnp.ones((1, 3)), jnp.ones((1, 3)))[0])
-  0.0
+  >>> p, q = jnp.array([[2.0, 0.0, 0.0]]), jnp.array([[0.0, 1.0, -1.0]])
+  >>> round(float(reverse_kl(p, q)[0]), 4), float(reverse_kl(p, p)[0])  # exactly 0 at equal logits
+  (0.9177, 0.0)
   """
   return _kl(_log_probs(neighbor_logits), _log_probs(center_logits))
 
@@ -54,8 +54,9 @@ def reverse_kl(center_logits: jax.Array, neighbor_logits: jax.Array) -> jax.Arra
 def symmetric_kl(center_logits: jax.Array, neighbor_logits: jax.Array) -> jax.Array:
   """(KL(p || q) + KL(q || p)) / 2 per position.
 
-  >>> float(symmetric_kl(jnp.ones((1, 3)), jnp.ones((1, 3)))[0])
-  0.0
+  >>> p, q = jnp.array([[2.0, 0.0, 0.0]]), jnp.array([[0.0, 1.0, -1.0]])
+  >>> round(float(symmetric_kl(p, q)[0]), 4), float(symmetric_kl(p, p)[0])  # exactly 0 at equal logits
+  (0.8299, 0.0)
   """
   logp, logq = _log_probs(center_logits), _log_probs(neighbor_logits)
   return 0.5 * jnp.sum((jnp.exp(logp) - jnp.exp(logq)) * (logp - logq), axis=-1)
@@ -64,8 +65,9 @@ def symmetric_kl(center_logits: jax.Array, neighbor_logits: jax.Array) -> jax.Ar
 def js(center_logits: jax.Array, neighbor_logits: jax.Array) -> jax.Array:
   """Jensen-Shannon divergence (natural log, at most log 2) per position.
 
-  >>> float(js(jnp.ones((1, 3)), jnp.ones((1, 3)))[0])
-  0.0
+  >>> p, q = jnp.array([[2.0, 0.0, 0.0]]), jnp.array([[0.0, 1.0, -1.0]])
+  >>> round(float(js(p, q)[0]), 4), float(js(p, p)[0])  # exactly 0 at equal logits
+  (0.1879, 0.0)
   """
   logp, logq = _log_probs(center_logits), _log_probs(neighbor_logits)
   # With t = log q - log p: log p - log m = log 2 - softplus(t), log q - log m =
@@ -80,14 +82,20 @@ def js(center_logits: jax.Array, neighbor_logits: jax.Array) -> jax.Array:
 _BY_NAME: dict[str, DivergenceFn] = dict(
   kl=kl, reverse_kl=reverse_kl, symmetric_kl=symmetric_kl, js=js
 )
+DIVERGENCES = tuple(_BY_NAME)  # the names ``divergence=`` accepts
 
 
 def get_divergence(divergence: str | DivergenceFn) -> DivergenceFn:
   """The per-position divergence named in ``DIVERGENCES``, or a given callable
-  ``(center_logits, neighbor_logits) -> values`` (class axis reduced); else a ValueError.
+  ``(center_logits, neighbor_logits) -> values`` (class axis reduced).
 
-  >>> get_divergence("js") is js
-  True
+  Raises:
+    ValueError: for a name not in ``DIVERGENCES`` that is not a callable.
+
+  Examples:
+    >>> p, q = jnp.array([[2.0, 0.0, 0.0]]), jnp.array([[0.0, 1.0, -1.0]])
+    >>> get_divergence("js") is js, round(float(get_divergence("js")(p, q)[0]), 4)
+    (True, 0.1879)
   """
   if callable(divergence):
     return divergence
@@ -103,6 +111,9 @@ def output_divergence(
   center_logits: jax.Array, neighbor_logits: jax.Array, divergence: str | DivergenceFn = "kl"
 ) -> jax.Array:
   """``D_B(w, w')``: the divergence averaged over every leading axis (a scalar).
+
+  Raises:
+    ValueError: for a ``divergence`` name not in ``DIVERGENCES`` (and not a callable).
 
   Examples:
     >>> import jax.numpy as jnp, nrs_jax

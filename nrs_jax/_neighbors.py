@@ -74,13 +74,14 @@ def _threefry_normal_cpu(kd: jax.Array, n: int) -> jax.Array:
   return jax.lax.cond(always, draw, zeros, kd)[:, :n]  # (cut outside: not fused in)
 
 
-def standard_normal(keys: jax.Array, n: int, fused: bool = True) -> jax.Array:
-  """Row ``i`` is ``jax.random.normal(keys[i], (n,), float32)``; on the CPU (a
-  ``platform_dependent``) partitionable threefry keys take the kernel above."""
-  generic = lambda keys: jax.vmap(lambda k: jax.random.normal(k, (n,), jnp.float32))(keys)
+def standard_normal(keys: jax.Array, n: int, fused: bool = True, dtype: Any = jnp.float32):
+  """Row ``i`` is ``jax.random.normal(keys[i], (n,), dtype)``; on the CPU (a
+  ``platform_dependent``) partitionable threefry keys take the kernel above (float32 only)."""
+  generic = lambda keys: jax.vmap(lambda k: jax.random.normal(k, (n,), dtype))(keys)
   impl = jax.random.key_impl(keys)
   threefry = "threefry" in str(getattr(impl, "name", impl))
-  if not (fused and threefry) or n >= 2**31 or not jax.config.jax_threefry_partitionable:  # type: ignore[attr-defined]
+  partitionable = jax.config.jax_threefry_partitionable  # type: ignore[attr-defined]
+  if not (fused and threefry) or n >= 2**31 or not partitionable or dtype != jnp.float32:
     return generic(keys)
   kd = jax.random.key_data(keys)
   return jax.lax.platform_dependent(
@@ -166,6 +167,8 @@ class Perturbations:
   ...                          mask={"w": True, "b": False})
   >>> [None if d is None else d.shape for d in p.deltas]  # flatten order: b, w
   [None, (1, 3)]
+  >>> [round(float(v), 4) for v in p.deltas[1][0]]  # 0.1 * jax.random.normal draws
+  [-0.0575, 0.08, -0.026]
   """
 
   deltas: list
@@ -204,6 +207,10 @@ def sample_perturbations(
 ) -> Perturbations:
   """K independent perturbations ``delta_k ~ Q_r(w)`` of ``params`` (options: :func:`nrs_penalty`).
 
+  Raises:
+    ValueError: for an invalid ``num_neighbors``, ``noise`` or ``scale``, a ``radius`` or
+      ``mask`` that does not fit ``params``, or ``params`` without a float leaf.
+
   Examples:
     >>> import jax, jax.numpy as jnp, nrs_jax
     >>> params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
@@ -211,8 +218,8 @@ def sample_perturbations(
     ...     params, jax.random.key(0), radius=0.1, num_neighbors=4, noise="sphere")
     >>> tree = p.as_tree(params)  # a leading K axis on every leaf
     >>> norms = jnp.sqrt((tree["w"] ** 2).sum((1, 2)) + (tree["b"] ** 2).sum(1))
-    >>> bool(jnp.allclose(norms, 0.1))
-    True
+    >>> [round(float(n), 4) for n in norms], round(float(tree["w"][0, 0, 0]), 4)
+    ([0.1, 0.1, 0.1, 0.1], -0.0097)
   """
   k = _options.check_positive_int("num_neighbors", num_neighbors)
   sampler = Sampler(params, radius=radius, noise=noise, scale=scale, mask=mask)
@@ -235,22 +242,27 @@ class Sampler:
       self.moving = self.selected
     leaves = jax.tree_util.tree_leaves(params)
     self.sizes = [int(x.size) if m else 0 for x, m in zip(leaves, self.moving)]
+    # The draw's dtype: float32, or float64 where a perturbed leaf is (under x64): a float32
+    # draw would carry float32 rounding into float64 results (and differ by an ulp between
+    # programs: XLA compiles the normal's erf_inv differently inside a scan body).
+    wide = [x.dtype for x, m in zip(leaves, self.moving) if m and x.dtype == jnp.float64]
+    self.dtype = jnp.float64 if wide else jnp.float32
     self.noise, self.scale = noise, scale
 
   def draw(self, params: Any, keys: jax.Array, fused: bool = True) -> list:
     """Per leaf, deltas ``[len(keys), ...]`` (neighbour ``i`` from ``keys[i]``) or None."""
-    n, total = keys.shape[0], sum(self.sizes)
+    n, total, dtype = keys.shape[0], sum(self.sizes), self.dtype
     key_dir, key_len = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)
-    v = standard_normal(key_dir, total, fused)
+    v = standard_normal(key_dir, total, fused, dtype)
     length: Any = 1.0
     if self.noise != "gaussian":
       norm = jnp.sqrt(jnp.sum(jnp.square(v), axis=1, keepdims=True))
     if self.noise == "ball":
-      u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(key_len)
+      u = jax.vmap(lambda k: jax.random.uniform(k, (), dtype))(key_len)
       length = jnp.exp(jnp.log(u) / total)[:, None]
 
     def scaled(v, r):  # radius r times the unit-radius sample
-      r = jnp.asarray(r, jnp.float32)
+      r = jnp.asarray(r, dtype)
       return r * v if self.noise == "gaussian" else v * ((r * length) / norm)
 
     if self.scalar_radius:

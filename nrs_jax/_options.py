@@ -67,13 +67,19 @@ def check_nonnegative(name: str, value: Any, *, tree: bool = False, schedule: bo
   for v in leaves:
     if isinstance(v, jax.core.Tracer):
       continue
-    try:
-      ok = jnp.ndim(v) == 0 and math.isfinite(float(v)) and float(v) >= 0
+    text = (
+      isinstance(v, (str, bytes))
+      or getattr(v, "dtype", None) is not None
+      and (np.dtype(v.dtype).kind in "SUO")
+    )
+    try:  # (float("0.05") would accept a string)
+      ok = not text and jnp.ndim(v) == 0 and math.isfinite(float(v)) and float(v) >= 0
     except (TypeError, ValueError):
       ok = False
     if not ok:
       what = f"{name}={value!r}" if v is value else f"{name} has a leaf {v!r}, but each"
-      raise ValueError(f"{what} must be a finite scalar >= 0.")
+      hint = f" (a number such as {name}=0.05, not a string)" if text else ""
+      raise ValueError(f"{what} must be a finite scalar >= 0{hint}.")
 
 
 def check_positive_int(name: str, value: Any) -> int:

@@ -16,10 +16,23 @@ from nrs_jax import _strategies
 
 
 def _check_logits(logits: Any, what: str) -> jax.Array:
+  if isinstance(logits, (tuple, list, dict)):
+    raise ValueError(
+      f"logits_fn must return the logits alone, an array [..., num_classes]; {what} got a "
+      f"{type(logits).__name__} of {len(logits)} items (logits and a model state, as from "
+      "Equinox or Linen's mutable=?). Return the logits alone: lambda p: f(p)[0]."
+    )
   if not _neighbors.is_float(logits) or jnp.ndim(logits) == 0:
     raise ValueError(
       f"logits_fn must return floating-point logits of shape [..., num_classes], not a scalar"
-      f" (a loss function?); {what} got {getattr(logits, 'dtype', type(logits))} {jnp.shape(logits)}."
+      f" (a loss function?); {what} got {getattr(logits, 'dtype', type(logits).__name__)}"
+      f" {getattr(logits, 'shape', '')}."
+    )
+  if jnp.ndim(logits) == 1:
+    raise ValueError(
+      f"logits_fn returned logits of shape {tuple(logits.shape)} for {what}, read as one "
+      f"distribution over {logits.shape[0]} classes. For one binary logit per example return "
+      "[B, 1] (logits[:, None]); for one example's C classes return [1, C] (logits[None])."
     )
   return logits
 
@@ -83,15 +96,23 @@ def nrs_penalty(
     per_replica_neighbors: with ``axis_name``, each replica draws its own.
 
   Returns:
-    A float32 (or wider) scalar; a ValueError for an invalid option.
+    A float32 (or wider) scalar (float64 under x64 with float64 logits).
+
+  Raises:
+    ValueError: for an invalid option (``radius`` not finite and >= 0, e.g. a string; an
+      unknown choice; ``neighbor_chunk_size`` not dividing K), a mask or radius that does
+      not fit ``params``, a ``where`` that is not boolean or does not broadcast, and
+      ``logits_fn`` output that is not float logits ``[..., C]``: a tuple such as
+      ``(logits, state)``, a scalar, or a 1-d ``[B]`` vector (return ``[B, 1]`` for one
+      binary logit per example).
 
   Examples:
     >>> import jax, jax.numpy as jnp, nrs_jax
     >>> x, params = jnp.ones((8, 3)), {"w": jnp.full((3, 4), 0.1)}
     >>> pen = nrs_jax.nrs_penalty(lambda p: x @ p["w"], params, jax.random.key(0),
     ...                           radius=0.1, num_neighbors=2)
-    >>> bool(pen > 0)
-    True
+    >>> f"{float(pen):.4g}"
+    '0.008411'
 
   References:
     Zhao and Zhang, Neighborhood Region Smoothing Regularization for Finding
@@ -99,13 +120,32 @@ def nrs_penalty(
   """
   _options.check_nonnegative("radius", radius, tree=True)
   opts = _options.NRSOptions.of(locals())
-  kw = dict(center_logits=center_logits, where=where, axis_name=axis_name)
-  return penalty(opts, logits_fn, params, key, radius, per_replica_neighbors, **kw)
+  return penalty(
+    opts,
+    logits_fn,
+    params,
+    key,
+    radius,
+    per_replica_neighbors,
+    center_logits=center_logits,
+    where=where,
+    axis_name=axis_name,
+  )
 
 
-def penalty(options, logits_fn, params, key, radius, per_replica_neighbors=False, **kw):
+def penalty(
+  options: _options.NRSOptions,
+  logits_fn: Callable[[Any], jax.Array],
+  params: Any,
+  key: Any,
+  radius: Any,
+  per_replica_neighbors: bool = False,
+  *,
+  center_logits: jax.Array | None = None,
+  where: jax.Array | None = None,
+  axis_name: str | None = None,
+) -> jax.Array:
   """:func:`nrs_penalty` with validated options (every entry point calls this)."""
-  center_logits, where, axis_name = kw.get("center_logits"), kw.get("where"), kw.get("axis_name")
   if per_replica_neighbors and axis_name is None:
     raise ValueError("per_replica_neighbors=True needs axis_name, the mapped axis.")
   # The perturbations are constants, the radius included (it stays out of custom rules).
@@ -151,7 +191,8 @@ def penalty(options, logits_fn, params, key, radius, per_replica_neighbors=False
       return one_at(p, c, [None if d is None else d[0] for d in deltas])[None]
     return jax.vmap(lambda d: one_at(p, c, d))(deltas)
 
-  k, strategy = options.num_neighbors, options.strategy
+  k = options.num_neighbors
+  strategy: str | tuple[str, str] = options.strategy
   if strategy == "auto":
     strategy = _strategies.choose(
       k, k > 1 and _strategies.runs_convolution(logits_fn, params, sampler.moving)
@@ -195,6 +236,10 @@ def strided_subset(tree: Any, size: int, *, batch_size: int | None = None) -> An
   """Rows ``0, B/size, 2 B/size, ...`` of each leaf whose leading dim is the batch size ``B``
   (default: the largest), ``size`` dividing ``B``: the ``neighbor_batch_size`` subset (each
   of ``S`` data shards keeps its own rows when ``S`` divides ``size``).
+
+  Raises:
+    ValueError: when ``size`` is not a positive int dividing the batch size, or no leaf
+      has a leading (batch) dimension.
 
   Examples:
     >>> import jax.numpy as jnp, nrs_jax
@@ -258,6 +303,11 @@ def make_nrs_loss(
     ``loss(params, batch, key) -> (total, aux)``, ``aux`` holding ``task_loss``,
     ``nrs_penalty``, ``logits`` (and ``model_aux``).
 
+  Raises:
+    ValueError: at construction for an invalid option (as :func:`nrs_penalty`) or a
+      ``neighbor_batch_size`` that is not a positive int; at trace time for one that does
+      not divide the batch, or logits that are not ``[..., C]``.
+
   Examples:
     >>> import jax, jax.numpy as jnp, optax, nrs_jax
     >>> apply_fn = lambda p, b: b["x"] @ p["w"]
@@ -267,8 +317,8 @@ def make_nrs_loss(
     >>> batch = {"x": jnp.ones((4, 3)), "y": jnp.array([0, 1, 2, 3])}
     >>> (total, aux), grads = jax.value_and_grad(loss, has_aux=True)(
     ...     {"w": jnp.full((3, 4), 0.1)}, batch, jax.random.key(0))
-    >>> sorted(aux)
-    ['logits', 'nrs_penalty', 'task_loss']
+    >>> sorted(aux), [f"{float(v):.4g}" for v in (aux["task_loss"], aux["nrs_penalty"], total)]
+    (['logits', 'nrs_penalty', 'task_loss'], ['1.386', '0.003183', '1.389'])
   """
   _options.check_nonnegative("alpha", alpha)
   _options.check_nonnegative("radius", radius, tree=True)

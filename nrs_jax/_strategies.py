@@ -42,13 +42,16 @@ def runs_convolution(logits_fn: Callable[[Any], Any], params: Any, selected: lis
   return _has_primitive(jax.make_jaxpr(logits_fn)(params).jaxpr, "conv_general_dilated")
 
 
-def choose(k: int, has_conv: bool) -> str:
-  """``auto``'s choice: ``loop``, ``chunked`` or ``dense`` (loop on CPU up to 8, else vmap)."""
+def choose(k: int, has_conv: bool) -> tuple[str, str]:
+  """``auto``'s choice, ``(on the CPU, elsewhere)``, each one of ``STRATEGIES``: conv nets
+  the loop below 8 neighbours and chunks of one from 8 on; dense nets the loop on the CPU up
+  to 8 and ``vmap`` above it or on an accelerator (docs: benchmarks)."""
   if k == 1:
-    return "loop"
+    return ("loop", "loop")
   if has_conv:
-    return "loop" if k < CONV_LOOP_BELOW else "chunked"
-  return "dense" if k <= CPU_DENSE_LOOP_UP_TO else "vmap"
+    s = "loop" if k < CONV_LOOP_BELOW else "chunked"
+    return (s, s)
+  return ("loop" if k <= CPU_DENSE_LOOP_UP_TO else "vmap", "vmap")
 
 
 def aggregate(divs: jax.Array, aggregation: str, axis_name: str | None) -> jax.Array:
@@ -61,7 +64,17 @@ def evaluate(
   strategy, divs_of: Callable, deltas_of: Callable, params, center, keys, options, axis_name
 ):
   """``A_k d_k`` over the neighbours drawn from ``keys`` (``deltas_of(params, keys)``; then
-  ``divs_of(params, center, deltas) -> [n]``); ``dense``: ``loop`` on CPU, ``vmap`` elsewhere."""
+  ``divs_of(params, center, deltas) -> [n]``). ``strategy``: a name, or ``(on the CPU,
+  elsewhere)`` from :func:`choose`, which becomes a ``platform_dependent`` when they differ."""
+  if isinstance(strategy, tuple):
+    cpu, other = strategy
+    if cpu == other:
+      strategy = cpu
+    else:
+      run = lambda s: (
+        lambda: evaluate(s, divs_of, deltas_of, params, center, keys, options, axis_name)
+      )
+      return jax.lax.platform_dependent(cpu=run(cpu), default=run(other))
   aggregation = options.aggregation
 
   def loop():
@@ -75,8 +88,6 @@ def evaluate(
   def vmapped():
     return aggregate(divs_of(params, center, deltas_of(params, keys)), aggregation, axis_name)
 
-  if strategy == "dense":
-    return jax.lax.platform_dependent(cpu=loop, default=vmapped)
   if strategy == "chunked":
     groups = keys.reshape((-1, options.neighbor_chunk_size))
     return _chunked(divs_of, deltas_of, params, center, groups, aggregation, axis_name)
@@ -84,7 +95,18 @@ def evaluate(
 
 
 def _order_tie(grads: list, dtype) -> jax.Array:
-  """A zero that depends on ``grads``; on CPU it orders unrolled chunks (docs: method)."""
+  """A zero that depends on ``grads``, added to the next chunk's perturbations.
+
+  Unrolled chunks (of one) are independent programs as far as XLA can see: nothing in chunk
+  ``i + 1``'s forward pass needs chunk ``i``'s backward pass, so XLA:CPU's scheduler may
+  start every chunk's forward pass first and keep all K sets of activations alive at once,
+  which is the memory ``chunked`` exists to save. A value computed from the running gradient
+  sum (``0 * sum``, finite-guarded so a NaN gradient cannot leak into it) makes each chunk's
+  draw depend on the previous chunk's gradient, which orders them one after another. It is
+  exactly zero, so values and derivatives are unchanged. It is a measure for XLA:CPU's
+  scheduler; elsewhere (a ``platform_dependent``) it is a constant zero, which keeps it out
+  of exported GPU/TPU programs.
+  """
 
   def tie():
     t = sum(g.reshape(-1)[0].astype(dtype) for g in grads if g.size)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 from typing import NamedTuple
@@ -64,8 +65,11 @@ class NRSState(NamedTuple):
   (raw base key data, never changed: update ``t`` draws from ``fold_in(key, t //
   resample_every)``) and ``penalty`` (the last raw penalty, for logging; 0 when ``alpha`` is).
 
-  >>> NRSState(jnp.zeros([], jnp.int32), jax.random.key_data(jax.random.key(0)), 0.0).penalty
-  0.0
+  >>> x, params = jnp.ones((2, 3)), {"w": jnp.zeros((3, 4))}
+  >>> tx = add_nrs_gradient(alpha=1.0, radius=0.1, key=0)
+  >>> _, state = tx.update(params, tx.init(params), params, logits_fn=lambda p: x @ p["w"])
+  >>> int(state.count), f"{float(state.penalty):.4g}"
+  (1, '0.0006336')
   """
 
   count: jax.Array  # type: ignore[assignment]  # (shadows tuple.count, as optax states do)
@@ -108,8 +112,14 @@ def add_nrs_gradient(
       ``optax.MultiSteps`` over k micro-batches, chain outside it with k.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs`` with state :class:`NRSState`;
-    a ValueError for invalid options, params or missing arguments.
+    An ``optax.GradientTransformationExtraArgs`` with state :class:`NRSState`.
+
+  Raises:
+    ValueError: at construction for an invalid option (``alpha`` or ``radius`` not a finite
+      number >= 0, e.g. a string; an unknown choice; a non-int ``num_neighbors``); at
+      ``init`` / ``update`` (trace time) for params with ``optax.MaskedNode`` leaves or no
+      float leaf, a missing ``params`` or ``logits_fn``, a mask or radius tree that does not
+      fit params, or logits that are not ``[..., C]`` (a tuple, a scalar, a 1-d vector).
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, nrs_jax
@@ -120,8 +130,8 @@ def add_nrs_gradient(
     >>> state = tx.init(params)
     >>> grads = jax.tree_util.tree_map(jnp.ones_like, params)  # the task gradient
     >>> updates, state = tx.update(grads, state, params, logits_fn=logits_fn)
-    >>> int(state[0].count)
-    1
+    >>> int(state[0].count), f"{float(state[0].penalty):.4g}"  # the step's raw penalty
+    (1, '0.0001577')
   """
   _options.check_nonnegative("alpha", alpha, schedule=True)
   _options.check_nonnegative("radius", radius, tree=True, schedule=True)
@@ -152,9 +162,26 @@ def add_nrs_gradient(
     step_key = jax.random.fold_in(base, state.count // resample_every)
     a = alpha(state.count) if callable(alpha) else alpha
     selected = _neighbors.perturbed_leaf_mask(params, options.mask)
-    kw = dict(axis_name=axis_name, where=where, center_logits=center_logits)
+    # A callable mask is called once per update: the penalty gets the bools it resolved to.
+    opts = options
+    if options.mask is not None and _options.is_function(options.mask):
+      treedef = jax.tree_util.tree_structure(params)
+      opts = dataclasses.replace(options, mask=jax.tree_util.tree_unflatten(treedef, selected))
     r, per_replica = radius_at(state.count), per_replica_neighbors
-    penalty = lambda p: _penalty.penalty(options, logits_fn, p, step_key, r, per_replica, **kw)
+
+    def penalty(p):
+      return _penalty.penalty(
+        opts,
+        logits_fn,
+        p,
+        step_key,
+        r,
+        per_replica,
+        center_logits=center_logits,
+        where=where,
+        axis_name=axis_name,
+      )
+
     value, grads = jax.value_and_grad(penalty, allow_int=True)(params)
     updates = _add_selected(updates, grads, selected, a, axis_name)
     logged = jnp.where(a == 0, 0.0, value).astype(jnp.float32)

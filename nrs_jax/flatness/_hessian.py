@@ -155,6 +155,10 @@ def top_hessian_eigenvalues(
   Returns:
     An :class:`EigenResult`.
 
+  Raises:
+    ValueError: for ``which`` not ``'LA'``/``'LM'``, ``k`` < 1 or larger than the number of
+      parameters, or ``num_iters`` < ``k``.
+
   Examples:
     >>> import jax, jax.numpy as jnp
     >>> from nrs_jax import flatness
@@ -235,6 +239,9 @@ def hessian_trace(
   Returns:
     A :class:`TraceResult`.
 
+  Raises:
+    ValueError: for ``num_samples`` < 2.
+
   Examples:
     >>> import jax, jax.numpy as jnp
     >>> from nrs_jax import flatness
@@ -290,6 +297,9 @@ def hessian_spectral_density(
     ``{"grid", "density", "nodes", "weights"}``: the density (integrating to 1
     over the grid) and the quadrature nodes and weights (``[runs, m]``; each run's
     weights sum to 1).
+
+  Raises:
+    ValueError: for ``num_iters`` or ``num_runs`` < 1, ``grid_size`` < 2 or ``sigma`` <= 0.
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -360,6 +370,9 @@ def layerwise_hessian(
 
   Returns:
     A flat dict ``{"hessian/<name>/lambda_max": ..., "hessian/<name>/trace": ...}``.
+
+  Raises:
+    ValueError: for a ``group`` other than ``'leaf'`` or ``'module'``.
 
   Examples:
     >>> import jax, jax.numpy as jnp

@@ -45,14 +45,18 @@ def average_sharpness(
     A dict: ``"sharpness/average"`` the mean increase,
     ``"sharpness/average_stderr"`` its standard error, ``"loss"`` ``L(w)``.
 
+  Raises:
+    ValueError: for a negative or non-finite ``radius``, an invalid option, or a
+      ``loss_fn`` that does not return a scalar.
+
   Examples:
     >>> import jax, jax.numpy as jnp
     >>> from nrs_jax import flatness
     >>> loss = lambda p, b: 0.5 * jnp.sum(b * p ** 2)  # E[increase] = r^2 tr(H) / 2
     >>> out = flatness.average_sharpness(loss, jnp.zeros(100), jnp.ones(100), jax.random.key(0),
     ...                                  radius=0.1, num_samples=64)
-    >>> bool(abs(float(out["sharpness/average"]) - 0.5) < 0.05)
-    True
+    >>> f"{float(out['sharpness/average']):.4g}"  # the expectation is 0.5
+    '0.4958'
   """
   _options.check_nonnegative("radius", radius)
   batches, weights = _data.as_batches(data)
@@ -114,8 +118,8 @@ def nrs_divergence(
     >>> apply_fn = lambda p, x: x @ p
     >>> out = flatness.nrs_divergence(apply_fn, jnp.ones((3, 4)), jnp.eye(3), jax.random.key(0),
     ...                               radius=0.1, num_neighbors=4)
-    >>> bool(out["sharpness/nrs_divergence"] > 0)
-    True
+    >>> f"{float(out['sharpness/nrs_divergence']):.4g}"
+    '0.002767'
   """
   fn = lambda p, b: _penalty.nrs_penalty(
     lambda q: apply_fn(q, b), p, key, radius=radius, num_neighbors=num_neighbors, **options
@@ -136,6 +140,10 @@ def worst_case_sharpness(
 
   Returns:
     ``{"sharpness/worst_case": increase, "loss": L(w)}``.
+
+  Raises:
+    ValueError: for a negative or non-finite ``rho``, an invalid option, or a ``loss_fn``
+      that does not return a scalar.
 
   Examples:
     >>> import jax.numpy as jnp

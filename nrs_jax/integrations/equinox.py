@@ -41,9 +41,11 @@ def logits_fn_for(
   Args:
     model: the Equinox model (its structure and non-array fields are kept).
     x: the batch, mapped over its leading axis.
-    state: the ``eqx.nn.State`` the task pass uses. It is copied now, because
-      the task pass invalidates it; the centre and every neighbour run on that
-      copy, and the state they produce is discarded.
+    state: the ``eqx.nn.State`` the task pass starts from. It is copied now: the
+      centre and every neighbour run on that copy, and the state they produce is
+      discarded. (A task pass under ``jax.vmap`` or ``eqx.filter_jit`` leaves the
+      caller's object usable; one that calls ``State.set`` on it, as an eager,
+      unbatched call does, makes Equinox refuse it afterwards, the copy not.)
     key: the dropout key of the step; the per-example keys
       ``jax.random.split(key, len(x))`` are the same for the centre and every
       neighbour. ``None`` for a model without randomness or in
@@ -75,8 +77,8 @@ def logits_fn_for(
     >>> updates, opt_state = tx.update(grads, opt_state, params,
     ...                                logits_fn=logits_fn_for(model, x))
     >>> model = eqx.apply_updates(model, updates)
-    >>> int(opt_state[0].count)
-    1
+    >>> int(opt_state[0].count), f"{float(opt_state[0].penalty):.3g}"
+    (1, '0.000428')
   """
   _check_module(model, "logits_fn_for")
   _, static = eqx.partition(model, eqx.is_inexact_array)
@@ -132,8 +134,9 @@ def flatness_inputs(
     >>> xent = lambda m, b: optax.softmax_cross_entropy_with_integer_labels(
     ...     jax.vmap(m)(b[0]), b[1]).mean()
     >>> loss, params = flatness_inputs(model, xent)
-    >>> flatness.top_hessian_eigenvalues(loss, params, batch, jax.random.key(0)).eigenvalues.shape
-    (1,)
+    >>> r = flatness.top_hessian_eigenvalues(loss, params, batch, jax.random.key(0))
+    >>> r.eigenvalues.shape, f"{float(r.eigenvalues[0]):.3g}"
+    ((1,), '1.37')
   """
   _check_module(model, "flatness_inputs")
   params, static = eqx.partition(eqx.nn.inference_mode(model), eqx.is_inexact_array)
