@@ -17,17 +17,50 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import csv
-import dataclasses
+import ctypes
+import fcntl
 import importlib
 import itertools
 import json
 import math
 import multiprocessing
 import os
+import platform
+import signal
+import sys
+import threading
 import time
 
 from absl import app
 from absl import flags
+
+# The declarations live in study_spec (the report imports them too); study.X still works.
+from experiments.study_spec import ABLATION_TASK  # noqa: F401
+from experiments.study_spec import ABLATIONS  # noqa: F401
+from experiments.study_spec import CHEAP  # noqa: F401
+from experiments.study_spec import COLUMNS  # noqa: F401
+from experiments.study_spec import FAMILIES  # noqa: F401
+from experiments.study_spec import FINAL_SEED0  # noqa: F401
+from experiments.study_spec import IMAGE  # noqa: F401
+from experiments.study_spec import LR_FACTORS  # noqa: F401
+from experiments.study_spec import METHODS  # noqa: F401
+from experiments.study_spec import PILOT  # noqa: F401
+from experiments.study_spec import TASKS  # noqa: F401
+from experiments.study_spec import TRANSFORMER  # noqa: F401
+from experiments.study_spec import TRANSFORMER_GRIDS  # noqa: F401
+from experiments.study_spec import TUNE_SEEDS  # noqa: F401
+from experiments.study_spec import Method  # noqa: F401
+from experiments.study_spec import Task  # noqa: F401
+from experiments.study_spec import _tidy  # noqa: F401
+from experiments.study_spec import chance  # noqa: F401
+from experiments.study_spec import final_seeds  # noqa: F401
+from experiments.study_spec import key_of  # noqa: F401
+from experiments.study_spec import method_of  # noqa: F401
+from experiments.study_spec import pilot_choice  # noqa: F401
+from experiments.study_spec import read_records  # noqa: F401
+from experiments.study_spec import score  # noqa: F401
+from experiments.study_spec import select  # noqa: F401
+from experiments.study_spec import task_of  # noqa: F401
 
 FLAGS = flags.FLAGS
 
@@ -41,109 +74,6 @@ def define_flags() -> None:
   flags.DEFINE_bool("quick", False, "Two epochs, two values per axis (the test suite's runs).")
   flags.DEFINE_bool("report_only", False, "Write the report from the records; train nothing.")
   flags.DEFINE_bool("train_only", False, "Train (or resume) and stop before the report.")
-
-
-@dataclasses.dataclass(frozen=True)
-class Method:
-  harness: str  # the experiments.methods step
-  strength: str  # the config key it tunes
-  grid: tuple  # the strength's base grid (geometric: extensions continue its ratio)
-  passes: float  # forward/backward passes per step
-  fixed: dict = dataclasses.field(default_factory=dict)
-
-
-FAMILIES = {"absolute": (0.0125, 0.025, 0.05, 0.1), "filter": (0.125, 0.25, 0.5, 1.0)}
-CHEAP = {"nrs.neighbor_batch_size": 0.25, "nrs.stop_gradient_center": True}  # B/4, fixed centre
-METHODS = {
-  "sgd": Method("sgd", "weight_decay", (1.25e-4, 5e-4, 2e-3, 8e-3), 1.0),
-  "sam": Method("sam", "sam.rho", (0.1, 0.2, 0.4, 0.8), 2.0),
-  "asam": Method("asam", "asam.rho", (0.25, 0.5, 1.0, 2.0), 2.0),
-  "sam_half": Method("sam", "sam.rho", (0.2, 0.4, 0.8, 1.6), 1.5, {"sam.probability": 0.5}),
-  "saf": Method("saf", "saf.lam", (1.0, 2.0, 4.0, 8.0), 1.0),
-  "mesa": Method("mesa", "mesa.lam", (0.5, 1.0, 2.0, 4.0), 1.5),
-  "nrs": Method("nrs", "nrs.radius", (), 2.0),  # its grid: the pilot's noise family
-  "nrs_cheap": Method("nrs", "nrs.radius", (), 1.5, CHEAP),
-  "adamw": Method("sgd", "weight_decay", (0.01, 0.03, 0.1, 0.3), 1.0),  # the task's AdamW
-}
-# On the transformers (on top of AdamW's choice): below the previous study's low edges.
-TRANSFORMER_GRIDS = {"sam": (0.0025, 0.005, 0.01, 0.02), "nrs": 0.1, "nrs_cheap": 0.1}
-# Ablations of NRS at its chosen setting, one option changed, on the final seeds.
-ABLATIONS = {
-  **{f"nrs_k{k}": {"nrs.num_neighbors": k} for k in (2, 4, 8)},
-  **{f"nrs_alpha{a:g}": {"nrs.alpha": a} for a in (0.25, 4.0)},
-  **{f"nrs_{d}": {"nrs.divergence": d} for d in ("reverse_kl", "symmetric_kl", "js")},
-  "nrs_max_k4": {"nrs.num_neighbors": 4, "nrs.aggregation": "max"},
-}
-IMAGE = ("sgd", "sam", "asam", "sam_half", "saf", "mesa", "nrs", "nrs_cheap")
-TRANSFORMER = ("adamw", "sam", "nrs", "nrs_cheap")
-
-
-@dataclasses.dataclass(frozen=True)
-class Task:
-  config: str
-  overrides: dict
-  methods: tuple
-  final_seeds: int
-  metric: str = "accuracy"  # or "bits_per_char" (lower is better)
-  num_classes: int = 10
-
-
-# mnist1d, 5,750 samples: 1,150 to test, 1,000 to validate, 3,600 to train (the default's).
-_M1D = {"mnist1d_samples": 5750, "validation_fraction": 1000 / 4600, "num_epochs": 100}
-TASKS = {
-  "mnist1d_mlp": Task("default", _M1D, IMAGE, 10),
-  "mnist1d_mlp_noise20": Task("default", {**_M1D, "label_noise": 0.2}, IMAGE, 10),
-  "mnist1d_cnn": Task("mnist1d_cnn", {**_M1D, "num_epochs": 60}, IMAGE, 10),
-  # 5,000 real MNIST digits: 1,000 test, 1,000 clean validation, 3,000 to train (20% flipped).
-  "mnist5k_cnn_noise20": Task(
-    "mnist1d_cnn",
-    {
-      "dataset": "mnist5k",
-      "model": "cnn",
-      "model_kwargs": {"channels": (16, 32), "kernel": 3},
-      "validation_fraction": 0.25,
-      "label_noise": 0.2,
-      "num_epochs": 20,  # one SGD run: about 20 s on one core
-    },
-    IMAGE,
-    10,
-  ),
-  "mnist1d_vit": Task("mnist1d_vit", {"num_epochs": 30}, TRANSFORMER, 5),
-  "stdlib_lm": Task(
-    "stdlib_lm", {"num_epochs": 8, "max_examples": 2048}, TRANSFORMER, 5, "bits_per_char", 256
-  ),
-}
-PILOT = Task("default", {**_M1D, "mnist1d_seed": 7}, ("nrs_absolute", "nrs_filter"), 0)
-ABLATION_TASK = "mnist1d_mlp"
-TUNE_SEEDS, FINAL_SEED0 = (0, 1), 100
-LR_FACTORS = (0.5, 1.0, 2.0)
-COLUMNS = "task method phase seed setting metric val test diverged step_cost passes seconds"
-COLUMNS = tuple(COLUMNS.split())
-
-
-def task_of(name: str) -> Task:
-  return PILOT if name == "pilot" else TASKS[name]
-
-
-def method_of(name: str, family: str = "", task: Task | None = None) -> Method:
-  """A method by name on a task: METHODS, an ablation of nrs, or the pilot's ``nrs_<family>``;
-  nrs and nrs_cheap perturb with ``family``'s scale (its grid a decade lower on transformers)."""
-  if name in ABLATIONS:
-    k = ABLATIONS[name].get("nrs.num_neighbors", 1)
-    return dataclasses.replace(method_of("nrs", family, task), passes=1.0 + k, grid=())
-  if name.removeprefix("nrs_") in FAMILIES:
-    name, family = "nrs", name.removeprefix("nrs_")
-  if name not in METHODS:
-    raise ValueError(f"method={name!r} is not known: choose from {[*METHODS, *ABLATIONS]}.")
-  m = METHODS[name]
-  if name.startswith("nrs"):
-    if family not in FAMILIES:
-      raise ValueError(f"NRS needs a noise family from {list(FAMILIES)}, got {family!r}.")
-    m = dataclasses.replace(m, grid=FAMILIES[family], fixed={**m.fixed, "nrs.scale": family})
-  if task is not None and task.methods == TRANSFORMER and name in TRANSFORMER_GRIDS:
-    g = TRANSFORMER_GRIDS[name]
-    m = dataclasses.replace(m, grid=tuple(_tidy(v * g) for v in m.grid) if g == 0.1 else g)
-  return m
 
 
 def make_config(task: Task, method: str, setting: dict, seed: int, quick: bool, family=""):
@@ -171,26 +101,6 @@ def make_config(task: Task, method: str, setting: dict, seed: int, quick: bool, 
   return config
 
 
-def key_of(task, method, phase, seed, setting) -> tuple:
-  return (task, method, phase, int(seed), json.dumps(setting, sort_keys=True))
-
-
-def read_records(path: str) -> dict:
-  if not os.path.exists(path):
-    return {}
-  with open(path, newline="") as f:
-    rows = list(csv.DictReader(f))
-  if rows and tuple(rows[0]) != COLUMNS:
-    raise ValueError(f"{path} has columns {tuple(rows[0])}, expected {COLUMNS}.")
-  out = {}
-  for r in rows:
-    for k in ("val", "test", "step_cost", "passes", "seconds"):
-      r[k] = float(r[k])
-    r["seed"], r["diverged"] = int(r["seed"]), int(r["diverged"])
-    out[key_of(r["task"], r["method"], r["phase"], r["seed"], json.loads(r["setting"]))] = r
-  return out
-
-
 def _append(path: str, row: dict) -> None:
   new = not os.path.exists(path)
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -199,11 +109,6 @@ def _append(path: str, row: dict) -> None:
     if new:
       w.writeheader()
     w.writerow({k: row[k] for k in COLUMNS})
-
-
-def chance(task: Task) -> float:
-  """The value a diverged run is counted at: 1/C accuracy, or 8 bits per character."""
-  return math.log2(task.num_classes) if task.metric == "bits_per_char" else 1.0 / task.num_classes
 
 
 def train_one(job: tuple) -> dict:
@@ -231,15 +136,123 @@ def train_one(job: tuple) -> dict:
     val = test = chance(task)
   row = dict(task=task_name, method=method, phase=phase, seed=seed, metric=task.metric)
   row.update(setting=json.dumps(setting, sort_keys=True), val=val, test=test, diverged=int(bad))
-  return {**row, "seconds": time.process_time() - t0}
+  return {**row, "seconds": time.process_time() - t0, "machine": machine()}
 
 
-def _init_worker(cores):
-  """One core per worker: XLA:CPU sizes its thread pool from the CPUs it may use."""
+# The XLA flags a row's machine column spells out: those that decide the compiled code.
+REPRODUCIBLE_PREFIXES = ("--xla_cpu_max_isa", "--xla_cpu_use_xnnpack", "--xla_cpu_enable_platform")
+# The study's runs compile for one instruction set whatever the CPU: XLA:CPU otherwise
+# compiles for the host's (on an AMD EPYC, AVX code gave mnist1d_mlp/sgd/seed 100 test
+# 0.7252 where its default AVX2+FMA code gave 0.7287), and XNNPACK picks its kernels by the
+# host's too. AVX2 (with FMA) is what these machines share; here the capped code is the
+# default code, bit for bit (docs/evidence.md). Set before JAX starts, inherited by workers.
+STUDY_XLA_FLAGS = ("--xla_cpu_max_isa=AVX2", "--xla_cpu_use_xnnpack=false")
+
+
+def use_study_xla_flags() -> None:
+  """Adds :data:`STUDY_XLA_FLAGS` to ``XLA_FLAGS`` (before JAX's backend starts)."""
+  have = os.environ.get("XLA_FLAGS", "").split()
+  names = {f.split("=")[0] for f in have}
+  add = [f for f in STUDY_XLA_FLAGS if f.split("=")[0] not in names]
+  os.environ["XLA_FLAGS"] = " ".join(have + add)
+
+
+# The CPU extensions XLA:CPU and XNNPACK choose code by (in /proc/cpuinfo's spelling).
+ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni")
+ISA_FLAGS += ("avx512_bf16", "amx_bf16")
+
+
+def machine() -> str:
+  """Where a row was made: the CPU model, the ISA extensions that XLA:CPU compiles for, the
+  jax and jaxlib versions, and the XLA flags that fix the code (docs/evidence.md: rows are
+  bit-for-bit reproducible on one machine, not across CPUs)."""
+  import jax
+  import jaxlib
+
+  model, flags = platform.processor() or platform.machine(), set()
+  if os.path.exists("/proc/cpuinfo"):
+    with open("/proc/cpuinfo") as f:
+      info = dict(
+        line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line
+      )
+    info = {k.strip(): v.strip() for k, v in info.items()}
+    model, flags = info.get("model name", model), set(info.get("flags", "").split())
+  isa = " ".join(f for f in ISA_FLAGS if f in flags) or "unknown ISA"
+  xla = [f for f in os.environ.get("XLA_FLAGS", "").split() if f.startswith(REPRODUCIBLE_PREFIXES)]
+  return "; ".join([model, isa, f"jax {jax.__version__} jaxlib {jaxlib.__version__}", *xla])
+
+
+def _die_with(parent: int) -> None:
+  """Ends this worker when the runner ends, however it ends (SIGKILL included): Linux sends
+  it SIGKILL when its parent dies (``PR_SET_PDEATHSIG``), and a watchdog thread exits it
+  within a second of its parent changing, where that is not available. Nothing is written
+  to the run directory after the runner is gone."""
+  try:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+  except (OSError, AttributeError):
+    pass
+  if os.getppid() != parent:  # the runner died before the line above
+    os._exit(1)
+
+  def watch():
+    while os.getppid() == parent:
+      time.sleep(1.0)
+    os._exit(1)
+
+  threading.Thread(target=watch, daemon=True).start()
+
+
+def _init_worker(cores, parent):
+  """Dies with the runner; one core per worker: XLA:CPU sizes its thread pool from the CPUs
+  it may use."""
+  _die_with(parent)
+  use_study_xla_flags()
   flag = " --xla_cpu_multi_thread_eigen=false"
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + flag).strip()
   if cores is not None and hasattr(os, "sched_setaffinity"):
     os.sched_setaffinity(0, {cores.get()})
+
+
+class RunnerLock:
+  """One runner at a time on a records file and on a workdir: an exclusive ``flock`` on
+  ``<records>.lock`` and ``<workdir>/.study.lock``, each holding the owner's pid. The kernel
+  drops a lock with its process, so a lock file left by a dead runner is taken over (and
+  said so); one held by a live runner is a RuntimeError naming it."""
+
+  def __init__(self, records: str, workdir: str):
+    self.files = []
+    for path, what in (
+      (records + ".lock", "--records"),
+      (os.path.join(workdir, ".study.lock"), "--workdir"),
+    ):
+      os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+      f = open(path, "a+")
+      f.seek(0)
+      owner = f.read().strip()
+      try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except OSError:
+        f.close()
+        self.release()
+        target = records if what == "--records" else workdir
+        raise RuntimeError(
+          f"another study runner (pid {owner or '?'}) is using {what} {target}; wait for it "
+          f"to finish, stop it, or give this one another {what}."
+        ) from None
+      if owner and owner != str(os.getpid()):
+        msg = f"study: taking over the lock {path} of runner pid {owner}, which is gone."
+        print(msg, file=sys.stderr, flush=True)
+      f.seek(0)
+      f.truncate()
+      f.write(str(os.getpid()))
+      f.flush()
+      self.files.append(f)
+
+  def release(self) -> None:
+    for f in self.files:
+      f.close()  # (closing the file drops the flock)
+    self.files = []
 
 
 class Study:
@@ -259,7 +272,8 @@ class Study:
     avail = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
     for i in range(self.workers):
       cores.put(avail[i % len(avail)])
-    with cf.ProcessPoolExecutor(self.workers, ctx, _init_worker, (cores,)) as pool:
+    init = (cores, os.getpid())
+    with cf.ProcessPoolExecutor(self.workers, ctx, _init_worker, init) as pool:
       for f in cf.as_completed([pool.submit(self.trainer, j) for j in jobs]):
         yield f.result()
 
@@ -272,6 +286,7 @@ class Study:
       m = method_of(row["method"], self.family, task_of(row["task"]))
       cost = self.costs.get(row["task"], {}).get(row["method"], float("nan"))
       row.update(passes=m.passes, step_cost=cost)
+      row.setdefault("machine", machine())
       self.rows[key_of(*[row[k] for k in COLUMNS[:4]], json.loads(row["setting"]))] = row
       _append(self.path, row)
 
@@ -302,22 +317,6 @@ class Study:
         return chosen
 
 
-def score(rows: dict, task: str, method: str, setting: dict) -> float:
-  """A setting's mean validation value over the tuning seeds (lower-is-better negated)."""
-  sign = -1.0 if task_of(task).metric == "bits_per_char" else 1.0
-  vals = [rows[key_of(task, method, "tune", s, setting)]["val"] for s in TUNE_SEEDS]
-  return sign * sum(vals) / len(vals)
-
-
-def select(rows: dict, task: str, method: str, settings: list) -> dict:
-  """The selection rule of the runner and the report alike: the best score; a tie goes to
-  the smallest values (in sorted-key order), whatever order ``settings`` come in."""
-  return max(settings, key=lambda st: (score(rows, task, method, st), [-st[k] for k in sorted(st)]))
-
-
-_tidy = lambda v: float(f"{v:.6g}")  # grid values without binary noise
-
-
 def _axes(task_name: str, method: str, family: str, quick: bool, with_lr: bool) -> list:
   task = task_of(task_name)
   m = method_of(method, family, task)
@@ -330,10 +329,9 @@ def _axes(task_name: str, method: str, family: str, quick: bool, with_lr: bool) 
 
 
 def pilot_family(study: Study) -> str:
-  """NRS's noise family for the whole study: the pilot's better tuned validation score."""
+  """NRS's noise family for the whole study: :func:`study_spec.pilot_choice` of the pilot."""
   chosen = study.tune("pilot", {m: _axes("pilot", m, "", study.quick, True) for m in PILOT.methods})
-  best = {m: score(study.rows, "pilot", m, chosen[m]) for m in PILOT.methods}
-  return max(PILOT.methods, key=lambda m: best[m]).removeprefix("nrs_")
+  return pilot_choice({m: score(study.rows, "pilot", m, chosen[m]) for m in PILOT.methods})
 
 
 def run_task(study: Study, name: str, family: str) -> dict:
@@ -352,10 +350,6 @@ def run_task(study: Study, name: str, family: str) -> dict:
   if name == ABLATION_TASK:
     study.run([(name, a, "final", s, chosen["nrs"]) for a in ABLATIONS for s in seeds])
   return chosen
-
-
-def final_seeds(task: Task, quick: bool) -> list:
-  return list(range(FINAL_SEED0, FINAL_SEED0 + (2 if quick else task.final_seeds)))
 
 
 COSTS = os.path.join(os.path.dirname(__file__), "results", "study_step_costs.json")
@@ -400,6 +394,7 @@ def step_costs(name: str, family: str, quick: bool, path: str = COSTS) -> dict:
 
 def main(argv):
   del argv
+  use_study_xla_flags()  # (nothing has started JAX's backend yet)
   from experiments import study_report
 
   unknown = [t for t in FLAGS.tasks if t not in TASKS]
@@ -408,11 +403,16 @@ def main(argv):
   tasks = FLAGS.tasks or list(TASKS)
   for name in tasks:  # an unknown method or an empty grid fails before anything trains
     [_axes(name, m, "absolute", False, True) for m in TASKS[name].methods]
+  # (the report only reads the records: it may run beside a runner)
+  lock = None if FLAGS.report_only else RunnerLock(FLAGS.records, FLAGS.workdir)
   study = Study(FLAGS.records, FLAGS.workdir, FLAGS.workers, FLAGS.quick)
-  if not FLAGS.report_only:
-    family = pilot_family(study)
-    for name in tasks:
-      run_task(study, name, family)
+  if lock is not None:
+    try:
+      family = pilot_family(study)
+      for name in tasks:
+        run_task(study, name, family)
+    finally:
+      lock.release()
     if FLAGS.train_only:
       return
   study_report.write(study.rows, tasks, FLAGS.report, FLAGS.quick, declared=bool(FLAGS.tasks))
@@ -420,7 +420,10 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from experiments import study  # one module object: the report imports it too
+  from experiments import study  # one module object, which the pool's workers import too
 
   study.define_flags()
+  if {"-h", "--help", "-help", "--helpshort"} & set(sys.argv[1:]):  # absl would exit 1
+    print(__doc__.strip() + "\n\nflags:\n" + FLAGS.module_help(study))
+    sys.exit(0)
   app.run(study.main)

@@ -12,7 +12,7 @@ import os
 import numpy as np
 from scipy import stats
 
-from experiments import study
+from experiments import study_spec as study
 from experiments.tables import markdown_table
 
 READING = (
@@ -183,7 +183,7 @@ def write(rows: dict, tasks: list, path: str, quick: bool = False, declared: boo
     "",
     f"Written by `python -m experiments.study --report_only{' --tasks=' + ','.join(tasks) if declared else ''}` from `experiments/results/study_runs.csv` ({len(used)} runs of these tasks and the pilot, {sum(r['seconds'] for r in used) / 3600:.1f} CPU hours); do not edit.",
     "",
-    f"NRS's noise family for the study: **{max(best, key=best.get)[4:]}**, the "
+    f"NRS's noise family for the study: **{study.pilot_choice(best)}**, the "
     "better tuned validation score on the pilot task (mnist1d, another data seed; not in the tables):",
     "",
     markdown_table(["family", "chosen", "grid position", "tuning runs", "validation %"], pilot),

@@ -237,3 +237,21 @@ def test_the_committed_report_is_what_the_committed_records_give(tmp_path):
   tasks = declared.split(",") if declared else list(study.TASKS)
   study_report.write(rows, tasks, str(out), declared=bool(declared))
   assert out.read_text() == text
+
+
+def test_the_report_does_not_import_the_runner():
+  """The report imported the runner's declarations and the runner the report: an import
+  cycle. Both now import ``study_spec``; the report alone loads neither the runner nor
+  absl's flags, and the pilot's family rule is one function both call."""
+  import subprocess
+  import sys
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  code = (
+    "import sys; from experiments import study_report; "
+    "print('experiments.study' in sys.modules, 'absl.flags' in sys.modules)"
+  )
+  out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+  assert out.stdout.split() == ["False", "False"], out.stderr[-2000:]
+  assert study.pilot_choice({"nrs_absolute": 0.7, "nrs_filter": 0.71}) == "filter"
+  assert study.pilot_choice({"nrs_absolute": 0.72, "nrs_filter": 0.71}) == "absolute"

@@ -1,0 +1,167 @@
+"""The study's declarations, shared by the runner (study.py) and the report (study_report.py):
+tasks, methods and their grids, seeds, the records' columns, and the selection rules (a
+setting's score, the chosen setting, the pilot's noise family)."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  harness: str  # the experiments.methods step
+  strength: str  # the config key it tunes
+  grid: tuple  # the strength's base grid (geometric: extensions continue its ratio)
+  passes: float  # forward/backward passes per step
+  fixed: dict = dataclasses.field(default_factory=dict)
+
+
+FAMILIES = {"absolute": (0.0125, 0.025, 0.05, 0.1), "filter": (0.125, 0.25, 0.5, 1.0)}
+CHEAP = {"nrs.neighbor_batch_size": 0.25, "nrs.stop_gradient_center": True}  # B/4, fixed centre
+METHODS = {
+  "sgd": Method("sgd", "weight_decay", (1.25e-4, 5e-4, 2e-3, 8e-3), 1.0),
+  "sam": Method("sam", "sam.rho", (0.1, 0.2, 0.4, 0.8), 2.0),
+  "asam": Method("asam", "asam.rho", (0.25, 0.5, 1.0, 2.0), 2.0),
+  "sam_half": Method("sam", "sam.rho", (0.2, 0.4, 0.8, 1.6), 1.5, {"sam.probability": 0.5}),
+  "saf": Method("saf", "saf.lam", (1.0, 2.0, 4.0, 8.0), 1.0),
+  "mesa": Method("mesa", "mesa.lam", (0.5, 1.0, 2.0, 4.0), 1.5),
+  "nrs": Method("nrs", "nrs.radius", (), 2.0),  # its grid: the pilot's noise family
+  "nrs_cheap": Method("nrs", "nrs.radius", (), 1.5, CHEAP),
+  "adamw": Method("sgd", "weight_decay", (0.01, 0.03, 0.1, 0.3), 1.0),  # the task's AdamW
+}
+# On the transformers (on top of AdamW's choice): below the previous study's low edges.
+TRANSFORMER_GRIDS = {"sam": (0.0025, 0.005, 0.01, 0.02), "nrs": 0.1, "nrs_cheap": 0.1}
+# Ablations of NRS at its chosen setting, one option changed, on the final seeds.
+ABLATIONS = {
+  **{f"nrs_k{k}": {"nrs.num_neighbors": k} for k in (2, 4, 8)},
+  **{f"nrs_alpha{a:g}": {"nrs.alpha": a} for a in (0.25, 4.0)},
+  **{f"nrs_{d}": {"nrs.divergence": d} for d in ("reverse_kl", "symmetric_kl", "js")},
+  "nrs_max_k4": {"nrs.num_neighbors": 4, "nrs.aggregation": "max"},
+}
+IMAGE = ("sgd", "sam", "asam", "sam_half", "saf", "mesa", "nrs", "nrs_cheap")
+TRANSFORMER = ("adamw", "sam", "nrs", "nrs_cheap")
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  config: str
+  overrides: dict
+  methods: tuple
+  final_seeds: int
+  metric: str = "accuracy"  # or "bits_per_char" (lower is better)
+  num_classes: int = 10
+
+
+# mnist1d, 5,750 samples: 1,150 to test, 1,000 to validate, 3,600 to train (the default's).
+_M1D = {"mnist1d_samples": 5750, "validation_fraction": 1000 / 4600, "num_epochs": 100}
+TASKS = {
+  "mnist1d_mlp": Task("default", _M1D, IMAGE, 10),
+  "mnist1d_mlp_noise20": Task("default", {**_M1D, "label_noise": 0.2}, IMAGE, 10),
+  "mnist1d_cnn": Task("mnist1d_cnn", {**_M1D, "num_epochs": 60}, IMAGE, 10),
+  # 5,000 real MNIST digits: 1,000 test, 1,000 clean validation, 3,000 to train (20% flipped).
+  "mnist5k_cnn_noise20": Task(
+    "mnist1d_cnn",
+    {
+      "dataset": "mnist5k",
+      "model": "cnn",
+      "model_kwargs": {"channels": (16, 32), "kernel": 3},
+      "validation_fraction": 0.25,
+      "label_noise": 0.2,
+      "num_epochs": 20,  # one SGD run: about 20 s on one core
+    },
+    IMAGE,
+    10,
+  ),
+  "mnist1d_vit": Task("mnist1d_vit", {"num_epochs": 30}, TRANSFORMER, 5),
+  "stdlib_lm": Task(
+    "stdlib_lm", {"num_epochs": 8, "max_examples": 2048}, TRANSFORMER, 5, "bits_per_char", 256
+  ),
+}
+PILOT = Task("default", {**_M1D, "mnist1d_seed": 7}, ("nrs_absolute", "nrs_filter"), 0)
+ABLATION_TASK = "mnist1d_mlp"
+TUNE_SEEDS, FINAL_SEED0 = (0, 1), 100
+LR_FACTORS = (0.5, 1.0, 2.0)
+# machine: where the row was made (study.machine(): CPU model, ISA, jax and jaxlib, XLA flags);
+# empty on rows made before it was recorded.
+COLUMNS = "task method phase seed setting metric val test diverged step_cost passes seconds machine"
+COLUMNS = tuple(COLUMNS.split())
+
+
+def task_of(name: str) -> Task:
+  return PILOT if name == "pilot" else TASKS[name]
+
+
+def method_of(name: str, family: str = "", task: Task | None = None) -> Method:
+  """A method by name on a task: METHODS, an ablation of nrs, or the pilot's ``nrs_<family>``;
+  nrs and nrs_cheap perturb with ``family``'s scale (its grid a decade lower on transformers)."""
+  if name in ABLATIONS:
+    k = ABLATIONS[name].get("nrs.num_neighbors", 1)
+    return dataclasses.replace(method_of("nrs", family, task), passes=1.0 + k, grid=())
+  if name.removeprefix("nrs_") in FAMILIES:
+    name, family = "nrs", name.removeprefix("nrs_")
+  if name not in METHODS:
+    raise ValueError(f"method={name!r} is not known: choose from {[*METHODS, *ABLATIONS]}.")
+  m = METHODS[name]
+  if name.startswith("nrs"):
+    if family not in FAMILIES:
+      raise ValueError(f"NRS needs a noise family from {list(FAMILIES)}, got {family!r}.")
+    m = dataclasses.replace(m, grid=FAMILIES[family], fixed={**m.fixed, "nrs.scale": family})
+  if task is not None and task.methods == TRANSFORMER and name in TRANSFORMER_GRIDS:
+    g = TRANSFORMER_GRIDS[name]
+    m = dataclasses.replace(m, grid=tuple(_tidy(v * g) for v in m.grid) if g == 0.1 else g)
+  return m
+
+
+def key_of(task, method, phase, seed, setting) -> tuple:
+  return (task, method, phase, int(seed), json.dumps(setting, sort_keys=True))
+
+
+def read_records(path: str) -> dict:
+  if not os.path.exists(path):
+    return {}
+  with open(path, newline="") as f:
+    rows = list(csv.DictReader(f))
+  if rows and tuple(rows[0]) != COLUMNS:
+    raise ValueError(f"{path} has columns {tuple(rows[0])}, expected {COLUMNS}.")
+  out = {}
+  for r in rows:
+    for k in ("val", "test", "step_cost", "passes", "seconds"):
+      r[k] = float(r[k])
+    r["seed"], r["diverged"] = int(r["seed"]), int(r["diverged"])
+    out[key_of(r["task"], r["method"], r["phase"], r["seed"], json.loads(r["setting"]))] = r
+  return out
+
+
+def chance(task: Task) -> float:
+  """The value a diverged run is counted at: 1/C accuracy, or 8 bits per character."""
+  return math.log2(task.num_classes) if task.metric == "bits_per_char" else 1.0 / task.num_classes
+
+
+def score(rows: dict, task: str, method: str, setting: dict) -> float:
+  """A setting's mean validation value over the tuning seeds (lower-is-better negated)."""
+  sign = -1.0 if task_of(task).metric == "bits_per_char" else 1.0
+  vals = [rows[key_of(task, method, "tune", s, setting)]["val"] for s in TUNE_SEEDS]
+  return sign * sum(vals) / len(vals)
+
+
+def select(rows: dict, task: str, method: str, settings: list) -> dict:
+  """The selection rule of the runner and the report alike: the best score; a tie goes to
+  the smallest values (in sorted-key order), whatever order ``settings`` come in."""
+  return max(settings, key=lambda st: (score(rows, task, method, st), [-st[k] for k in sorted(st)]))
+
+
+def pilot_choice(best: dict) -> str:
+  """NRS's noise family for the whole study: the pilot method (``nrs_<family>``) with the
+  best tuned validation score; the runner and the report both decide by this rule."""
+  return max(PILOT.methods, key=lambda m: best[m]).removeprefix("nrs_")
+
+
+def final_seeds(task: Task, quick: bool) -> list:
+  return list(range(FINAL_SEED0, FINAL_SEED0 + (2 if quick else task.final_seeds)))
+
+
+_tidy = lambda v: float(f"{v:.6g}")  # grid values without binary noise

@@ -1,0 +1,205 @@
+"""The study runner under faults: no orphans after a SIGKILL, one runner at a time, rows that
+say where they were made and that a kill and a rerun reproduce bit for bit, --help."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from experiments import study
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _children(pid: int) -> set:
+  """Live processes whose parent is ``pid`` (from /proc; zombies excluded)."""
+  out = set()
+  for d in os.listdir("/proc"):
+    if not d.isdigit():
+      continue
+    try:
+      with open(f"/proc/{d}/stat") as f:
+        stat = f.read()
+    except OSError:
+      continue
+    state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+    if int(ppid) == pid and state != "Z":
+      out.add(int(d))
+  return out
+
+
+def _alive(pid: int) -> bool:
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+  except OSError:
+    return False
+
+
+def _wait(cond, timeout, what):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if cond():
+      return
+    time.sleep(0.1)
+  raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def _runner(tmp_path, name):
+  cmd = [sys.executable, "-m", "experiments.study", "--quick", "--workers=2", "--train_only"]
+  cmd += ["--tasks=mnist1d_mlp", f"--records={tmp_path / 'runs.csv'}"]
+  cmd += [f"--workdir={tmp_path / 'w'}"]
+  log = open(tmp_path / f"{name}.log", "w")
+  return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _files(root) -> dict:
+  out = {}
+  for d, _, names in os.walk(root):
+    for n in names:
+      p = os.path.join(d, n)
+      try:
+        out[p] = os.stat(p).st_mtime_ns
+      except OSError:
+        pass
+  return out
+
+
+def test_sigkill_leaves_no_orphans_and_one_runner_holds_the_records(tmp_path):
+  """The bugs: pool workers (and the resource tracker) that outlive a SIGKILLed runner and
+  go on training in its workdir; a second runner on the same records that appends beside the
+  first; a lock left by a dead runner that blocks every later one."""
+  a = _runner(tmp_path, "a")
+  try:
+    runs = lambda: [p for p in _files(tmp_path / "w") if p.endswith("config.json")]
+    _wait(lambda: len(_children(a.pid)) >= 2 and runs(), 240, "runner a's workers to train")
+    kids = _children(a.pid)
+
+    b = subprocess.run(
+      [sys.executable, "-m", "experiments.study", "--quick", "--train_only"]
+      + [f"--records={tmp_path / 'runs.csv'}", f"--workdir={tmp_path / 'other'}"],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=120,
+    )
+    assert b.returncode != 0
+    assert f"another study runner (pid {a.pid}) is using --records" in b.stderr, b.stderr[-2000:]
+
+    a.send_signal(signal.SIGKILL)
+    a.wait()
+    _wait(lambda: not any(_alive(k) for k in kids), 15, f"workers {kids} to die with runner a")
+    before = _files(tmp_path / "w")
+    time.sleep(1.5)
+    assert _files(tmp_path / "w") == before  # nothing writes to the run directory any more
+
+    c = _runner(tmp_path, "c")
+    try:
+      log = tmp_path / "c.log"
+      _wait(lambda: "taking over the lock" in log.read_text(), 120, "runner c's takeover")
+      assert f"of runner pid {a.pid}, which is gone" in log.read_text()
+    finally:
+      c_kids = _children(c.pid)
+      c.send_signal(signal.SIGKILL)
+      c.wait()
+    _wait(lambda: not any(_alive(k) for k in c_kids), 15, "runner c's workers to die")
+  finally:
+    if a.poll() is None:
+      a.kill()
+
+
+_TRAIN = (
+  "import json, sys; from experiments import study; study.use_study_xla_flags(); "
+  "[print('ROW ' + json.dumps(study.train_one(tuple(j)))) for j in json.loads(sys.argv[1])]"
+)
+
+
+def _train(*jobs, wait=True):
+  """Trains the jobs one after another in one fresh process; their rows."""
+  cmd = [sys.executable, "-c", _TRAIN, json.dumps(jobs)]
+  if not wait:
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=True)
+  return [json.loads(part.splitlines()[0]) for part in out.stdout.split("ROW ")[1:]]
+
+
+def test_a_run_is_bit_for_bit_the_same_twice_and_through_a_kill_and_rerun(tmp_path):
+  """A quick study run trained twice, and once more killed mid-run and run again in the same
+  directory (as the runner resumes), gives the same row values and final weights bit for
+  bit. The bugs: a draw from the wall clock or the process, state a killed run leaves in its
+  directory that the rerun picks up, a row whose machine column is missing."""
+  setting = {"learning_rate": 0.4, "weight_decay": 5e-4}
+  job = lambda d: ["mnist1d_mlp", "sgd", "final", 100, setting, "absolute", True, str(d)]
+  rows = _train(job(tmp_path / "one"), job(tmp_path / "two"))  # (one process: twice)
+  killed = tmp_path / "killed"
+  p = _train(job(killed), wait=False)
+  _wait(lambda: (killed / "metrics.jsonl").exists() or p.poll() is not None, 240, "training")
+  p.send_signal(signal.SIGKILL)
+  p.wait()
+  rows += _train(job(killed))  # a fresh process, as the runner's next invocation
+  for r in rows[1:]:
+    assert (r["val"], r["test"], r["diverged"]) == (rows[0]["val"], rows[0]["test"], 0)
+  machine = rows[0]["machine"]  # the study's flags are spelled out after the versions
+  assert machine.startswith(study.machine()) and machine.endswith(
+    " ".join(study.STUDY_XLA_FLAGS).replace(" ", "; ")
+  )
+  ref = np.load(tmp_path / "one" / "final_state.npz")
+  for d in ("two", "killed"):
+    other = np.load(tmp_path / d / "final_state.npz")
+    assert sorted(other.files) == sorted(ref.files)
+    for k in ref.files:
+      np.testing.assert_array_equal(other[k], ref[k])
+
+
+def test_help_exits_zero_and_lists_the_flags():
+  """The bug: absl's --help exits 1 ("Try --helpfull") and lists none of the study's flags."""
+  out = subprocess.run(
+    [sys.executable, "-m", "experiments.study", "--help"],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert out.returncode == 0, out.stderr
+  for flag in ("records", "workdir", "tasks", "workers", "report_only", "quick", "train_only"):
+    assert f"--{flag}:" in out.stdout or f"--[no]{flag}:" in out.stdout, flag
+
+
+def test_machine_names_the_cpu_isa_and_versions():
+  """The machine column: the CPU model, its ISA extensions and the jax/jaxlib versions."""
+  import jax
+
+  m = study.machine()
+  assert f"jax {jax.__version__} jaxlib" in m
+  if os.path.exists("/proc/cpuinfo"):
+    flags = open("/proc/cpuinfo").read().split("flags", 1)[1].split("\n", 1)[0]
+    assert ("avx2" in m.split("; ")[1].split()) == ("avx2" in flags.split())
+
+
+def test_the_reproducibility_numbers_on_the_evidence_page_are_the_measured_ones():
+  """docs/evidence.md's reproducibility section quotes ``python -m experiments.isa_check``'s
+  committed output (experiments/results/isa_check.json) and the committed records, not
+  hand-typed numbers: each decimal in the section is a value of ``isa_check.summary``."""
+  import re
+
+  from experiments import isa_check
+
+  with open(isa_check.OUT) as f:
+    summary = isa_check.summary(json.load(f))
+  values = {f"{v:.2f}" for v in summary.values() if isinstance(v, float)}
+  values |= {f"{v:.2f}" for v in summary["study_cost"].values()}
+  with open(os.path.join(ROOT, "docs", "evidence.md")) as f:
+    text = f.read()
+  section = re.search(r"### Reproducibility.*?(?=^### )", text, re.S | re.M).group(0)
+  numbers = set(re.findall(r"(?<![\w.])\d+\.\d+", section))
+  assert len(numbers) >= 8
+  assert numbers <= values, sorted(numbers - values)
+  # what the section states in words holds in the data
+  assert summary["sgd/max_isa_AVX"] != summary["sgd/default"]
+  assert {"max_isa_AVX2", "no_xnnpack", "no_platform_math", "study"} <= set(
+    summary["identical_to_default"]
+  )
