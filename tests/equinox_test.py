@@ -77,7 +77,7 @@ def test_centre_reproduces_the_task_pass_and_state_is_left_to_the_task_pass():
   x, y = _data()
   key = jax.random.key(3)
   logits_fn = logits_fn_for(model, x, state=state, key=key)
-  _, (new_state, logits) = _task_pass(model, state, x, y, key)  # invalidates `state`
+  _, (new_state, logits) = _task_pass(model, state, x, y, key)
   params = eqx.filter(model, eqx.is_inexact_array)
   np.testing.assert_array_equal(logits_fn(params), logits)  # same state copy, same masks
   np.testing.assert_allclose(jax.jit(logits_fn)(params), logits, rtol=1e-5, atol=1e-6)
@@ -97,6 +97,39 @@ def test_neighbours_share_the_centres_dropout_masks():
   other = logits_fn_for(model, x, state=state, key=jax.random.key(6))
   masks_differ = nrs_jax.output_divergence(fn(params), other(params))
   assert float(tiny) < 1e-6 < float(masks_differ)
+
+
+def test_when_equinox_refuses_an_old_state_and_the_helper_still_works():
+  """What the tutorial says about "Attempted to use old state", checked: a vmapped task pass
+  (as in the tutorial) leaves the caller's ``state`` usable, so building the helper after it
+  works too; an eager, unbatched call that sets state on that object makes Equinox refuse it,
+  and a helper built before still runs on its copy."""
+
+  class Counting(eqx.Module):  # a layer with state (a counter), set on every call
+    lin: eqx.nn.Linear
+    index: eqx.nn.StateIndex
+
+    def __init__(self, key):
+      self.lin = eqx.nn.Linear(36, 3, key=key)
+      self.index = eqx.nn.StateIndex(jnp.zeros(()))
+
+    def __call__(self, x, state, *, key=None):
+      count = state.get(self.index)
+      return self.lin(x.reshape(-1)) + 0.0 * count, state.set(self.index, count + 1)
+
+  model, state = eqx.nn.make_with_state(Counting)(jax.random.key(0))
+  x, _ = _data()
+  params = eqx.filter(model, eqx.is_inexact_array)
+  before = logits_fn_for(model, x, state=state, key=jax.random.key(3))
+  want = before(params)
+  run = jax.vmap(lambda xi, st: model(xi, st, key=None), (0, None), (0, None))
+  run(x, state)  # the tutorial's kind of task pass: Equinox sets state on a copy
+  after = logits_fn_for(model, x, state=state, key=jax.random.key(3))
+  np.testing.assert_array_equal(after(params), want)
+  model(x[0], state, key=jax.random.key(0))  # eager and unbatched: sets state on `state`
+  with pytest.raises(ValueError, match="Attempted to use old state"):
+    model(x[0], state, key=jax.random.key(0))
+  np.testing.assert_array_equal(before(params), want)  # the helper's copy is unaffected
 
 
 def test_inference_mode_model_without_key_or_state():

@@ -183,16 +183,16 @@ def test_flatness_inputs_match_a_split_by_hand():
 
   chex.assert_trees_all_equal(params, by_hand)
   np.testing.assert_allclose(loss_fn(params, (x, y)), reference(by_hand, (x, y)), rtol=1e-6)
-  got = flatness.top_hessian_eigenvalues(loss_fn, params, (x, y), jax.random.key(0), num_iters=40)
+  got = flatness.top_hessian_eigenvalues(loss_fn, params, (x, y), jax.random.key(0), num_iters=12)
   want = flatness.top_hessian_eigenvalues(
-    reference, by_hand, (x, y), jax.random.key(0), num_iters=40
+    reference, by_hand, (x, y), jax.random.key(0), num_iters=12
   )
   np.testing.assert_allclose(got.eigenvalues, want.eigenvalues, rtol=1e-4)
   # No BatchNorm statistic among the parameters, and the model is left in train mode.
   assert not any("mean" in str(path) for path, _ in jax.tree_util.tree_leaves_with_path(params))
   assert model.dropout1.deterministic is False
   groups = flatness.layerwise_hessian(
-    loss_fn, params, (x, y), jax.random.key(0), group="module", num_iters=5, num_samples=2
+    loss_fn, params, (x, y), jax.random.key(0), group="module", num_iters=3, num_samples=2
   )
   names = {k.split("/")[1] for k in groups if k.count("/") >= 2}
   assert {"conv1", "batch_norm1", "linear2"} <= names, sorted(groups)

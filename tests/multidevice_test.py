@@ -5,10 +5,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = r"""
-import json, sys, tempfile
+import json, os, sys, tempfile
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import nrs_jax
@@ -18,7 +20,8 @@ from experiments.configs import digits
 assert jax.device_count() == 8, jax.devices()
 out = {}
 finals = {}
-for mode in ("none", "replicated", "fsdp"):
+MODES = [m for m in os.environ.get("MODES", "none,replicated,fsdp").split(",") if m]
+for mode in MODES:
   config = digits.get_config()
   with config.unlocked():
     config.sharding = mode
@@ -28,12 +31,14 @@ for mode in ("none", "replicated", "fsdp"):
     config.progress = False
     config.hessian.num_iters = 0
     config.nrs = dict(alpha=1.0, radius=0.1, num_neighbors=2, noise="gaussian", scale="filter")
+    if os.environ.get("SMALL"):  # make test's case: the same code on a smaller model
+      config.model_kwargs = dict(hidden=(16,))
   wd = tempfile.mkdtemp()
   rec = train.train_and_evaluate(config, wd)
   out[mode] = {"train_loss": rec["train_loss"], "train/loss": rec["train/loss"]}
   finals[mode] = dict(np.load(wd + "/final_state.npz"))
 diffs = {}
-for mode in ("replicated", "fsdp"):
+for mode in MODES[1:]:
   diffs[mode] = max(float(np.max(np.abs(finals[mode][k] - finals["none"][k]))) for k in finals["none"])
 out["max_param_diff"] = diffs
 
@@ -65,7 +70,8 @@ x = jax.random.normal(jax.random.key(3), (32, 5))
 xs = x.reshape(8, 4, 5)
 key = jax.random.key(9)
 axis = {}
-for agg, strategy in [(a, s) for a in ("mean", "max") for s in ("vmap", "chunked")]:
+AXIS = "mean_vmap,max_chunked" if os.environ.get("SMALL") else "mean_vmap,max_vmap,mean_chunked,max_chunked"
+for agg, strategy in [c.split("_") for c in AXIS.split(",")]:
   kw = dict(radius=0.3, num_neighbors=4, aggregation=agg, strategy=strategy)
   def local(p, xb, per_replica=False):
     f = lambda q: nrs_jax.nrs_penalty(lambda r: apply(r, xb), q, key, axis_name="d", per_replica_neighbors=per_replica, **kw)
@@ -109,11 +115,20 @@ print("RESULT" + json.dumps(out))
 """
 
 
-def test_eight_devices_replicated_and_fsdp_match_one_device():
+@pytest.mark.parametrize(
+  "small,modes",
+  [
+    (True, ()),  # make test: the library on 8 devices (no harness run)
+    pytest.param(False, ("none", "replicated", "fsdp"), marks=pytest.mark.slow),
+  ],
+)
+def test_eight_devices_replicated_and_fsdp_match_one_device(small, modes):
   env = {
     **os.environ,
     "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
     "JAX_PLATFORMS": "cpu",
+    "MODES": ",".join(modes),
+    **({"SMALL": "1"} if small else {}),
   }
   p = subprocess.run(
     [sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
@@ -122,13 +137,19 @@ def test_eight_devices_replicated_and_fsdp_match_one_device():
   line = [x for x in p.stdout.splitlines() if x.startswith("RESULT")][-1]
   out = json.loads(line[len("RESULT") :])
   assert out["neighbours_identical"]
-  for agg in ("mean_vmap", "max_vmap", "mean_chunked", "max_chunked"):
+  cases = (
+    ("mean_vmap", "max_chunked")
+    if small
+    else ("mean_vmap", "max_vmap", "mean_chunked", "max_chunked")
+  )
+  assert sorted(out["axis_name"]) == sorted(cases)
+  for agg in cases:
     a = out["axis_name"][agg]
     assert a["value_err"] < 1e-5 and a["grad_err"] < 1e-4, out["axis_name"]
     assert a["per_replica_same_on_all"] and a["per_replica_differs"], out["axis_name"]
   sub = out["sub_batch"]
   assert sub["value_err"] < 1e-5 and sub["grad_err"] < 1e-5 and not sub["all_gather"], sub
-  for mode in ("replicated", "fsdp"):
+  for mode in modes[1:]:
     assert out["max_param_diff"][mode] < 1e-5, out
     assert abs(out[mode]["train_loss"] - out["none"]["train_loss"]) < 1e-5, out
     assert abs(out[mode]["train/loss"] - out["none"]["train/loss"]) < 1e-5, out

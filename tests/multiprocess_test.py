@@ -12,6 +12,8 @@ import time
 import numpy as np
 import pytest
 
+from tests.conftest import assert_trees_f32_close
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Run by every process: the harness in both sharding modes, then the library alone.
@@ -33,6 +35,9 @@ def config_for(mode):
     config.checkpoint_every_steps = 3
     config.progress = False
     config.hessian = dict(num_examples=64, batch_size=32, num_iters=4, num_samples=2, every_evals=0)
+    if os.environ.get("SMALL"):  # make test's case: the same code on a smaller model
+      config.model_kwargs = dict(hidden=(16,))
+      config.hessian = dict(num_examples=32, batch_size=32, num_iters=2, num_samples=2, every_evals=0)
     config.nrs = dict(alpha=1.0, radius=0.1, num_neighbors=2, noise="gaussian", scale="filter")
     if procs > 1:
       config.distributed = True
@@ -47,7 +52,7 @@ parallel.initialize_distributed(config_for("replicated"))
 import jax, jax.numpy as jnp, numpy as np, optax
 assert jax.process_count() == procs and jax.device_count() == 4, jax.devices()
 out = {}
-for mode in ([only] if only else ["replicated", "fsdp"]):
+for mode in [m for m in os.environ.get("MODES", only or "replicated,fsdp").split(",") if m]:
   rec = train.train_and_evaluate(config_for(mode), os.path.join(base, mode))
   out[mode] = {k: v for k, v in rec.items() if isinstance(v, float)}
 if not only:
@@ -123,10 +128,18 @@ def _close(a: dict, b: dict, tol: float) -> None:
     assert abs(a[k] - b[k]) <= tol * max(1.0, abs(b[k])), (k, a[k], b[k])
 
 
-def test_two_processes_equal_one_process(tmp_path):
-  one = _launch(1, str(tmp_path / "one"))
-  two = _launch(2, str(tmp_path / "two"))
-  for mode in ("replicated", "fsdp"):
+@pytest.mark.parametrize(
+  "small,modes",
+  [
+    (True, ()),  # make test: the library on global arrays across processes (no harness run)
+    pytest.param(False, ("replicated", "fsdp"), marks=pytest.mark.slow),
+  ],
+)
+def test_two_processes_equal_one_process(tmp_path, small, modes):
+  env = {"MODES": ",".join(modes), **({"SMALL": "1"} if small else {})}
+  one = _launch(1, str(tmp_path / "one"), env)
+  two = _launch(2, str(tmp_path / "two"), env)
+  for mode in modes:
     m1, m2 = one[mode], two[mode]
     # Hessian metrics run in replicated mode and are skipped (with a message) under
     # FSDP across processes, where the parameters live on several hosts.
@@ -152,8 +165,8 @@ def test_two_processes_equal_one_process(tmp_path):
   l1, l2 = one["library"], two["library"]
   for k in ("total", "penalty", "transform_penalty"):
     assert abs(l1[k] - l2[k]) < 1e-6 * max(1.0, abs(l1[k])), (k, l1[k], l2[k])
-  np.testing.assert_allclose(l2["grad_w"], l1["grad_w"], rtol=1e-5, atol=1e-7)
-  np.testing.assert_allclose(l2["update_w"], l1["update_w"], rtol=1e-5, atol=1e-7)
+  assert_trees_f32_close(l2["grad_w"], l1["grad_w"], rtol=1e-5)
+  assert_trees_f32_close(l2["update_w"], l1["update_w"], rtol=1e-5)
 
 
 def test_bad_distributed_flags_are_clear_errors(tmp_path):

@@ -12,8 +12,27 @@ import optax
 import pytest
 
 import nrs_jax
+from tests.conftest import assert_trees_f32_close
 
 STRATEGIES = [("auto", None), ("loop", None), ("vmap", None), ("chunked", None), ("chunked", 2)]
+# make test runs auto and the scanned chunks (the strategies' agreement is
+# strategies_test's); make test-slow runs every strategy.
+FAST = [("auto", None), ("chunked", 2)]
+
+
+def _strategies():
+  return [
+    pytest.param(s, c, marks=() if (s, c) in FAST else pytest.mark.slow) for s, c in STRATEGIES
+  ]
+
+
+def _dtype_cases():
+  out = []
+  for dtype in (jnp.bfloat16, jnp.float16, jnp.float32):
+    for s, c in STRATEGIES:
+      fast = s == "auto" or (dtype == jnp.bfloat16 and (s, c) == ("chunked", 2))
+      out.append(pytest.param(s, c, dtype, marks=() if fast else pytest.mark.slow))
+  return out
 
 
 def _logits(params):
@@ -53,7 +72,7 @@ def _mixed(dtype):
   return (jnp.zeros(3, dtype), jnp.zeros((2, 2), dtype)), (f1, f2), obj
 
 
-@pytest.mark.parametrize("strategy,chunk", STRATEGIES)
+@pytest.mark.parametrize("strategy,chunk", _strategies())
 def test_battery(strategy, chunk):
   # 1. Extra args (unknown ones are ignored) and no recompilation on a second call.
   tx = optax.chain(_nrs(strategy, chunk), optax.adam(0.05))
@@ -108,8 +127,7 @@ def test_battery(strategy, chunk):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("strategy,chunk", STRATEGIES)
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+@pytest.mark.parametrize("strategy,chunk,dtype", _dtype_cases())
 def test_dtype_state_and_gradient_accumulation(strategy, chunk, dtype):
   tx = optax.chain(_nrs(strategy, chunk), optax.sgd(0.1, momentum=0.9))
   params, _, obj = _parabola(dtype)
@@ -141,5 +159,5 @@ def test_dtype_state_and_gradient_accumulation(strategy, chunk, dtype):
   for _ in range(4):
     updates, ms_state = ms_update(grads, ms_state, params)
   want, _ = tx.update(grads, tx.init(params), params, logits_fn=_logits)
-  np.testing.assert_allclose(updates, want, rtol=1e-5, atol=1e-7)
+  assert_trees_f32_close(updates, want, rtol=1e-5)
   assert float(jnp.abs(want).max()) > 0

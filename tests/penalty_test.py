@@ -10,6 +10,7 @@ import pytest
 from scipy import special
 
 import nrs_jax
+from tests.conftest import assert_trees_f32_close
 from tests.conftest import enable_x64
 from tests.conftest import mlp_apply
 from tests.conftest import mlp_init
@@ -22,7 +23,11 @@ def _leaves(t):
   return jax.tree_util.tree_leaves(t)
 
 
-def _assert_trees_close(a, b, rtol=1e-5, atol=1e-7):
+def _assert_trees_close(a, b, rtol=1e-5, atol=None):
+  """Float32 trees of two programs: scale-aware (conftest), or a given absolute ``atol``."""
+  if atol is None:
+    assert_trees_f32_close(_leaves(a), _leaves(b), rtol=rtol)
+    return
   for x, y in zip(_leaves(a), _leaves(b)):
     np.testing.assert_allclose(x, y, rtol=rtol, atol=atol)
 
@@ -124,7 +129,7 @@ def test_max_picks_largest_neighbour_and_its_gradient(tiny, strategy):
   one = lambda p: nrs_jax.output_divergence(
     logits_fn(p), logits_fn(jax.tree_util.tree_map(lambda a, d: a + d[k_star], p, tree))
   )
-  _assert_trees_close(g, jax.grad(one)(params), rtol=1e-4, atol=1e-7)
+  _assert_trees_close(g, jax.grad(one)(params), rtol=1e-4)
 
 
 def test_stop_gradient_center_treats_centre_as_target(tiny):
@@ -262,6 +267,50 @@ def test_bad_logits_fn_outputs(tiny):
     nrs_jax.nrs_penalty(lambda p: x, {"i": jnp.ones(2, jnp.int32)}, KEY, radius=0.1)
 
 
+@pytest.mark.parametrize("jit", [False, True])
+def test_a_logits_fn_that_returns_a_tuple_or_a_vector_is_a_clear_error(tiny, jit):
+  """The bugs: ``(logits, state)`` from Equinox or Linen's ``mutable`` reached the intended
+  error's f-string, which called ``jnp.shape`` on the tuple (TracerArrayConversionError under
+  jit, numpy's "inhomogeneous shape" eagerly); and ``[B]`` logits were read silently as one
+  distribution over B classes."""
+  params, x, _, _ = tiny
+  cases = [
+    (
+      lambda p: (mlp_apply(p, x), {"bn": jnp.ones(3)}),
+      r"logits_fn must return the logits alone.*tuple of 2",
+    ),
+    (lambda p: [mlp_apply(p, x)], r"logits_fn must return the logits alone.*list of 1"),
+    (lambda p: mlp_apply(p, x)[:, 0], r"shape \(16,\).*one distribution over 16 classes.*\[B, 1\]"),
+  ]
+  for fn, match in cases:
+    pen = lambda p, fn=fn: nrs_jax.nrs_penalty(fn, p, KEY, radius=0.1)
+    with pytest.raises(ValueError, match=match):
+      jax.jit(pen)(params) if jit else pen(params)
+    tx = nrs_jax.add_nrs_gradient(1.0, 0.1)
+    with pytest.raises(ValueError, match=match):
+      tx.update(params, tx.init(params), params, logits_fn=fn)
+  # [B, 1] (one binary logit) and [1, C] (one example) are the fixes the message names.
+  for fn in (lambda p: mlp_apply(p, x)[:, :1], lambda p: mlp_apply(p, x)[:1]):
+    assert float(nrs_jax.nrs_penalty(fn, params, KEY, radius=0.1)) > 0
+
+
+@pytest.mark.parametrize("name", ["radius", "alpha"])
+def test_a_string_radius_or_alpha_is_an_error_at_construction(name):
+  """The bug: float("0.05") accepted a string at construction; a TypeError came later, from
+  inside the update."""
+  kw = {"alpha": 1.0, "radius": 0.05, name: "0.05"}
+  match = f"{name}='0.05' must be a finite scalar >= 0 \\(a number"
+  with pytest.raises(ValueError, match=match):
+    nrs_jax.add_nrs_gradient(**kw)
+  with pytest.raises(ValueError, match=match):
+    nrs_jax.make_nrs_loss(lambda p, b: b, lambda z, b: z.sum(), **kw)
+  if name == "radius":
+    with pytest.raises(ValueError, match=match):
+      nrs_jax.nrs_penalty(lambda p: p["w"], {"w": jnp.ones((2, 3))}, KEY, radius="0.05")
+    with pytest.raises(ValueError, match="radius has a leaf '0.05'"):
+      nrs_jax.add_nrs_gradient(1.0, {"w": "0.05"})
+
+
 def test_make_nrs_loss_rejects_bad_alpha():
   with pytest.raises(ValueError, match="alpha=-1"):
     nrs_jax.make_nrs_loss(_apply, _task, alpha=-1.0, radius=0.1)
@@ -334,12 +383,16 @@ def test_auto_strategy_rule():
 
   # Conv nets: the loop below 8 neighbours, chunks of one from 8 on, on every backend
   # (measured on CPU and on an H200: experiments/results/benchmark_gpu_nvidia_h200.json);
-  # dense nets: "dense" (loop on CPU, vmap elsewhere) up to 8, vmap above.
-  assert _strategies.choose(1, True) == _strategies.choose(1, False) == "loop"
-  assert _strategies.choose(4, True) == "loop"
-  assert _strategies.choose(8, True) == "chunked"
-  assert _strategies.choose(8, False) == "dense"
-  assert _strategies.choose(16, False) == "vmap"
+  # dense nets: (on the CPU, elsewhere) = (loop, vmap) up to 8, vmap above. Every name the
+  # rule returns is a public strategy (it once returned an internal "dense").
+  assert _strategies.choose(1, True) == _strategies.choose(1, False) == ("loop", "loop")
+  assert _strategies.choose(4, True) == ("loop", "loop")
+  assert _strategies.choose(8, True) == ("chunked", "chunked")
+  assert _strategies.choose(8, False) == ("loop", "vmap")
+  assert _strategies.choose(16, False) == ("vmap", "vmap")
+  for k in (1, 2, 7, 8, 9, 16):
+    for conv in (True, False):
+      assert set(_strategies.choose(k, conv)) <= set(nrs_jax.STRATEGIES) - {"auto"}
 
 
 def test_auto_detects_convolutions_by_what_the_model_runs():
@@ -376,7 +429,7 @@ def test_auto_detects_convolutions_by_what_the_model_runs():
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="reads XLA:CPU's compiled program")
 def test_auto_on_a_dense_net_compiles_to_the_loop_on_cpu():
-  # "dense" is a platform_dependent(cpu=loop, default=vmap): on CPU the compiled program
+  # auto on a dense net is a platform_dependent(cpu=loop, default=vmap): on CPU the program
   # is the loop's (the vmap branch is folded away, memory included).
   params = mlp_init(jax.random.key(0), (5, 16, 3))
   x = jnp.ones((8, 5))
@@ -457,7 +510,7 @@ def test_where_masks_padding_positions_against_numpy(strategy):
       )
     )
   )(params)
-  _assert_trees_close(grad(strategy), grad("loop"), rtol=1e-5, atol=1e-8)
+  assert_trees_f32_close(grad(strategy), grad("loop"))
   # Padding does not count: garbage logits there change nothing.
   noisy = lambda p: jnp.where(jnp.asarray(where)[..., None], logits_fn(p), 1e4 * x[..., :3])
   again = nrs_jax.nrs_penalty(noisy, params, KEY, radius=0.3, num_neighbors=2, where=where)
@@ -544,7 +597,7 @@ def test_sub_batch_penalty_is_nrs_penalty_over_the_strided_subset():
         * nrs_jax.nrs_penalty(lambda q: mlp_apply(q, sub), p, KEY, radius=0.3, num_neighbors=2)
       )
     )(params)
-    _assert_trees_close(grads, ref, rtol=1e-5, atol=1e-7)
+    _assert_trees_close(grads, ref, rtol=1e-5)
   # The where mask is subset the same way (where_fn sees the subset batch).
   seq = {"x": jax.random.normal(jax.random.key(2), (8, 3, 5)), "n": jnp.arange(8) % 3 + 1}
   where_fn = lambda b: jnp.arange(3)[None, :] < b["n"][:, None]
@@ -614,7 +667,7 @@ def test_transform_with_a_sub_batch_logits_fn_equals_the_loss():
     logits_fn=lambda p: mlp_apply(p, sub["x"]),
     center_logits=nrs_jax.strided_subset(logits, 4),
   )
-  _assert_trees_close(u, g_loss, rtol=1e-5, atol=1e-7)
+  _assert_trees_close(u, g_loss, rtol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -639,3 +692,61 @@ def test_accumulate_was_removed_as_announced(tiny):
   params, _, _, logits_fn = tiny
   with pytest.raises(ValueError, match="strategy='accumulate' is not supported.*'chunked'"):
     nrs_jax.nrs_penalty(logits_fn, params, KEY, radius=0.3, strategy="accumulate")
+
+
+def test_the_internal_penalty_takes_its_options_by_name():
+  """``_penalty.penalty`` once read ``kw.get(...)``: a misspelled ``centre_logits=`` was
+  silently ignored (the centre recomputed, the gradient changed). Now the three are explicit
+  keyword-only parameters and a typo is a TypeError."""
+  import inspect
+
+  from nrs_jax import _options
+  from nrs_jax import _penalty
+
+  sig = inspect.signature(_penalty.penalty)
+  for name in ("center_logits", "where", "axis_name"):
+    assert sig.parameters[name].kind is inspect.Parameter.KEYWORD_ONLY
+  assert not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
+  params = {"w": jnp.ones((3, 2))}
+  with pytest.raises(TypeError, match="centre_logits"):
+    _penalty.penalty(
+      _options.NRSOptions(),
+      lambda p: jnp.ones((4, 3)) @ p["w"],
+      params,
+      KEY,
+      0.1,
+      centre_logits=None,
+    )
+
+
+def test_a_callable_mask_is_called_once_per_update():
+  """The transform resolved a callable mask, then the sampler resolved it again: two calls
+  per update (and per trace), for a mask that may be costly or have side effects."""
+  calls = []
+
+  def mask(p):
+    calls.append(1)
+    return jax.tree_util.tree_map(lambda x: x.ndim > 1, p)
+
+  params = mlp_init(jax.random.key(0))
+  x = jnp.ones((4, 5))
+  tx = nrs_jax.add_nrs_gradient(1.0, 0.1, mask=mask)
+  state = tx.init(params)
+  calls.clear()
+  updates, _ = tx.update(params, state, params, logits_fn=lambda p: mlp_apply(p, x))
+  assert len(calls) == 1
+  # ... and the resolved mask is the one applied: the biases get no penalty gradient.
+  biases = [u for path, u in jax.tree_util.tree_leaves_with_path(updates) if "b" in str(path[-1])]
+  want = [g for path, g in jax.tree_util.tree_leaves_with_path(params) if "b" in str(path[-1])]
+  for u, g in zip(biases, want):
+    np.testing.assert_array_equal(u, g)
+
+
+def test_divergence_names_are_the_registry():
+  """``DIVERGENCES`` is derived from the registry ``get_divergence`` reads (it was a second
+  list that a new divergence could miss)."""
+  from nrs_jax import _divergence
+
+  assert nrs_jax.DIVERGENCES == tuple(_divergence._BY_NAME)
+  for name in nrs_jax.DIVERGENCES:
+    assert nrs_jax.get_divergence(name) is getattr(nrs_jax, name)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import nrs_jax
-from nrs_jax import _neighbors as _random  # the draw kernel lives in _neighbors
+from nrs_jax import _neighbors
 from tests.conftest import mlp_apply
 from tests.conftest import mlp_init
 
@@ -20,26 +20,27 @@ from tests.conftest import mlp_init
 @pytest.mark.parametrize("n", [1, 7, 256, 257, 78_857, 78_858])
 def test_standard_normal_is_jax_random_normal_bit_for_bit(n):
   keys = jax.random.split(jax.random.key(3), 3)
-  got = jax.jit(lambda k: _random.standard_normal(k, n))(keys)
+  got = jax.jit(lambda k: _neighbors.standard_normal(k, n))(keys)
   want = jax.vmap(lambda k: jax.random.normal(k, (n,), jnp.float32))(keys)
   np.testing.assert_array_equal(got, want)
   # Under vmap (a batched cond) and for rbg keys (jax.random.normal itself).
   grid = keys.reshape(1, 3)
-  np.testing.assert_array_equal(jax.vmap(lambda k: _random.standard_normal(k, n))(grid)[0], want)
+  np.testing.assert_array_equal(jax.vmap(lambda k: _neighbors.standard_normal(k, n))(grid)[0], want)
   for impl in ("rbg", "unsafe_rbg"):
     other = jax.random.split(jax.random.key(0, impl=impl), 2)
     np.testing.assert_array_equal(
-      _random.standard_normal(other, n), jax.vmap(lambda k: jax.random.normal(k, (n,)))(other)
+      _neighbors.standard_normal(other, n), jax.vmap(lambda k: jax.random.normal(k, (n,)))(other)
     )
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the fused kernel is CPU-only")
 def test_standard_normal_kernel_length_is_padded():
-  # The fused draw ran 6x slower on XLA:CPU's two threads at an odd length, so it is
-  # drawn at a multiple of whole vectors and cut afterwards (outside the kernel).
+  """The fused draw ran 6x slower on XLA:CPU's two threads at an odd length, so it is drawn
+  at the next multiple of 256 and cut afterwards (outside the kernel). The bug: a kernel at
+  the odd length itself, or padded to less (78,857 pads to 79,104)."""
   n = 78_857
   keys = jax.random.split(jax.random.key(3), 3)
-  hlo = jax.jit(lambda k: _random.standard_normal(k, n)).lower(keys).compile().as_text()
+  hlo = jax.jit(lambda k: _neighbors.standard_normal(k, n)).lower(keys).compile().as_text()
   lengths = [
     int(m)
     for line in hlo.splitlines()
@@ -47,7 +48,7 @@ def test_standard_normal_kernel_length_is_padded():
     for m in re.findall(r"f32\[3,(\d+)\]", line)
   ]
   assert lengths, "no erf_inv kernel found in the compiled draw"
-  assert all(length >= n and length % 16 == 0 for length in lengths), lengths
+  assert set(lengths) == {-(-n // 256) * 256} == {79_104}, lengths
 
 
 @pytest.mark.parametrize("impl", ["threefry2x32", "rbg", "unsafe_rbg"])

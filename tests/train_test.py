@@ -24,6 +24,7 @@ from experiments.configs import imagenet_resnet50
 from experiments.configs import imagenet_vit_s16
 from experiments.configs import mnist1d_cnn
 from experiments.configs import mnist1d_vit
+from tests.harness_util import final_state
 from tests.harness_util import recomputed_test_accuracy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,35 +43,41 @@ def _shrink(config, steps=2, **overrides):
 
 
 @pytest.mark.parametrize(
-  "get_config,method",
+  "get_config,method,hessian",
   [
-    (default.get_config, "sgd"),
-    (default.get_config, "nrs"),
-    (default.get_config, "sam"),
-    (default.get_config, "asam"),
-    (default.get_config, "rwp"),
-    (default.get_config, "saf"),
-    (default.get_config, "mesa"),
-    (mnist1d_cnn.get_config, "nrs"),
-    (digits.get_config, "nrs"),
-    (mnist1d_vit.get_config, "nrs"),
-    pytest.param(mnist1d_vit.get_config, "sam", marks=pytest.mark.slow),  # nrs covers the ViT
+    (default.get_config, "sgd", False),
+    (default.get_config, "nrs", True),  # the harness's Hessian path, on the MLP
+    (default.get_config, "sam", False),
+    (default.get_config, "asam", False),
+    (default.get_config, "rwp", False),
+    (default.get_config, "saf", False),
+    (default.get_config, "mesa", False),
+    (mnist1d_cnn.get_config, "nrs", False),
+    (digits.get_config, "nrs", False),
+    (mnist1d_vit.get_config, "nrs", False),
+    # make test-slow: the Hessian on every model (13 s of compilation on the CNN alone)
+    pytest.param(mnist1d_cnn.get_config, "nrs", True, marks=pytest.mark.slow),
+    pytest.param(digits.get_config, "nrs", True, marks=pytest.mark.slow),
+    pytest.param(mnist1d_vit.get_config, "nrs", True, marks=pytest.mark.slow),
+    pytest.param(mnist1d_vit.get_config, "sam", False, marks=pytest.mark.slow),
   ],
 )
-def test_offline_configs_run(get_config, method, tmp_path):
+def test_offline_configs_run(get_config, method, hessian, tmp_path):
   small = {}  # the ViT with one block, as the TFDS ViT configs below run
+  if get_config is mnist1d_cnn.get_config:  # the same layers, narrower (compiles faster)
+    small = {"model_kwargs": dict(channels=(4, 4))}
   if get_config is mnist1d_vit.get_config:
     kw = dict(patch=(4,), dim=32, depth=1, heads=2, mlp_dim=64, dropout=0.1, pool="mean")
     small = {"model_kwargs": kw}
   config = _shrink(get_config(), method=method, **small)
-  if method != "nrs":  # the Hessian depends on the model, not the method: nrs covers each
+  if not hessian:  # the Hessian depends on the model, not the method
     config.hessian.num_iters = 0
   rec = train.train_and_evaluate(config, str(tmp_path))
   assert rec["step"] == 2
   np.testing.assert_allclose(
     rec["test_accuracy"], recomputed_test_accuracy(config, str(tmp_path)), atol=1e-6
   )
-  if method == "nrs":
+  if hessian:
     assert np.isfinite(rec["hessian/lambda_max"]) and np.isfinite(rec["hessian/trace"])
   else:
     assert "hessian/lambda_max" not in rec
@@ -81,11 +88,27 @@ def test_offline_configs_run(get_config, method, tmp_path):
 
 
 def test_nrs_transform_path_and_linen_path(tmp_path):
-  config = _shrink(default.get_config(), method="nrs")
-  with config.unlocked():
-    config.nrs.implementation = "transform"
-  rec = train.train_and_evaluate(config, str(tmp_path / "transform"))
-  assert rec["step"] == 2
+  """The transform path with alpha 0 is SGD's step bit for bit, and with alpha 1 it moves
+  the weights by a small, nonzero NRS gradient. The bugs: a transform path that changes the
+  task step (another loss, a dropped dropout key, the transform after the optimiser would
+  still pass a "2 steps ran" check) or that never applies the penalty (logits_fn unused)."""
+  runs = {}
+  for name, method, alpha in (("sgd", "sgd", None), ("alpha0", "nrs", 0.0), ("alpha1", "nrs", 1.0)):
+    config = _shrink(default.get_config(), method=method)
+    if alpha is not None:
+      with config.unlocked():
+        config.nrs.implementation, config.nrs.alpha = "transform", alpha
+    rec = train.train_and_evaluate(config, str(tmp_path / name))
+    assert rec["step"] == 2
+    runs[name] = final_state(config, str(tmp_path / name))[0]["params"]
+  jax.tree_util.tree_map(np.testing.assert_array_equal, runs["alpha0"], runs["sgd"])
+  moved = [
+    float(np.max(np.abs(a - b)))
+    for a, b in zip(
+      jax.tree_util.tree_leaves(runs["alpha1"]), jax.tree_util.tree_leaves(runs["alpha0"])
+    )
+  ]
+  assert max(moved) > 0 and max(moved) < 0.05, moved
   config = _shrink(default.get_config(), method="nrs", model="linen_mlp")
   with config.unlocked():
     config.nrs.implementation = "transform"
@@ -160,8 +183,14 @@ def test_nrs_neighbours_on_a_sub_batch(implementation, tmp_path):
 @pytest.mark.parametrize(
   "get_config,overrides",
   [
+    # make test: the TFDS path (mock data) with a small CNN; make test-slow: each config's model.
+    (cifar100_wrn28_10.get_config, {"model": "cnn", "model_kwargs": dict(channels=(4,), kernel=3)}),
     pytest.param(cifar10_resnet18.get_config, {}, marks=pytest.mark.slow),
-    (cifar100_wrn28_10.get_config, {"model_kwargs": dict(depth=10, widen=1, dropout=0.3)}),
+    pytest.param(
+      cifar100_wrn28_10.get_config,
+      {"model_kwargs": dict(depth=10, widen=1, dropout=0.3)},
+      marks=pytest.mark.slow,
+    ),
     pytest.param(
       imagenet_resnet50.get_config, {"model_kwargs": dict(width=8)}, marks=pytest.mark.slow
     ),

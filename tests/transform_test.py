@@ -1,6 +1,5 @@
 """add_nrs_gradient: the optax battery, keys, NNX, and learning on a small problem."""
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +8,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import nrs_jax
+from tests.conftest import assert_trees_f32_close
 from tests.conftest import mlp_apply
 from tests.conftest import mlp_init
 
@@ -42,7 +42,7 @@ def test_update_adds_alpha_times_penalty_gradient_with_split_key():
   g_pen = _penalty_grad(params, logits_fn, step_key)
   expected = jax.tree_util.tree_map(lambda a, b: a + ALPHA * b, grads, g_pen)
   for a, b in zip(jax.tree_util.tree_leaves(updates), jax.tree_util.tree_leaves(expected)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert_trees_f32_close(a, b, rtol=1e-5)
   assert int(new_state.count) == 1
   assert isinstance(new_state, nrs_jax.NRSState)
 
@@ -128,7 +128,7 @@ def test_inside_chain_with_sgd_and_adamw(opt):
   )
   plain, _ = inner.update(g, inner.init(params), params)
   new_params, state, u = step(params, state)
-  chex.assert_trees_all_close(u, want, rtol=1e-5, atol=1e-7)
+  assert_trees_f32_close(u, want, rtol=1e-5)
   assert not np.allclose(ravel_pytree(u)[0], ravel_pytree(plain)[0])
   l0 = float(loss(params))
   params = new_params
@@ -165,7 +165,7 @@ def test_where_is_an_extra_argument_of_update():
   u, s = tx.update(grads, tx.init(params), params, logits_fn=logits_fn, where=where)
   key = jax.random.fold_in(jax.random.key(2), 0)
   pen = lambda p: nrs_jax.nrs_penalty(logits_fn, p, key, radius=RADIUS, where=where)
-  chex.assert_trees_all_close(u, jax.grad(pen)(params), rtol=1e-5, atol=1e-8)
+  assert_trees_f32_close(u, jax.grad(pen)(params))
   np.testing.assert_allclose(s.penalty, pen(params), rtol=1e-6)
   u_all, _ = tx.update(grads, tx.init(params), params, logits_fn=logits_fn)
   assert not np.allclose(ravel_pytree(u)[0], ravel_pytree(u_all)[0])
@@ -183,11 +183,10 @@ def test_inject_hyperparams_alpha_and_radius_injectable():
   u, state2 = step(grads, state, params)
   ref_tx = nrs_jax.add_nrs_gradient(ALPHA, RADIUS, 2, key=3)
   u_ref, _ = ref_tx.update(grads, ref_tx.init(params), params, logits_fn=logits_fn)
-  np.testing.assert_allclose(
+  assert_trees_f32_close(
     jax.flatten_util.ravel_pytree(u)[0],
     jax.flatten_util.ravel_pytree(u_ref)[0],
     rtol=1e-5,
-    atol=1e-7,
   )
   # Changing the injected alpha to 0 (no recompilation) gives exactly the gradient.
   state.hyperparams["alpha"] = jnp.zeros_like(state.hyperparams["alpha"])
@@ -222,7 +221,7 @@ def test_multisteps_accumulates():
     )
   )(params)
   want = jax.tree_util.tree_map(lambda a, b: -0.1 * (2.0 * a + ALPHA * b), grads, g_pen)
-  chex.assert_trees_all_close(u2, want, rtol=1e-5, atol=1e-7)
+  assert_trees_f32_close(u2, want, rtol=1e-5)
 
 
 def test_apply_if_finite_skips_nan_step():
@@ -371,11 +370,10 @@ def test_gradient_accumulation_outside_multisteps_equals_large_batch():
   for i in range(k):
     xb, yb = x[i * 8 : (i + 1) * 8], y[i * 8 : (i + 1) * 8]
     u, state = step(jax.grad(loss)(params, xb, yb), state, xb)
-  np.testing.assert_allclose(
+  assert_trees_f32_close(
     jax.flatten_util.ravel_pytree(u)[0],
     jax.flatten_util.ravel_pytree(u_big)[0],
     rtol=1e-4,
-    atol=1e-7,
   )
   with pytest.raises(ValueError, match="resample_every=0"):
     nrs_jax.add_nrs_gradient(ALPHA, RADIUS, resample_every=0)
@@ -432,9 +430,7 @@ def test_center_logits_shares_the_centre_pass_with_stop_gradient_center():
     grads, state, params
   )
   assert len(calls) == 3  # the centre too
-  jax.tree_util.tree_map(
-    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), shared, recomputed
-  )
+  jax.tree_util.tree_map(lambda a, b: assert_trees_f32_close(a, b, rtol=1e-5), shared, recomputed)
   # And it is the fused loss's gradient with a fixed centre.
   step_key = jax.random.fold_in(jax.random.wrap_key_data(state.key), 0)
   y = jnp.arange(16) % 3
