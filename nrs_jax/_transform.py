@@ -125,13 +125,13 @@ def add_nrs_gradient(
     >>> import jax, jax.numpy as jnp, optax, nrs_jax
     >>> x, params = jnp.ones((8, 3)), {"w": jnp.zeros((3, 4))}
     >>> logits_fn = lambda p: x @ p["w"]
-    >>> tx = optax.chain(nrs_jax.add_nrs_gradient(alpha=1.0, radius=0.05),
+    >>> tx = optax.chain(nrs_jax.add_nrs_gradient(alpha=1.0, radius=0.2),
     ...                  optax.sgd(0.1))
     >>> state = tx.init(params)
     >>> grads = jax.tree_util.tree_map(jnp.ones_like, params)  # the task gradient
     >>> updates, state = tx.update(grads, state, params, logits_fn=logits_fn)
-    >>> int(state[0].count), f"{float(state[0].penalty):.4g}"  # the step's raw penalty
-    (1, '0.0001577')
+    >>> int(state[0].count), f"{float(state[0].penalty):.3g}"  # the step's raw penalty
+    (1, '0.00256')
   """
   _options.check_nonnegative("alpha", alpha, schedule=True)
   _options.check_nonnegative("radius", radius, tree=True, schedule=True)
