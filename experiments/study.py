@@ -286,7 +286,8 @@ class Study:
       m = method_of(row["method"], self.family, task_of(row["task"]))
       cost = self.costs.get(row["task"], {}).get(row["method"], float("nan"))
       row.update(passes=m.passes, step_cost=cost)
-      row.setdefault("machine", machine())
+      if "machine" not in row:  # (a worker's row names its own machine)
+        row["machine"] = machine()
       self.rows[key_of(*[row[k] for k in COLUMNS[:4]], json.loads(row["setting"]))] = row
       _append(self.path, row)
 
