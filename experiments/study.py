@@ -34,33 +34,7 @@ import time
 from absl import app
 from absl import flags
 
-# The declarations live in study_spec (the report imports them too); study.X still works.
-from experiments.study_spec import ABLATION_TASK  # noqa: F401
-from experiments.study_spec import ABLATIONS  # noqa: F401
-from experiments.study_spec import CHEAP  # noqa: F401
-from experiments.study_spec import COLUMNS  # noqa: F401
-from experiments.study_spec import FAMILIES  # noqa: F401
-from experiments.study_spec import FINAL_SEED0  # noqa: F401
-from experiments.study_spec import IMAGE  # noqa: F401
-from experiments.study_spec import LR_FACTORS  # noqa: F401
-from experiments.study_spec import METHODS  # noqa: F401
-from experiments.study_spec import PILOT  # noqa: F401
-from experiments.study_spec import TASKS  # noqa: F401
-from experiments.study_spec import TRANSFORMER  # noqa: F401
-from experiments.study_spec import TRANSFORMER_GRIDS  # noqa: F401
-from experiments.study_spec import TUNE_SEEDS  # noqa: F401
-from experiments.study_spec import Method  # noqa: F401
-from experiments.study_spec import Task  # noqa: F401
-from experiments.study_spec import _tidy  # noqa: F401
-from experiments.study_spec import chance  # noqa: F401
-from experiments.study_spec import final_seeds  # noqa: F401
-from experiments.study_spec import key_of  # noqa: F401
-from experiments.study_spec import method_of  # noqa: F401
-from experiments.study_spec import pilot_choice  # noqa: F401
-from experiments.study_spec import read_records  # noqa: F401
-from experiments.study_spec import score  # noqa: F401
-from experiments.study_spec import select  # noqa: F401
-from experiments.study_spec import task_of  # noqa: F401
+from experiments import study_spec as spec  # the declarations (the report imports them too)
 
 FLAGS = flags.FLAGS
 
@@ -69,21 +43,21 @@ def define_flags() -> None:
   flags.DEFINE_string("workdir", "workdir/study", "Where the runs train (checkpoints).")
   flags.DEFINE_string("records", "experiments/results/study_runs.csv", "One row per run.")
   flags.DEFINE_string("report", "experiments/RESULTS_STUDY.md", "The report to write.")
-  flags.DEFINE_list("tasks", [], "A declared subset of tasks (default: all, in order).")
+  flags.DEFINE_list("tasks", [], "A declared subset of tasks (default: all; pilot: only it).")
   flags.DEFINE_integer("workers", 2, "Runs in parallel (one CPU core each).")
   flags.DEFINE_bool("quick", False, "Two epochs, two values per axis (the test suite's runs).")
   flags.DEFINE_bool("report_only", False, "Write the report from the records; train nothing.")
   flags.DEFINE_bool("train_only", False, "Train (or resume) and stop before the report.")
 
 
-def make_config(task: Task, method: str, setting: dict, seed: int, quick: bool, family=""):
+def make_config(task: spec.Task, method: str, setting: dict, seed: int, quick: bool, family=""):
   """The run's config: the task's, the method's fixed values, then the tuned ones."""
   config = importlib.import_module(f"experiments.configs.{task.config}").get_config()
-  m = method_of(method, family, task)
+  m = spec.method_of(method, family, task)
   with config.unlocked():
     config.compare_methods, config.seed, config.progress = (), seed, False
     config.method = m.harness
-    values = {**task.overrides, **m.fixed, **ABLATIONS.get(method, {}), **setting}
+    values = {**task.overrides, **m.fixed, **spec.ABLATIONS.get(method, {}), **setting}
     for key, v in values.items():
       if key == "nrs.neighbor_batch_size" and isinstance(v, float):
         v = int(config.batch_size * v)
@@ -92,12 +66,14 @@ def make_config(task: Task, method: str, setting: dict, seed: int, quick: bool, 
       for p in path:
         obj = obj[p]
       obj[last] = v
-    config.eval_every_epochs = max(config.num_epochs // 2, 1)  # only the last one counts
     config.checkpoint_every_steps = 100_000
+    # (the measures of a final solution are taken once, by experiments.measures)
     config.hessian = dict(num_examples=0, batch_size=64, num_iters=0, num_samples=0, every_evals=0)
     if quick:
-      config.num_epochs, config.eval_every_epochs = 2, 1
+      config.num_epochs = 2
       config.max_examples = min(config.get("max_examples") or 512, 512)
+    config.num_epochs *= m.epochs
+    config.eval_every_epochs = 1 if quick else max(config.num_epochs // 2, 1)  # the last counts
   return config
 
 
@@ -105,38 +81,53 @@ def _append(path: str, row: dict) -> None:
   new = not os.path.exists(path)
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   with open(path, "a", newline="") as f:
-    w = csv.DictWriter(f, COLUMNS, lineterminator="\n")
+    w = csv.DictWriter(f, spec.COLUMNS, lineterminator="\n")
     if new:
       w.writeheader()
-    w.writerow({k: row[k] for k in COLUMNS})
+    w.writerow({k: row[k] for k in spec.COLUMNS})
 
 
 def train_one(job: tuple) -> dict:
-  """Worker: trains one run and returns its row; a non-finite loss or a chance-level
-  validation score is a divergence, counted at :func:`chance` (test data never decides)."""
+  """Worker: trains one run and returns its row; a non-finite loss or a spec.chance-level
+  validation spec.score is a divergence, counted at :func:`spec.chance` (test data never decides)."""
   task_name, method, phase, seed, setting, family, quick, workdir = job
   from experiments import train
 
-  task = task_of(task_name)
+  task = spec.task_of(task_name)
   config = make_config(task, method, setting, seed, quick, family)
   t0 = time.process_time()
+  finish = (lambda model, state, ds: _measure(model, state, ds, seed)) if phase == "final" else None
   try:
-    rec = train.train_and_evaluate(config, workdir)
+    rec = train.train_and_evaluate(config, workdir, finish)
   except FloatingPointError:
     rec = {}
   nan = float("nan")
   if task.metric == "bits_per_char":
     val, test = (rec.get(k, nan) / math.log(2) for k in ("val_loss", "test_loss"))
-    bad = not (math.isfinite(val) and val <= chance(task))
+    bad = not (math.isfinite(val) and val <= spec.chance(task))
   else:
     val, test = rec.get("val_accuracy", nan), rec.get("test_accuracy", nan)
     bad = not (math.isfinite(val) and val >= 2.0 / task.num_classes)
   bad = bad or not math.isfinite(rec.get("train_loss", nan))
   if bad:
-    val = test = chance(task)
+    val = test = spec.chance(task)
   row = dict(task=task_name, method=method, phase=phase, seed=seed, metric=task.metric)
   row.update(setting=json.dumps(setting, sort_keys=True), val=val, test=test, diverged=int(bad))
+  # measures: "" on tuning rows; NaN where a final run diverged or a measure failed
+  row.update({k: rec.get(k, nan) if phase == "final" else "" for k in spec.MEASURES})
   return {**row, "seconds": time.process_time() - t0, "machine": machine()}
+
+
+def _measure(model, state, ds, seed: int) -> dict:
+  """The final solution's flatness and calibration (experiments.measures), with keys fixed
+  by the run's seed: every method of a seed measures with the same probes and neighbours."""
+  import jax
+
+  from experiments import measures
+
+  key = jax.random.fold_in(jax.random.key(seed), 2**30)
+  train, test = (ds.train.x, ds.train.y), (ds.test.x, ds.test.y)
+  return measures.measure(model.apply, state["params"], state["batch_stats"], train, test, key)
 
 
 # The XLA flags a row's machine column spells out: those that decide the compiled code.
@@ -260,8 +251,8 @@ class Study:
 
   def __init__(self, records: str, workdir: str, workers: int, quick: bool, trainer=train_one):
     self.path, self.workdir, self.workers, self.quick = records, workdir, workers, quick
-    self.rows, self.trainer, self.costs, self.family = read_records(records), trainer, {}, ""
-    self.grow_limit = 1 if quick else 2
+    self.rows, self.trainer, self.costs, self.family = spec.read_records(records), trainer, {}, ""
+    self.grow_limit = 1 if quick else spec.MAX_EXTENSIONS
 
   def _results(self, jobs: list):
     if self.workers <= 1:
@@ -279,21 +270,22 @@ class Study:
 
   def run(self, jobs: list) -> None:
     """``jobs``: (task, method, phase, seed, setting) tuples; one row each, kept as it ends."""
-    todo = list({key_of(*j): j for j in jobs if key_of(*j) not in self.rows}.values())
+    todo = list({spec.key_of(*j): j for j in jobs if spec.key_of(*j) not in self.rows}.values())
     tag = lambda st: "_".join(f"{k}={v}" for k, v in sorted(st.items())) or "base"
     path = lambda j: os.path.join(self.workdir, *j[:3], tag(j[4]), f"seed{j[3]}")
     for row in self._results([(*j, self.family, self.quick, path(j)) for j in todo]):
-      m = method_of(row["method"], self.family, task_of(row["task"]))
+      m = spec.method_of(row["method"], self.family, spec.task_of(row["task"]))
       cost = self.costs.get(row["task"], {}).get(row["method"], float("nan"))
       row.update(passes=m.passes, step_cost=cost)
       if "machine" not in row:  # (a worker's row names its own machine)
         row["machine"] = machine()
-      self.rows[key_of(*[row[k] for k in COLUMNS[:4]], json.loads(row["setting"]))] = row
+      self.rows[spec.key_of(*[row[k] for k in spec.COLUMNS[:4]], json.loads(row["setting"]))] = row
       _append(self.path, row)
 
   def tune(self, task: str, axes: dict, base: dict | None = None) -> dict:
-    """Tunes ``{method: [(key, values), ...]}`` (on top of ``base``); returns the chosen
-    settings, each axis extended outward (up to twice) while its choice sits at an edge."""
+    """Tunes ``{method: [(key, values), ...]}`` (on top of ``base``, whose values each setting
+    records); returns the chosen settings, each axis extended outward (up to
+    ``spec.MAX_EXTENSIONS`` times) while its choice sits at an edge."""
     axes = {m: [(k, list(v)) for k, v in ax] for m, ax in axes.items()}
     grown = {(m, k): 0 for m, ax in axes.items() for k, _ in ax}
     while True:
@@ -304,60 +296,93 @@ class Study:
         ]
         for m, ax in axes.items()
       }
-      self.run([(task, m, "tune", s, st) for m, g in grids.items() for st in g for s in TUNE_SEEDS])
+      self.run(
+        [(task, m, "tune", s, st) for m, g in grids.items() for st in g for s in spec.TUNE_SEEDS]
+      )
       chosen, more = {}, False
       for m, g in grids.items():
-        chosen[m] = select(self.rows, task, m, g)
+        chosen[m] = spec.select(self.rows, task, m, g)
         for k, vals in axes[m]:
           i = vals.index(chosen[m][k])
           if len(vals) > 1 and i in (0, len(vals) - 1) and grown[m, k] < self.grow_limit:
             r = vals[1] / vals[0]
-            vals.insert(0, _tidy(vals[0] / r)) if i == 0 else vals.append(_tidy(vals[-1] * r))
+            vals.insert(0, spec._tidy(vals[0] / r)) if i == 0 else vals.append(
+              spec._tidy(vals[-1] * r)
+            )
             grown[m, k], more = grown[m, k] + 1, True
       if not more:
         return chosen
 
 
-def _axes(task_name: str, method: str, family: str, quick: bool, with_lr: bool) -> list:
-  task = task_of(task_name)
-  m = method_of(method, family, task)
+def _axes(task_name: str, method: str, family: str, quick: bool, lr=None) -> list:
+  """A method's tuning axes: the learning rate (``spec.LR_FACTORS`` around ``lr``, the config's where
+  None; none for an ablation) and its own strength."""
+  task = spec.task_of(task_name)
+  m = spec.method_of(method, family, task)
   if not m.grid:
     raise ValueError(f"method={method!r} has an empty grid on task {task_name!r}.")
   cut = (lambda v: v[1:3]) if quick else (lambda v: v)
-  lr = float(make_config(task, "sgd", {}, 0, False).learning_rate)
-  axes = [("learning_rate", cut([_tidy(lr * f) for f in LR_FACTORS]))] if with_lr else []
-  return axes + [(m.strength, cut(list(m.grid)))]
+  if method in spec.ABLATIONS:
+    return [(m.strength, cut(list(m.grid)))]
+  lr = lr or float(make_config(task, "sgd", {}, 0, False).learning_rate)
+  return [
+    ("learning_rate", cut([spec._tidy(lr * f) for f in spec.LR_FACTORS])),
+    (m.strength, cut(list(m.grid))),
+  ]
 
 
 def pilot_family(study: Study) -> str:
-  """NRS's noise family for the whole study: :func:`study_spec.pilot_choice` of the pilot."""
-  chosen = study.tune("pilot", {m: _axes("pilot", m, "", study.quick, True) for m in PILOT.methods})
-  return pilot_choice({m: score(study.rows, "pilot", m, chosen[m]) for m in PILOT.methods})
+  """NRS's noise family for the whole study: :func:`study_spec.pilot_choice` of the pilot (at
+  the config's weight decay, which its settings record)."""
+  axes = {m: _axes("pilot", m, "", study.quick) for m in spec.PILOT.methods}
+  wd = float(make_config(spec.PILOT, "sgd", {}, 0, False).weight_decay)
+  chosen = study.tune("pilot", axes, {"weight_decay": wd})
+  best = {m: spec.score(study.rows, "pilot", m, chosen[m]) for m in spec.PILOT.methods}
+  return spec.pilot_choice(best)
+
+
+def tune_task(study: Study, name: str, family: str) -> dict:
+  """The task's chosen settings. First the weight-decay methods (SGD and SGD 2x, or AdamW)
+  tune learning rate x weight decay; then every other method tunes learning rate x its own
+  strength at the first one's weight decay (on the transformers around AdamW's learning
+  rate); each ablation then retunes the radius at NRS's chosen learning rate and decay."""
+  task, quick, study.family = spec.TASKS[name], study.quick, family
+  first = [m for m in task.methods if m in spec.TUNES_WD]
+  chosen = study.tune(name, {m: _axes(name, m, family, quick) for m in first})
+  wd, lr = chosen[first[0]]["weight_decay"], None
+  if task.methods == spec.TRANSFORMER:
+    lr = chosen[first[0]]["learning_rate"]
+  rest = {m: _axes(name, m, family, quick, lr) for m in task.methods if m not in first}
+  chosen.update(study.tune(name, rest, {"weight_decay": wd}))
+  if name == spec.ABLATION_TASK:
+    base = {k: v for k, v in chosen["nrs"].items() if k != "nrs.radius"}
+    chosen.update(
+      study.tune(name, {a: _axes(name, a, family, quick) for a in spec.ABLATIONS}, base)
+    )
+  return chosen
 
 
 def run_task(study: Study, name: str, family: str) -> dict:
-  """Tunes every method of a task, trains its final seeds (and the ablations); returns
-  the chosen settings."""
-  task, study.family = TASKS[name], family
-  study.costs[name] = step_costs(name, family, study.quick)
-  axes = lambda m, lr: _axes(name, m, family, study.quick, lr)
-  if task.methods == TRANSFORMER:
-    chosen = study.tune(name, {"adamw": axes("adamw", True)})
-    chosen.update(study.tune(name, {m: axes(m, False) for m in TRANSFORMER[1:]}, chosen["adamw"]))
-  else:
-    chosen = study.tune(name, {m: axes(m, True) for m in task.methods})
-  seeds = final_seeds(task, study.quick)
+  """Tunes every method of a task, times each one's step at its chosen setting, trains the
+  final seeds (the ablations on the first 10 of them); returns the chosen settings."""
+  task = spec.TASKS[name]
+  chosen = tune_task(study, name, family)
+  study.costs[name] = step_costs(name, family, chosen, study.quick)
+  seeds = spec.final_seeds(task, study.quick)
   study.run([(name, m, "final", s, chosen[m]) for m in task.methods for s in seeds])
-  if name == ABLATION_TASK:
-    study.run([(name, a, "final", s, chosen["nrs"]) for a in ABLATIONS for s in seeds])
+  if name == spec.ABLATION_TASK:
+    seeds = spec.final_seeds(task, study.quick, ablation=True)
+    study.run([(name, a, "final", s, chosen[a]) for a in spec.ABLATIONS for s in seeds])
   return chosen
 
 
 COSTS = os.path.join(os.path.dirname(__file__), "results", "study_step_costs.json")
 
 
-def step_costs(name: str, family: str, quick: bool, path: str = COSTS) -> dict:
-  """Each method's step time / the first method's, timed side by side once and kept."""
+def step_costs(name: str, family: str, chosen: dict, quick: bool, path: str = COSTS) -> dict:
+  """Each method's time per step over a run of steps at its chosen setting, over the first
+  method's (SGD or AdamW), timed side by side once and kept. A random-half method runs its
+  own step or a plain one as training does, so its cost is measured, not computed."""
   stored = json.load(open(path)) if os.path.exists(path) and not quick else {}
   if name in stored:
     return stored[name]
@@ -367,26 +392,30 @@ def step_costs(name: str, family: str, quick: bool, path: str = COSTS) -> dict:
   from experiments import timing
   from experiments import train
 
-  task = TASKS[name]
+  task = spec.TASKS[name]
   base = make_config(task, "sgd", {}, 0, quick)
   ds = train.load_data(base)
   b = base.batch_size
   batch = {"x": ds.train.x[:b], "y": ds.train.y[:b], "idx": jax.numpy.arange(b)}
-  names = [*task.methods, *(ABLATIONS if name == ABLATION_TASK else ())]
-  fns, probs = {}, {}
+  names = [m for m in chosen if m in task.methods or m in spec.ABLATIONS]
+  fns, n = {}, 4 if quick else 32
   for m in names:
-    meth = method_of(m, family, task)
-    mid = {meth.strength: meth.grid[len(meth.grid) // 2]} if meth.grid else {}
-    config = make_config(task, m, mid, 0, quick, family)
+    config = make_config(task, m, chosen[m], 0, quick, family)
     model = train.Model(config, ds)
     tx = harness.make_optimizer(config, 1000, len(ds.train.y), ds.num_classes)
-    step = jax.jit(harness.make_step(config.method, model.apply, tx, config, steps_per_epoch=10))
-    args = (model.params, model.batch_stats, tx.init(model.params), batch, jax.random.key(0))
-    fns[m] = (step, args)
-    probs[m] = harness.step_probability(config)
-  secs = timing.interleaved_medians(fns, 3 if quick else 30)
-  ref = secs[names[0]]
-  out = {m: round((p * secs[m] + (1 - p) * ref) / ref, 3) for m, p in probs.items()}
+    own = jax.jit(harness.make_step(config.method, model.apply, tx, config, steps_per_epoch=10))
+    plain = jax.jit(harness.make_step("sgd", model.apply, tx, config))
+    p = harness.step_probability(config)
+    steps = [own if harness.takes_expensive_step(0, i, p) else plain for i in range(n)]
+
+    def run_of_steps(params, bs, opt_state, steps=steps):
+      for i, step in enumerate(steps):
+        params, bs, opt_state, _ = step(params, bs, opt_state, batch, jax.random.key(i))
+      return params
+
+    fns[m] = (run_of_steps, (model.params, model.batch_stats, tx.init(model.params)))
+  secs = timing.interleaved_medians(fns, 3 if quick else 15)
+  out = {m: round(secs[m] / secs[names[0]], 3) for m in names}
   if not quick:  # (closed at once, so that a worker started next reads it whole)
     with open(path, "w") as f:
       json.dump({**stored, name: out}, f, indent=1, sort_keys=True)
@@ -398,12 +427,12 @@ def main(argv):
   use_study_xla_flags()  # (nothing has started JAX's backend yet)
   from experiments import study_report
 
-  unknown = [t for t in FLAGS.tasks if t not in TASKS]
+  unknown = [t for t in FLAGS.tasks if t not in (*spec.TASKS, "pilot")]
   if unknown:
-    raise ValueError(f"--tasks: {unknown} not known; choose from {list(TASKS)}.")
-  tasks = FLAGS.tasks or list(TASKS)
+    raise ValueError(f"--tasks: {unknown} not known; choose from {['pilot', *spec.TASKS]}.")
+  tasks = [t for t in FLAGS.tasks if t != "pilot"] if FLAGS.tasks else list(spec.TASKS)
   for name in tasks:  # an unknown method or an empty grid fails before anything trains
-    [_axes(name, m, "absolute", False, True) for m in TASKS[name].methods]
+    [_axes(name, m, "absolute", False) for m in [*spec.TASKS[name].methods, *spec.ABLATIONS]]
   # (the report only reads the records: it may run beside a runner)
   lock = None if FLAGS.report_only else RunnerLock(FLAGS.records, FLAGS.workdir)
   study = Study(FLAGS.records, FLAGS.workdir, FLAGS.workers, FLAGS.quick)
@@ -416,7 +445,8 @@ def main(argv):
       lock.release()
     if FLAGS.train_only:
       return
-  study_report.write(study.rows, tasks, FLAGS.report, FLAGS.quick, declared=bool(FLAGS.tasks))
+  declared = FLAGS.tasks if FLAGS.tasks else None
+  study_report.write(study.rows, tasks, FLAGS.report, FLAGS.quick, declared=declared)
   print(open(FLAGS.report).read())
 
 

@@ -1,12 +1,11 @@
-"""The study's report, written from its records alone (``experiments/results/study_runs.csv``).
-Per task: each method's chosen setting with its grid position, its tuning runs, the mean test
-value over the final seeds with a 95% t-interval, and NRS minus each method as a paired
-difference (by seed) with its 95% interval and a Holm-adjusted p over the task's comparisons
-(``scipy.stats``). A diverged run counts at its chance value."""
+"""The study's report, written from its records alone (``experiments/results/study_runs.csv``):
+per task the paired comparisons its PROTOCOL declares (``scipy.stats``), the flatness and
+calibration of the final solutions, the cheaper NRS variants' goal, costs and machines."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import numpy as np
@@ -15,15 +14,23 @@ from scipy import stats
 from experiments import study_spec as study
 from experiments.tables import markdown_table
 
-READING = (
-  "Reading the tables: a method's chosen setting has the best mean validation score over the "
-  "tuning seeds; the final seeds are disjoint from those and shared by every method (the same "
-  "initialisation, data order and split), so NRS - method is paired by seed: positive means NRS "
-  "is ahead in accuracy, negative means it is ahead in bits per character. Intervals are "
-  "t-intervals, p a paired t-test, and Holm's adjustment runs over the task's comparisons. A "
-  "diverged run counts at chance (1/C accuracy, 8 bits per character), so a method with one has "
-  "seeds far from normal: its interval widens, may pass the metric's range (above 100%), and "
-  "its test loses power. The diverged column says where; the per-seed rows are in the records."
+MARGIN = {"accuracy": 0.01, "bits_per_char": 0.01}  # the equivalence margins (1 pp, 0.01 bpc)
+ALPHA, POWER, CHEAP_COST = 0.05, 0.8, 1.15
+UNITS = {"bits_per_char": "bits per character, lower is better", "accuracy": "test accuracy, %"}
+PROTOCOL = (
+  "Protocol, fixed before any result. Tuning: the weight-decay methods (sgd and sgd_2x, or adamw) "
+  "tune learning rate x weight decay; every other method tunes learning rate x its own strength at "
+  "the first one's weight decay (on the transformers at AdamW's learning rate x 0.5, 1, 2); each "
+  "ablation retunes the radius at NRS's chosen learning rate and weight decay. A setting scores its "
+  "mean validation value over the 2 tuning seeds; a choice at an edge extends that axis, up to "
+  f"{study.MAX_EXTENSIONS} times. Final seeds are disjoint from the tuning seeds and shared by every "
+  "method, so NRS - method pairs by seed: positive means NRS ahead in accuracy, negative means NRS "
+  "ahead in bits per character. Primary test: two-sided Wilcoxon signed-rank, Holm-corrected over "
+  "the task's comparisons (p < 0.05); effect sizes: paired 95% t-intervals. A tie is claimed only "
+  "where two one-sided paired t-tests at +-1 pp (+-0.01 bits per character), Holm-corrected, pass; "
+  "otherwise the verdict is inconclusive, with the minimum detectable difference (paired t, 80% "
+  "power, alpha 0.05). A diverged run (a non-finite loss, or validation at chance) counts at chance "
+  "(1/C, 8 bits per character), and each method's are counted in their own column."
 )
 
 
@@ -45,6 +52,32 @@ def paired(a, b) -> tuple[float, float, float, float]:
   return m, lo, hi, (0.0 if np.isnan(p) else p)
 
 
+def wilcoxon(d) -> float:
+  """Two-sided Wilcoxon signed-rank p of paired differences (1 where all are zero)."""
+  d = np.asarray(d, float)
+  return 1.0 if np.all(d == 0) else float(stats.wilcoxon(d).pvalue)
+
+
+def tost(d, margin: float) -> float:
+  """Two one-sided paired t-tests that the mean of ``d`` lies within +-``margin``: the larger
+  p (equivalence at level alpha where it is below alpha)."""
+  d = np.asarray(d, float)
+  se = float(np.std(d, ddof=1) / np.sqrt(len(d)))
+  if se == 0:
+    return 0.0 if abs(d.mean()) < margin else 1.0
+  lower = stats.t.sf((d.mean() + margin) / se, len(d) - 1)
+  upper = stats.t.cdf((d.mean() - margin) / se, len(d) - 1)
+  return float(max(lower, upper))
+
+
+def mdd(d) -> float:
+  """The smallest mean difference a paired t-test (alpha 0.05, two-sided) detects with 80%
+  power at this spread and number of pairs."""
+  n = len(d)
+  t = stats.t.ppf(1 - ALPHA / 2, n - 1) + stats.t.ppf(POWER, n - 1)
+  return float(t * np.std(np.asarray(d, float), ddof=1) / np.sqrt(n))
+
+
 def holm(ps: list[float]) -> list[float]:
   """Holm's step-down adjustment (controls the family-wise error over ``ps``)."""
   order, out, running = np.argsort(ps), [0.0] * len(ps), 0.0
@@ -54,22 +87,35 @@ def holm(ps: list[float]) -> list[float]:
   return out
 
 
+def compare(test: dict, ref: str, others: list, metric: str) -> dict:
+  """``ref - m`` for each of ``others``: (mean, lo, hi, Wilcoxon Holm p, TOST Holm p, MDD,
+  verdict), Holm over ``others``."""
+  d = {m: np.subtract(test[ref], test[m]) for m in others}
+  w = dict(zip(others, holm([wilcoxon(d[m]) for m in others])))
+  e = dict(zip(others, holm([tost(d[m], MARGIN[metric]) for m in others])))
+  out = {}
+  for m in others:
+    mean, lo, hi, _ = paired(test[ref], test[m])
+    ahead = (mean > 0) == (metric == "accuracy")
+    verdict = "tie" if e[m] < ALPHA else "inconclusive"
+    verdict = f"{ref} {'ahead' if ahead else 'behind'}" if w[m] < ALPHA else verdict
+    out[m] = (mean, lo, hi, w[m], e[m], mdd(d[m]), verdict)
+  return out
+
+
 def check(rows: dict, tasks: list, quick: bool) -> None:
   """Raises unless every row names a known task and method and every task in ``tasks``
   has all its final runs (a partial table is never written silently)."""
   for r in rows.values():
-    names = study.task_of(r["task"]).methods if r["task"] in (*study.TASKS, "pilot") else None
-    ok = names is not None and (
-      r["method"] in names or (r["task"] == study.ABLATION_TASK and r["method"] in study.ABLATIONS)
-    )
-    if not ok:
-      raise ValueError(
-        f"records: task {r['task']!r} with method {r['method']!r} is not in the study's lists."
-      )
+    names = study.task_of(r["task"]).methods if r["task"] in (*study.TASKS, "pilot") else ()
+    if r["method"] not in (*names, *(study.ABLATIONS if r["task"] == study.ABLATION_TASK else ())):
+      raise ValueError(f"records: task {r['task']!r} with method {r['method']!r} is not in the study's lists.")  # fmt: skip
   for t in tasks:
-    seeds = study.final_seeds(study.TASKS[t], quick)
-    names = [*study.TASKS[t].methods, *(study.ABLATIONS if t == study.ABLATION_TASK else ())]
-    missing = [m for m in names if len(_finals(rows, t, m)) < len(seeds)]
+    task = study.TASKS[t]
+    need = {m: study.final_seeds(task, quick) for m in task.methods}
+    if t == study.ABLATION_TASK:
+      need.update({a: study.final_seeds(task, quick, ablation=True) for a in study.ABLATIONS})
+    missing = [m for m, seeds in need.items() if set(seeds) - set(_finals(rows, t, m))]
     if missing:
       raise ValueError(
         f"records lack final runs of task {t!r} for {missing}: run the study, or declare the "
@@ -100,77 +146,210 @@ def chosen(rows, task, method) -> tuple[dict, str, int]:
   return setting, ", ".join(pos), len(tune)
 
 
-UNITS = {"bits_per_char": "bits per character, lower is better", "accuracy": "test accuracy, %"}
+def _fmt(metric):
+  f = lambda x: f"{x:.3f}" if metric == "bits_per_char" else f"{100 * x:.2f}"
+  return f, lambda trio: "{} [{}, {}]".format(*map(f, trio))
 
 
-def task_section(rows, t, quick) -> tuple[list, dict]:
+def _cost_lines(fin, names, seeds, base) -> list:
+  """Step cost against the median CPU seconds per final run, each over the base method's;
+  where the two differ by more than 15% (after the run's epochs), the fixed part of a run
+  (compiling, evaluating, measuring), fitted over the methods, is what the step leaves out."""
+  sec = {m: float(np.median([fin[m][s]["seconds"] for s in seeds])) for m in names}
+  work = {m: fin[m][seeds[0]]["step_cost"] * study.method_of(m, "absolute").epochs for m in names}
+  slope, fixed = np.polyfit([work[m] for m in names], [sec[m] for m in names], 1)
+  off = [m for m in names if abs(sec[m] / sec[base] / work[m] - 1) > 0.15]
+  lines = [
+    f"Median CPU seconds per final run over {base}'s: "
+    + ", ".join(f"{m} {sec[m] / sec[base]:.2f}" for m in names)
+    + "."
+  ]
+  if off:
+    lines.append(
+      f"These differ by more than 15% from step cost x epochs for {', '.join(off)}: a run also "
+      f"compiles, evaluates and (final runs) measures its solution, work the step time leaves "
+      f"out; fitted over this task's methods, seconds = {fixed:.1f} + {slope:.1f} x (step cost x "
+      f"epochs), so the fixed {fixed:.1f} s of {sec[base]:.1f} s pull the ratios toward 1."
+    )
+  return lines
+
+
+def task_section(rows, t, quick) -> tuple[list, dict, dict]:
+  """The task's tables; its per-seed test values; the cheap variants' verdicts."""
   task = study.TASKS[t]
   seeds = study.final_seeds(task, quick)
-  names = [*task.methods, *(study.ABLATIONS if t == study.ABLATION_TASK else ())]
-  fin = {m: _finals(rows, t, m) for m in names}  # one scan of the records per method
-  test = {m: [fin[m][s]["test"] for s in seeds] for m in names}
-  unit = UNITS[task.metric]
-  f = lambda x: f"{x:.3f}" if task.metric == "bits_per_char" else f"{100 * x:.2f}"
-  ci = lambda trio: "{} [{}, {}]".format(*map(f, trio))
+  fin = {m: _finals(rows, t, m) for m in task.methods}
+  test = {m: [fin[m][s]["test"] for s in seeds] for m in task.methods}
+  f, ci = _fmt(task.metric)
   others = [m for m in task.methods if m != "nrs"]
-  diffs = {m: paired(test["nrs"], test[m]) for m in others}
-  adj = dict(zip(others, holm([diffs[m][3] for m in others])))
-  body, points = [], {}
+  cmp = compare(test, "nrs", others, task.metric)
+  body, edges = [], []
   for m in task.methods:
     setting, pos, n = chosen(rows, t, m)
+    edges += [f"{m} ({p.split(' ')[0]})" for p in pos.split(", ") if "edge" in p]
     r0 = fin[m][seeds[0]]
-    mean, lo, hi = ci95(test[m])
-    points[m] = (r0["step_cost"], mean, lo, hi)
-    d = "" if m == "nrs" else ci(diffs[m][:3])
-    p = "" if m == "nrs" else f"{diffs[m][3]:.3g} / {adj[m]:.3g}"
     div = sum(fin[m][s]["diverged"] for s in seeds)
     row = [m, f"{r0['passes']:.2f}", f"{r0['step_cost']:.2f}", json.dumps(setting, sort_keys=True)]
-    body.append([*row, pos, str(n), ci((mean, lo, hi)), str(div), d, p])
+    row += [pos, str(n), ci(ci95(test[m])), str(div)]
+    if m == "nrs":
+      row += ["", "", ""]
+    else:
+      mean, lo, hi, w, _, dd, verdict = cmp[m]
+      verdict += f" (MDD {f(dd)})" if verdict == "inconclusive" else ""
+      row += [ci((mean, lo, hi)), f"{w:.3g}", verdict]
+    body.append(row)
   head = ["method", "passes", "step cost", "chosen", "grid position", "tuning runs"]
-  head += [f"mean [95% CI] ({unit})", "diverged", "NRS - method [95% CI]", "p / Holm p"]
+  head += [f"mean [95% CI] ({UNITS[task.metric]})", "diverged", "NRS - method [95% CI]"]
+  head += ["Wilcoxon Holm p", "verdict"]
   lines = [f"## {t}", "", markdown_table(head, body), ""]
+  at_edge = ", ".join(edges) or "none"
+  lines += [f"Still at an edge of its grid after the extensions: {at_edge}.", ""]
+  lines += _cost_lines(fin, list(task.methods), seeds, task.methods[0]) + [""]
+  variants = [m for m in study.NRS_FAMILY[1:] if m in task.methods]
+  vs = compare(test, "nrs", variants, task.metric)
+  cheap = {}
+  for m in variants:
+    cost = fin[m][seeds[0]]["step_cost"]
+    cheap[m] = (cost <= CHEAP_COST and vs[m][6] == "tie", cost, vs[m][6])
+  lines += [
+    f"Cheaper NRS variants against full NRS (goal: step cost <= {CHEAP_COST} x and a tie at "
+    "+-1 pp): " + "; ".join(f"{m} step {c:.2f}, {v}" for m, (_, c, v) in cheap.items()) + ".",
+    "",
+  ]
+  lines += measures_section(rows, t, fin, seeds, test)
   if t == study.ABLATION_TASK:
-    abl = list(study.ABLATIONS)
-    d = {a: paired(test[a], test["nrs"]) for a in abl}
-    adj = dict(zip(abl, holm([d[a][3] for a in abl])))
-    body = []
-    for a in abl:
-      r0 = fin[a][seeds[0]]
-      row = [a, json.dumps(study.ABLATIONS[a]), f"{r0['passes']:.2f}", f"{r0['step_cost']:.2f}"]
-      body.append([*row, ci(ci95(test[a])), ci(d[a][:3]), f"{adj[a]:.3g}"])
-    head = ["ablation", "changed from nrs", "passes", "step cost", "mean [95% CI]"]
-    head += ["ablation - nrs [95% CI]", "Holm p"]
-    title = f"### Ablations of nrs at its chosen setting ({t}, the same seeds)"
-    lines += [title, "", markdown_table(head, body), ""]
-  return lines, points
+    lines += ablation_section(rows, t, quick)
+  return lines, test, cheap
 
 
-def plot(points: dict, path: str) -> None:
-  """One panel per task (three a row), each method in the same colour on every panel."""
+def measures_section(rows, t, fin, seeds, test) -> list:
+  """Per measure: each method's mean [95% CI], NRS - method (Wilcoxon, Holm), and Kendall's
+  tau against test accuracy over all final runs; then the task's plain answers."""
+  methods = list(study.TASKS[t].methods)
+  val = {(m, k): [fin[m][s][k] for s in seeds] for m in methods for k in study.MEASURES}
+  failed = sorted(
+    f"{m}/seed {s}: {k}"
+    for m in methods
+    for s in seeds
+    for k in study.MEASURES
+    if not math.isfinite(fin[m][s][k])
+  )
+  body, signs = [], {}
+  for k in study.MEASURES:
+    ok = [i for i in range(len(seeds)) if all(math.isfinite(val[m, k][i]) for m in methods)]
+    row = [k]
+    for m in methods:
+      row.append("{:.3g} [{:.3g}, {:.3g}]".format(*ci95([val[m, k][i] for i in ok])) if ok else "")
+    others = [m for m in methods if m != "nrs"]
+    ps = holm([wilcoxon([val["nrs", k][i] - val[m, k][i] for i in ok]) for m in others])
+    for m, p in zip(others, ps):
+      mean = float(np.mean([val["nrs", k][i] - val[m, k][i] for i in ok])) if ok else math.nan
+      signs[k, m] = (mean, p)
+    x = [val[m, k][i] for m in methods for i in range(len(seeds))]
+    y = [test[m][i] for m in methods for i in range(len(seeds))]
+    keep = [j for j in range(len(x)) if math.isfinite(x[j])]
+    tau, p_tau = stats.kendalltau([x[j] for j in keep], [y[j] for j in keep])
+    signs[k, "tau"] = (float(tau), float(p_tau))
+    cmp = ", ".join(f"{m} {signs[k, m][0]:+.3g} (p {signs[k, m][1]:.2g})" for m in others)
+    body.append(row + [cmp, f"{tau:+.2f} (p {p_tau:.2g})"])
+  head = ["measure", *methods, "NRS - method (Wilcoxon Holm p)", "Kendall tau with test"]
+  lines = [f"### Flatness and calibration of the final solutions ({t})", ""]
+  lines += [markdown_table(head, body), ""]
+  if failed:
+    lines += [f"Measures that failed (NaN, left out of the pair): {'; '.join(failed)}.", ""]
+  return lines + [_flatness_answer(signs, methods[0]), ""]
+
+
+def _flatness_answer(signs, base: str) -> str:
+  """Flatter: lambda_max and the trace both lower than the base method's (SGD or AdamW) and
+  SAM's, each at Holm p < 0.05."""
+
+  def word(m):
+    (a, pa), (b, pb) = signs["lambda_max", m], signs["hessian_trace", m]
+    if a < 0 and b < 0 and pa < ALPHA and pb < ALPHA:
+      return "yes"
+    if a > 0 and b > 0 and pa < ALPHA and pb < ALPHA:
+      return "no, sharper"
+    return "not shown"
+
+  tau, p = signs["lambda_max", "tau"]
+  predicts = "yes" if p < ALPHA else "not shown"
+  return (
+    f"Does NRS find flatter minima (lower lambda_max and trace, Holm p < 0.05) than {base}: "
+    f"{word(base)}; than sam: {word('sam')}. "
+    f"Does flatness predict accuracy here (Kendall tau of lambda_max with test accuracy, "
+    f"p < 0.05): {predicts} (tau {tau:+.2f}, p {p:.2g})."
+  )
+
+
+def ablation_section(rows, t, quick) -> list:
+  task = study.TASKS[t]
+  seeds = study.final_seeds(task, quick, ablation=True)
+  names = ["nrs", *study.ABLATIONS]
+  test = {m: [_finals(rows, t, m)[s]["test"] for s in seeds] for m in names}
+  cmp = compare(test, "nrs", list(study.ABLATIONS), task.metric)
+  f, ci = _fmt(task.metric)
+  body = []
+  for a in study.ABLATIONS:
+    setting, pos, _ = chosen(rows, t, a)
+    mean, lo, hi, w, _, dd, verdict = cmp[a]
+    verdict = verdict.replace("nrs ahead", "ablation behind").replace(
+      "nrs behind", "ablation ahead"
+    )
+    verdict += f" (MDD {f(dd)})" if verdict == "inconclusive" else ""
+    row = [a, json.dumps(study.ABLATIONS[a]), str(setting.get("nrs.radius")), pos]
+    body.append(row + [ci(ci95(test[a])), ci((-mean, -hi, -lo)), f"{w:.3g}", verdict])
+  head = ["ablation", "changed from nrs", "radius (retuned)", "grid position", "mean [95% CI]"]
+  head += ["ablation - nrs [95% CI]", "Wilcoxon Holm p", "verdict"]
+  title = f"### Ablations of nrs, each with its radius retuned ({t}, the first {len(seeds)} seeds)"
+  return [title, "", markdown_table(head, body), ""]
+
+
+def machines_line(rows, t) -> str:
+  used = [r for r in rows.values() if r["task"] == t]
+  names = sorted({r["machine"] or "unknown" for r in used})
+  by_seed = {}
+  for r in used:
+    if r["phase"] == "final":
+      by_seed.setdefault(r["seed"], set()).add(r["machine"])
+  straddle = sum(len(v) > 1 for v in by_seed.values())
+  return (
+    f"Rows of {t} were made on {len(names)} machine(s) ({'; '.join(names)}); "
+    f"{straddle} of its {len(by_seed)} final seeds have rows from more than one machine."
+  )
+
+
+def plot(tests: dict, costs: dict, path: str) -> None:
+  """One panel per task: each method's median test value with its interquartile range against
+  its step cost; methods in a legend (no labels on the points), one colour each throughout."""
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  color = {m: f"C{i}" for i, m in enumerate([*study.IMAGE, "adamw"])}
-  ncol, nrow = min(3, len(points)), -(-len(points) // 3)  # at least one task
-  fig, axes = plt.subplots(nrow, ncol, figsize=(4.5 * ncol, 3.5 * nrow), squeeze=False)
-  for ax in axes.flat[len(points) :]:
+  names = list(dict.fromkeys([*study.IMAGE, *study.TRANSFORMER]))
+  color = {m: plt.get_cmap("tab20")(i) for i, m in enumerate(names)}
+  ncol, nrow = min(3, len(tests)), -(-len(tests) // 3)
+  fig, axes = plt.subplots(nrow, ncol, figsize=(5 * ncol, 3.8 * nrow), squeeze=False)
+  for ax in axes.flat[len(tests) :]:
     ax.axis("off")
-  for ax, (t, pts) in zip(axes.flat, points.items()):
-    bits = study.TASKS[t].metric == "bits_per_char"
-    for m, (c, *mean_lo_hi) in pts.items():
-      mean, lo, hi = (x if bits else 100 * x for x in mean_lo_hi)
-      ax.errorbar([c], [mean], yerr=[[mean - lo], [hi - mean]], fmt="o", capsize=3, c=color[m])
-      ax.annotate(m, (c, mean), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ylabel = f"{UNITS[study.TASKS[t].metric]}\n(mean, 95% CI)"
-    ax.set(title=t, xlabel="step time / base method's", ylabel=ylabel)
-  fig.tight_layout()
+  for ax, (t, test) in zip(axes.flat, tests.items()):
+    scale = 1 if study.TASKS[t].metric == "bits_per_char" else 100
+    for m, xs in test.items():
+      q1, med, q3 = np.percentile(np.asarray(xs) * scale, [25, 50, 75])
+      ax.errorbar([costs[t][m]], [med], [[med - q1], [q3 - med]], fmt="o", capsize=3, c=color[m])
+    ax.set(title=t, xlabel="step time / base method's", ylabel=UNITS[study.TASKS[t].metric])
+  handles = [plt.Line2D([], [], marker="o", ls="", c=color[m]) for m in names]
+  fig.legend(handles, names, loc="lower center", ncol=min(len(names), 7), fontsize=8)
+  fig.suptitle("median and interquartile range over the final seeds", fontsize=9)
+  fig.tight_layout(rect=(0, 0.1, 1, 0.97))
   fig.savefig(path, dpi=120)
   plt.close(fig)
 
 
-def write(rows: dict, tasks: list, path: str, quick: bool = False, declared: bool = False) -> None:
+def write(rows: dict, tasks: list, path: str, quick: bool = False, declared=None) -> None:
+  """The report of ``tasks`` (``declared``: the --tasks list its header names, if any)."""
+  tasks = [t for t in tasks if t != "pilot"]
   check(rows, tasks, quick)
   used = [r for r in rows.values() if r["task"] in (*tasks, "pilot")]  # others may be running
   pilot, best = [], {}
@@ -178,27 +357,42 @@ def write(rows: dict, tasks: list, path: str, quick: bool = False, declared: boo
     setting, pos, n = chosen(rows, "pilot", m)
     best[m] = study.score(rows, "pilot", m, setting)  # the runner's pilot_family rule
     pilot.append([m, json.dumps(setting, sort_keys=True), pos, str(n), f"{100 * best[m]:.2f}"])
+  flag = f" --tasks={','.join(declared)}" if declared else ""
+  hours = sum(r["seconds"] for r in used) / 3600
   lines = [
     "# The evidence study",
     "",
-    f"Written by `python -m experiments.study --report_only{' --tasks=' + ','.join(tasks) if declared else ''}` from `experiments/results/study_runs.csv` ({len(used)} runs of these tasks and the pilot, {sum(r['seconds'] for r in used) / 3600:.1f} CPU hours); do not edit.",
+    f"Written by `python -m experiments.study --report_only{flag}` from "
+    f"`experiments/results/study_runs.csv` ({len(used)} runs of these tasks and the pilot, "
+    f"{hours:.1f} CPU hours); do not edit.",
     "",
-    f"NRS's noise family for the study: **{study.pilot_choice(best)}**, the "
-    "better tuned validation score on the pilot task (mnist1d, another data seed; not in the tables):",
+    PROTOCOL,
+    "",
+    f"NRS's noise family for the study: **{study.pilot_choice(best)}**, the better tuned "
+    "validation score on the pilot task (mnist1d, another data seed; not in the tables):",
     "",
     markdown_table(["family", "chosen", "grid position", "tuning runs", "validation %"], pilot),
     "",
-    READING,
-    "",
   ]
-  points = {}
+  tests, costs, cheap = {}, {}, {}
   for t in tasks:
-    sec, points[t] = task_section(rows, t, quick)
-    lines += sec
-  if points:
+    sec, tests[t], cheap[t] = task_section(rows, t, quick)
+    seed0 = study.final_seeds(study.TASKS[t], quick)[0]
+    costs[t] = {m: _finals(rows, t, m)[seed0]["step_cost"] for m in tests[t]}
+    lines += sec + [machines_line(rows, t), ""]
+  image = [t for t in tasks if study.TASKS[t].methods == study.IMAGE]
+  if image:
+    reach = [m for m in study.NRS_FAMILY[1:] if all(cheap[t][m][0] for t in image)]
+    lines += [
+      f"## The cheaper NRS variants\n\nA variant at <= {CHEAP_COST} x SGD's step time and tied "
+      f"with full NRS (+-1 pp) on every image task reported ({', '.join(image)}): "
+      f"{', '.join(reach) or 'none'}.",
+      "",
+    ]
+  if tests:
     png = os.path.join(os.path.dirname(path) or ".", "results", "study_cost_accuracy.png")
     os.makedirs(os.path.dirname(png), exist_ok=True)
-    plot(points, png)
+    plot(tests, costs, png)
     lines += [f"![cost and accuracy](results/{os.path.basename(png)})", ""]
   with open(path, "w") as f:
     f.write("\n".join(lines))

@@ -16,14 +16,19 @@ class Method:
   harness: str  # the experiments.methods step
   strength: str  # the config key it tunes
   grid: tuple  # the strength's base grid (geometric: extensions continue its ratio)
-  passes: float  # forward/backward passes per step
+  passes: float  # forward/backward passes per run, in units of one SGD run's
   fixed: dict = dataclasses.field(default_factory=dict)
+  epochs: int = 1  # times the task's epochs (sgd_2x: the passes of SAM and NRS as SGD steps)
 
 
 FAMILIES = {"absolute": (0.0125, 0.025, 0.05, 0.1), "filter": (0.125, 0.25, 0.5, 1.0)}
 CHEAP = {"nrs.neighbor_batch_size": 0.25, "nrs.stop_gradient_center": True}  # B/4, fixed centre
+B8 = {"nrs.neighbor_batch_size": 0.125, "nrs.stop_gradient_center": True}  # B/8, fixed centre
+HALF = {"nrs.probability": 0.5, "nrs.implementation": "loss"}  # full NRS on a random half
+WD = (1.25e-4, 5e-4, 2e-3, 8e-3)
 METHODS = {
-  "sgd": Method("sgd", "weight_decay", (1.25e-4, 5e-4, 2e-3, 8e-3), 1.0),
+  "sgd": Method("sgd", "weight_decay", WD, 1.0),
+  "sgd_2x": Method("sgd", "weight_decay", WD, 2.0, epochs=2),
   "sam": Method("sam", "sam.rho", (0.1, 0.2, 0.4, 0.8), 2.0),
   "asam": Method("asam", "asam.rho", (0.25, 0.5, 1.0, 2.0), 2.0),
   "sam_half": Method("sam", "sam.rho", (0.2, 0.4, 0.8, 1.6), 1.5, {"sam.probability": 0.5}),
@@ -31,19 +36,26 @@ METHODS = {
   "mesa": Method("mesa", "mesa.lam", (0.5, 1.0, 2.0, 4.0), 1.5),
   "nrs": Method("nrs", "nrs.radius", (), 2.0),  # its grid: the pilot's noise family
   "nrs_cheap": Method("nrs", "nrs.radius", (), 1.5, CHEAP),
+  "nrs_b8": Method("nrs", "nrs.radius", (), 1.25, B8),
+  "nrs_half": Method("nrs", "nrs.radius", (), 1.5, HALF),
   "adamw": Method("sgd", "weight_decay", (0.01, 0.03, 0.1, 0.3), 1.0),  # the task's AdamW
 }
-# On the transformers (on top of AdamW's choice): below the previous study's low edges.
-TRANSFORMER_GRIDS = {"sam": (0.0025, 0.005, 0.01, 0.02), "nrs": 0.1, "nrs_cheap": 0.1}
-# Ablations of NRS at its chosen setting, one option changed, on the final seeds.
+# The methods that tune the weight decay themselves (first); every other method then tunes at
+# the first one's choice (SGD's on the image tasks, AdamW's on the transformers).
+TUNES_WD = ("sgd", "sgd_2x", "adamw")
+# On the transformers (at AdamW's weight decay): below the previous study's low edges.
+NRS_FAMILY = ("nrs", "nrs_cheap", "nrs_b8", "nrs_half")
+TRANSFORMER_GRIDS = {"sam": (0.0025, 0.005, 0.01, 0.02), **dict.fromkeys(NRS_FAMILY, 0.1)}
+# Ablations of NRS, one option changed, each retuning the radius (base grid, at NRS's chosen
+# learning rate and weight decay) on the tuning seeds; trained on the first 10 final seeds.
 ABLATIONS = {
   **{f"nrs_k{k}": {"nrs.num_neighbors": k} for k in (2, 4, 8)},
   **{f"nrs_alpha{a:g}": {"nrs.alpha": a} for a in (0.25, 4.0)},
   **{f"nrs_{d}": {"nrs.divergence": d} for d in ("reverse_kl", "symmetric_kl", "js")},
   "nrs_max_k4": {"nrs.num_neighbors": 4, "nrs.aggregation": "max"},
 }
-IMAGE = ("sgd", "sam", "asam", "sam_half", "saf", "mesa", "nrs", "nrs_cheap")
-TRANSFORMER = ("adamw", "sam", "nrs", "nrs_cheap")
+IMAGE = ("sgd", "sgd_2x", "sam", "asam", "sam_half", "saf", "mesa", *NRS_FAMILY)
+TRANSFORMER = ("adamw", "sam", *NRS_FAMILY)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,9 +71,9 @@ class Task:
 # mnist1d, 5,750 samples: 1,150 to test, 1,000 to validate, 3,600 to train (the default's).
 _M1D = {"mnist1d_samples": 5750, "validation_fraction": 1000 / 4600, "num_epochs": 100}
 TASKS = {
-  "mnist1d_mlp": Task("default", _M1D, IMAGE, 10),
-  "mnist1d_mlp_noise20": Task("default", {**_M1D, "label_noise": 0.2}, IMAGE, 10),
-  "mnist1d_cnn": Task("mnist1d_cnn", {**_M1D, "num_epochs": 60}, IMAGE, 10),
+  "mnist1d_mlp": Task("default", _M1D, IMAGE, 20),
+  "mnist1d_mlp_noise20": Task("default", {**_M1D, "label_noise": 0.2}, IMAGE, 20),
+  "mnist1d_cnn": Task("mnist1d_cnn", {**_M1D, "num_epochs": 60}, IMAGE, 20),
   # 5,000 real MNIST digits: 1,000 test, 1,000 clean validation, 3,000 to train (20% flipped).
   "mnist5k_cnn_noise20": Task(
     "mnist1d_cnn",
@@ -74,21 +86,25 @@ TASKS = {
       "num_epochs": 20,  # one SGD run: about 20 s on one core
     },
     IMAGE,
-    10,
+    20,
   ),
-  "mnist1d_vit": Task("mnist1d_vit", {"num_epochs": 30}, TRANSFORMER, 5),
+  "mnist1d_vit": Task("mnist1d_vit", {"num_epochs": 30}, TRANSFORMER, 10),
   "stdlib_lm": Task(
-    "stdlib_lm", {"num_epochs": 8, "max_examples": 2048}, TRANSFORMER, 5, "bits_per_char", 256
+    "stdlib_lm", {"num_epochs": 8, "max_examples": 2048}, TRANSFORMER, 10, "bits_per_char", 256
   ),
 }
 PILOT = Task("default", {**_M1D, "mnist1d_seed": 7}, ("nrs_absolute", "nrs_filter"), 0)
 ABLATION_TASK = "mnist1d_mlp"
-TUNE_SEEDS, FINAL_SEED0 = (0, 1), 100
+TUNE_SEEDS, FINAL_SEED0, ABLATION_SEEDS = (0, 1), 100, 10
 LR_FACTORS = (0.5, 1.0, 2.0)
-# machine: where the row was made (study.machine(): CPU model, ISA, jax and jaxlib, XLA flags);
-# empty on rows made before it was recorded.
+MAX_EXTENSIONS = 4  # per axis, while the chosen value sits at an edge
+# The flatness and calibration of every final solution (experiments/measures.py), at the final
+# weights in evaluation mode; one column each, empty on tuning rows.
+MEASURES = ("lambda_max", "hessian_trace", "sharpness", "neighborhood_kl", "test_nll", "test_ece")
+MEASURES += ("weight_norm",)
+# machine: where the row was made (study.machine(): CPU model, ISA, jax and jaxlib, XLA flags).
 COLUMNS = "task method phase seed setting metric val test diverged step_cost passes seconds machine"
-COLUMNS = tuple(COLUMNS.split())
+COLUMNS = (*COLUMNS.split(), *MEASURES)
 
 
 def task_of(name: str) -> Task:
@@ -100,7 +116,7 @@ def method_of(name: str, family: str = "", task: Task | None = None) -> Method:
   nrs and nrs_cheap perturb with ``family``'s scale (its grid a decade lower on transformers)."""
   if name in ABLATIONS:
     k = ABLATIONS[name].get("nrs.num_neighbors", 1)
-    return dataclasses.replace(method_of("nrs", family, task), passes=1.0 + k, grid=())
+    return dataclasses.replace(method_of("nrs", family, task), passes=1.0 + k)
   if name.removeprefix("nrs_") in FAMILIES:
     name, family = "nrs", name.removeprefix("nrs_")
   if name not in METHODS:
@@ -129,8 +145,8 @@ def read_records(path: str) -> dict:
     raise ValueError(f"{path} has columns {tuple(rows[0])}, expected {COLUMNS}.")
   out = {}
   for r in rows:
-    for k in ("val", "test", "step_cost", "passes", "seconds"):
-      r[k] = float(r[k])
+    for k in ("val", "test", "step_cost", "passes", "seconds", *MEASURES):
+      r[k] = float(r[k]) if r[k] != "" else float("nan")
     r["seed"], r["diverged"] = int(r["seed"]), int(r["diverged"])
     out[key_of(r["task"], r["method"], r["phase"], r["seed"], json.loads(r["setting"]))] = r
   return out
@@ -160,8 +176,10 @@ def pilot_choice(best: dict) -> str:
   return max(PILOT.methods, key=lambda m: best[m]).removeprefix("nrs_")
 
 
-def final_seeds(task: Task, quick: bool) -> list:
-  return list(range(FINAL_SEED0, FINAL_SEED0 + (2 if quick else task.final_seeds)))
+def final_seeds(task: Task, quick: bool, ablation: bool = False) -> list:
+  """The final seeds (shared by every method); an ablation's are the first 10 of them."""
+  n = 2 if quick else (min(ABLATION_SEEDS, task.final_seeds) if ablation else task.final_seeds)
+  return list(range(FINAL_SEED0, FINAL_SEED0 + n))
 
 
 _tidy = lambda v: float(f"{v:.6g}")  # grid values without binary noise

@@ -177,10 +177,12 @@ def _evaluate(model, eval_step, state, ds, train_view, mesh) -> dict:
   return out
 
 
-def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(config, workdir: str, finish=None) -> dict[str, Any]:
   """Trains ``config.method`` on ``config.dataset``; resumes from ``workdir`` if present. Writes
   ``metrics.jsonl`` (one line per evaluation), checkpoints, and ``final_state.npz``
-  (:class:`experiments.records.Run`); returns the final metrics. Under several processes every
+  (:class:`experiments.records.Run`); returns the final metrics, with ``finish(model, state,
+  ds)``'s dict added where given (the study's measures of the final solution). Under several
+  processes every
   process runs this with the same config and workdir (a shared filesystem) and feeds its own
   rows of every global batch."""
   parallel.initialize_distributed(config)  # before any other JAX call
@@ -289,7 +291,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       run.save(state, done)
   if bar is not None:
     bar.close()
-  return run.finish(state, total_steps, start)
+  return {**run.finish(state, total_steps, start), **(finish(model, state, ds) if finish else {})}
 
 
 SUMMARY_KEYS = {
