@@ -158,6 +158,8 @@ SLOW_ON_TWO_CORES = {
   "tests/lm_test.py::test_every_method_trains_on_the_smoothed_masked_loss[nrs]": 23,
   "tests/strategies_test.py::test_penalty_and_gradient_under_vmap_over_keys_equal_a_loop_over_keys[auto-None]": 21,
   "tests/lm_test.py::test_lm_dropout_follows_its_key_and_is_off_in_eval": 21,
+  # (a third pass: the TFDS pipeline under mock data stays in the two-process test)
+  "tests/train_test.py::test_tfds_configs_under_mock_data[get_config-overrides0]": 31,
 }
 
 

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
+import nrs_jax
 from experiments import measures
 from experiments.study_spec import MEASURES
+from nrs_jax import flatness
 from tests.conftest import enable_x64
 
 
@@ -75,13 +77,16 @@ def test_measures_match_exact_references_on_a_tiny_model():
     ece = _brute_ece(list(p.max(-1)), list(p.argmax(-1) == y[:40]))
     assert out["test_ece"] == pytest.approx(ece, abs=1e-12)
     assert out["weight_norm"] == pytest.approx(np.linalg.norm(np.asarray(flat)), rel=1e-12)
+    # the library's own divergence, on the test inputs with the measure's key; wider drifts more
+    key, logits = jax.random.split(jax.random.key(0), 3)[2], lambda q, x: x @ q["w"] + q["b"]
+    kl = flatness.nrs_divergence(logits, params, [x[:40]], key, radius=0.05, num_neighbors=8)
+    wide = nrs_jax.nrs_penalty(
+      lambda q: logits(q, x[:40]), params, key, radius=0.5, num_neighbors=8
+    )
     assert (
-      0
-      < out["neighborhood_kl"]
-      < measures.measure(
-        apply, params, {}, (x, y), (x[:40], y[:40]), jax.random.key(0), radius=0.5
-      )["neighborhood_kl"]
-    )  # a wider neighbourhood drifts further
+      0 < out["neighborhood_kl"] == pytest.approx(float(kl["sharpness/nrs_divergence"]), rel=1e-9)
+    )
+    assert out["neighborhood_kl"] < float(wide)
 
 
 def test_token_level_labels_count_each_valid_token_once():

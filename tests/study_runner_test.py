@@ -133,7 +133,7 @@ def test_a_run_is_bit_for_bit_the_same_twice_and_through_a_kill_and_rerun(tmp_pa
   bit. The bugs: a draw from the wall clock or the process, state a killed run leaves in its
   directory that the rerun picks up, a row whose machine column is missing."""
   setting = {"learning_rate": 0.4, "weight_decay": 5e-4}
-  job = lambda d: ["mnist1d_mlp", "sgd", "final", 100, setting, "absolute", True, str(d)]
+  job = lambda d: ["mnist1d_mlp", "sgd", "tune", 100, setting, "absolute", True, str(d)]
   rows = _train(job(tmp_path / "one"), job(tmp_path / "two"))  # (one process: twice)
   killed = tmp_path / "killed"
   p = _train(job(killed), wait=False)
