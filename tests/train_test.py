@@ -30,13 +30,18 @@ from tests.harness_util import recomputed_test_accuracy
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _shrink(config, steps=2, **overrides):
+def _shrink(config, steps=2, hessian=False, **overrides):
+  """A 2-step run; the harness's Hessian metrics only where a test reads them (``hessian``):
+  its Lanczos and Hutchinson programs are most of a tiny run's compilation."""
   with config.unlocked():
     config.num_steps = steps
     config.batch_size = min(config.batch_size, 8)
     config.eval_every_epochs = 10_000
     config.progress = False
-    config.hessian = dict(num_examples=16, batch_size=8, num_iters=3, num_samples=2, every_evals=0)
+    iters = 3 if hessian else 0
+    config.hessian = dict(
+      num_examples=16, batch_size=8, num_iters=iters, num_samples=2, every_evals=0
+    )
     for k, v in overrides.items():
       setattr(config, k, v)
   return config
@@ -69,9 +74,7 @@ def test_offline_configs_run(get_config, method, hessian, tmp_path):
   if get_config is mnist1d_vit.get_config:
     kw = dict(patch=(4,), dim=32, depth=1, heads=2, mlp_dim=64, dropout=0.1, pool="mean")
     small = {"model_kwargs": kw}
-  config = _shrink(get_config(), method=method, **small)
-  if not hessian:  # the Hessian depends on the model, not the method
-    config.hessian.num_iters = 0
+  config = _shrink(get_config(), hessian=hessian, method=method, **small)  # (per model, not method)
   rec = train.train_and_evaluate(config, str(tmp_path))
   assert rec["step"] == 2
   np.testing.assert_allclose(
@@ -240,7 +243,7 @@ def test_unknown_names_list_the_choices(field, value, match, tmp_path):
 
 
 def test_compare_writes_summary_table_and_plots(tmp_path, capsys):
-  config = _shrink(default.get_config())
+  config = _shrink(default.get_config(), hessian=True)
   summary = train.compare(config, str(tmp_path))
   data = json.loads((tmp_path / "summary.json").read_text())
   assert set(data) == {"sgd", "sam", "nrs"} == set(summary)
