@@ -58,16 +58,17 @@ def test_measures_match_exact_references_on_a_tiny_model():
     )
     flat, unravel = ravel_pytree(params)
 
+    @jax.jit  # (the references jitted: eagerly every primitive compiles on its own)
     def loss(v, n=50):
       logits = x[:n] @ unravel(v)["w"] + unravel(v)["b"]
       return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[jnp.arange(n), y[:n]])
 
-    H = np.asarray(jax.hessian(loss)(flat))
+    H = np.asarray(jax.jit(jax.hessian(loss))(flat))
     assert out["lambda_max"] == pytest.approx(np.linalg.eigvalsh(H)[-1], rel=1e-6)
     # Hutchinson with 64 Rademacher probes: within 5 of its exact standard errors.
     sd = math.sqrt(2 * (np.sum(H**2) - np.sum(np.diag(H) ** 2)) / 64)
     assert abs(out["hessian_trace"] - np.trace(H)) < 5 * sd + 1e-9
-    g = np.asarray(jax.grad(loss)(flat))
+    g = np.asarray(jax.jit(jax.grad(loss))(flat))
     ascent = float(loss(flat + 0.05 * g / np.linalg.norm(g)) - loss(flat))
     assert out["sharpness"] == pytest.approx(ascent, rel=1e-6)
     logits = np.asarray(x[:40] @ params["w"] + params["b"])
