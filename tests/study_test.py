@@ -344,3 +344,24 @@ def test_the_report_does_not_import_the_runner():
   assert out.stdout.split() == ["False", "False"], out.stderr[-2000:]
   assert spec.pilot_choice({"nrs_absolute": 0.7, "nrs_filter": 0.71}) == "filter"
   assert spec.pilot_choice({"nrs_absolute": 0.72, "nrs_filter": 0.71}) == "absolute"
+
+
+def test_every_declared_task_and_method_builds_its_config_and_step():
+  """Every task x method (and ablation) of the declarations gives a config that the harness
+  accepts before anything trains: a random-half method's probability, a sub-batch that
+  divides into whole examples, SGD 2x's doubled epochs."""
+  from experiments import methods
+
+  for t, task in spec.TASKS.items():
+    names = [*task.methods, *(spec.ABLATIONS if t == spec.ABLATION_TASK else ())]
+    base = study.make_config(task, task.methods[0], {}, 100, False, "absolute")
+    for m in names:
+      meth = spec.method_of(m, "absolute", task)
+      config = study.make_config(task, m, {meth.strength: meth.grid[0]}, 100, False, "absolute")
+      p = methods.step_probability(config)
+      assert p == (0.5 if m in ("nrs_half", "sam_half") else 1.0), (t, m)
+      methods.make_step(config.method, lambda *a: None, None, config, 10)
+      assert config.num_epochs == base.num_epochs * meth.epochs
+      sub = config.get("nrs", {}).get("neighbor_batch_size")
+      if m in ("nrs_cheap", "nrs_b8"):
+        assert sub == config.batch_size // (4 if m == "nrs_cheap" else 8) and sub >= 1
