@@ -9,9 +9,22 @@ import numpy as np
 from experiments import methods
 from experiments import train
 
+_LAST: dict = {}  # the last run read: its final state, model and data (recomputations share it)
+
 
 def final_state(config, workdir):
-  """The run's ``final_state.npz`` as the harness's state tree, and the model and data."""
+  """The run's ``final_state.npz`` as the harness's state tree, and the model and data. The
+  last run read is kept (keyed by its config and file), so that a test's recomputations of
+  the same run load the data and build the model once."""
+  path = os.path.join(workdir, "final_state.npz")
+  key = (config.to_json_best_effort(), path, os.stat(path).st_mtime_ns)
+  if _LAST.get("key") != key:
+    _LAST.clear()
+    _LAST.update(key=key, value=_final_state(config, workdir))
+  return _LAST["value"]
+
+
+def _final_state(config, workdir):
   ds = train.load_data(config)
   model = train.Model(config, ds)
   tx = methods.make_optimizer(config, 1, ds.num_train, ds.num_classes)
@@ -29,7 +42,10 @@ def final_state(config, workdir):
 def _logits_in_chunks(final, model, data, rows):
   """``(logits, labels)`` of each chunk of ``rows`` examples: the model in evaluation mode,
   jitted here (not the harness's evaluation step); the labels as numpy."""
-  apply = jax.jit(lambda p, bs, x: model.apply(p, bs, x, False, None)[0])
+  apply = _LAST.get("apply") if _LAST.get("model") is model else None
+  if apply is None:  # (one compilation per model and chunk shape)
+    apply = jax.jit(lambda p, bs, x: model.apply(p, bs, x, False, None)[0])
+    _LAST.update(model=model, apply=apply)
   for i in range(0, len(data.y), rows):
     x, y = data.x[i : i + rows], np.asarray(data.y[i : i + rows])
     yield np.asarray(apply(final["params"], final["batch_stats"], x)), y
