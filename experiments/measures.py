@@ -22,9 +22,8 @@ SETTINGS = dict(examples=1000, batch=1000, lanczos=20, probes=64, rho=0.05, radi
 
 
 def ece(confidence, correct, bins: int = 15) -> float:
-  """Expected calibration error: over equal-width bins, the share of predictions x |accuracy -
-  mean confidence|, i.e. sum_b |sum correct - sum confidence| / n; a confidence of 1 falls in
-  the last bin."""
+  """Expected calibration error: over equal-width bins, share x |accuracy - mean confidence|,
+  i.e. sum_b |sum correct - sum confidence| / n; a confidence of 1 falls in the last bin."""
   c, y = np.asarray(confidence, np.float64), np.asarray(correct, np.float64)
   idx = np.minimum((c * bins).astype(int), bins - 1)
   gap = np.bincount(idx, y, minlength=bins) - np.bincount(idx, c, minlength=bins)
@@ -57,11 +56,8 @@ def measure(apply, params, batch_stats, train, test, key, **overrides) -> dict:
   n, bsz = min(s["examples"], len(train[1])), s["batch"]
   fit = [(train[0][i : min(i + bsz, n)], train[1][i : min(i + bsz, n)]) for i in range(0, n, bsz)]
   tests = [(test[0][i : i + 1000], test[1][i : i + 1000]) for i in range(0, len(test[1]), 1000)]
-  k_eig, k_tr, k_kl = jax.random.split(key, 3)
-  out = {}
-  sam = lambda p, d: flatness.worst_case_sharpness(loss, p, d, rho=s["rho"])  # (checks eagerly)
-  # The library's penalty per test batch, weighted by its size (flatness.nrs_divergence's sum,
-  # jitted: eagerly that compiles every primitive once per neighbour).
+  (k_eig, k_tr, k_kl), out = jax.random.split(key, 3), {}
+  # flatness.nrs_divergence's sum, jitted (eagerly it compiles each primitive per neighbour)
   pen = jax.jit(
     lambda p, x: nrs_jax.nrs_penalty(
       lambda q: logits_fn(q, x), p, k_kl, radius=s["radius"], num_neighbors=s["draws"]
@@ -75,7 +71,9 @@ def measure(apply, params, batch_stats, train, test, key, **overrides) -> dict:
     ("hessian_trace",): lambda: [
       flatness.hessian_trace(loss, params, fit, k_tr, num_samples=s["probes"]).trace
     ],
-    ("sharpness",): lambda: [sam(params, fit)["sharpness/worst_case"]],
+    ("sharpness",): lambda: [
+      flatness.worst_case_sharpness(loss, params, fit, rho=s["rho"])["sharpness/worst_case"]
+    ],
     ("neighborhood_kl",): lambda: [kl()],
     ("test_nll", "test_ece"): lambda: _test_calibration(logits_fn, params, tests),
     ("weight_norm",): lambda: [optax.tree.norm(params)],
@@ -85,7 +83,5 @@ def measure(apply, params, batch_stats, train, test, key, **overrides) -> dict:
       values = fn()
     except (FloatingPointError, ValueError, ArithmeticError):
       values = (math.nan,) * len(names)
-    out.update(
-      {k: float(v) if math.isfinite(float(v)) else math.nan for k, v in zip(names, values)}
-    )
+    out.update({k: float(v) if math.isfinite(float(v)) else math.nan for k, v in zip(names, values)})  # fmt: skip
   return out

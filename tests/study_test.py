@@ -365,3 +365,20 @@ def test_every_declared_task_and_method_builds_its_config_and_step():
       sub = config.get("nrs", {}).get("neighbor_batch_size")
       if m in ("nrs_cheap", "nrs_b8"):
         assert sub == config.batch_size // (4 if m == "nrs_cheap" else 8) and sub >= 1
+
+
+def test_the_harness_stays_within_its_size_budget():
+  """Issue 30's budget: the harness (experiments/*.py, configs excluded) within 3,900 lines,
+  train.py within 400, and no function over 120 lines."""
+  import ast
+  import glob
+
+  root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
+  files = sorted(glob.glob(os.path.join(root, "*.py")))
+  lines = {os.path.basename(f): open(f).read().count("\n") for f in files}
+  assert sum(lines.values()) <= 3900, sum(lines.values())
+  assert lines["train.py"] <= 400
+  for f in files:
+    for node in ast.walk(ast.parse(open(f).read())):
+      if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        assert node.end_lineno - node.lineno + 1 <= 120, (f, node.name)
