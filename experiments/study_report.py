@@ -174,8 +174,8 @@ def _cost_lines(fin, names, seeds, base) -> list:
   return lines
 
 
-def task_section(rows, t, quick) -> tuple[list, dict, dict]:
-  """The task's tables; its per-seed test values; the cheap variants' verdicts."""
+def task_section(rows, t, quick) -> tuple[list, dict, dict, dict]:
+  """The task's tables; its per-seed test values; the cheap variants' verdicts; step costs."""
   task = study.TASKS[t]
   seeds = study.final_seeds(task, quick)
   fin = {m: _finals(rows, t, m) for m in task.methods}
@@ -219,7 +219,7 @@ def task_section(rows, t, quick) -> tuple[list, dict, dict]:
   lines += measures_section(rows, t, fin, seeds, test)
   if t == study.ABLATION_TASK:
     lines += ablation_section(rows, t, quick)
-  return lines, test, cheap
+  return lines, test, cheap, {m: fin[m][seeds[0]]["step_cost"] for m in task.methods}
 
 
 def measures_section(rows, t, fin, seeds, test) -> list:
@@ -376,9 +376,7 @@ def write(rows: dict, tasks: list, path: str, quick: bool = False, declared=None
   ]
   tests, costs, cheap = {}, {}, {}
   for t in tasks:
-    sec, tests[t], cheap[t] = task_section(rows, t, quick)
-    seed0 = study.final_seeds(study.TASKS[t], quick)[0]
-    costs[t] = {m: _finals(rows, t, m)[seed0]["step_cost"] for m in tests[t]}
+    sec, tests[t], cheap[t], costs[t] = task_section(rows, t, quick)
     lines += sec + [machines_line(rows, t), ""]
   image = [t for t in tasks if study.TASKS[t].methods == study.IMAGE]
   if image:
