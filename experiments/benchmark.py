@@ -97,16 +97,8 @@ def row_specs(model: str, ks: list, batch_size: int, accelerator: bool) -> list:
 
 
 def _config(method: str, nrs: dict) -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict(
-    dict(
-      seed=0,
-      learning_rate=0.1,
-      weight_decay=5e-4,
-      momentum=0.9,
-      method=method,
-      **methods.method_defaults(),
-    )
-  )
+  base = dict(seed=0, learning_rate=0.1, weight_decay=5e-4, momentum=0.9, method=method)
+  config = ml_collections.ConfigDict({**base, **methods.method_defaults()})
   config.nrs.update(nrs)
   return config
 

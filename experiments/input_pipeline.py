@@ -46,6 +46,7 @@ class Dataset:
   input_shape: tuple
   augment: bool = False
   stream: Optional[TfdsStream] = None  # TFDS: the splits are read per process, not held
+  unlabeled: Optional[Split] = None  # training inputs without labels (their y is -1)
 
   @property
   def num_train(self) -> int:
@@ -103,21 +104,9 @@ def _digits() -> tuple[Split, Split, int]:
 
 # The packages of the running Python's standard library whose sources make the
 # character-level LM corpus (their test suites excluded); read at run time.
-STDLIB_PACKAGES = (
-  "json",
-  "email",
-  "http",
-  "urllib",
-  "xml",
-  "concurrent",
-  "logging",
-  "importlib",
-  "collections",
-  "html",
-  "wsgiref",
-  "tomllib",
-  "zoneinfo",
-  "re",
+STDLIB_PACKAGES = tuple(
+  "json email http urllib xml concurrent logging importlib collections html wsgiref tomllib "
+  "zoneinfo re".split()
 )
 PAD = -1  # label of padding positions in token datasets (masked out of every loss)
 
@@ -199,6 +188,33 @@ def flip_labels(split: Split, fraction: float, num_classes: int, seed: int) -> S
   return Split(split.x, y)
 
 
+def split_labeled(train: Split, fraction: float, num_classes: int, seed: int):
+  """``(labelled, unlabeled)``: each class keeps the labels of ``round(fraction * n_c)`` of its
+  ``n_c`` examples, drawn with ``seed`` (balanced, as semi-supervised benchmarks keep them);
+  the others become ``unlabeled``, their labels replaced by -1 (None at ``fraction`` 1)."""
+  bad = isinstance(fraction, bool) or not isinstance(fraction, (int, float))
+  if bad or not 0 < fraction <= 1:
+    raise ValueError(
+      f"labeled_fraction={fraction!r} must be in (0, 1]: the share of the training examples "
+      "that keep their labels (1: all of them)."
+    )
+  if fraction == 1:
+    return train, None
+  rng, keep = np.random.default_rng(seed + 11), []
+  for c in range(num_classes):
+    idx = np.flatnonzero(train.y == c)
+    k = int(round(fraction * len(idx)))
+    if k == 0:
+      raise ValueError(
+        f"labeled_fraction={fraction} leaves class {c} ({len(idx)} training examples) with no "
+        f"labelled example: raise it to at least {1 / max(len(idx), 1):.3g}."
+      )
+    keep.append(rng.choice(idx, k, replace=False))
+  lab = np.sort(np.concatenate(keep))
+  rest = np.setdiff1d(np.arange(len(train.y)), lab)
+  return Split(train.x[lab], train.y[lab]), Split(train.x[rest], np.full(len(rest), -1, np.int32))
+
+
 def load(
   name: str,
   *,
@@ -210,22 +226,23 @@ def load(
   block_size: int = 64,
   mnist1d_samples: int = 5000,
   mnist1d_seed: int = 42,
+  labeled_fraction: float = 1.0,
 ) -> Dataset:
   """Loads a dataset by name: ``mnist1d``, ``digits``, ``stdlib`` or a TFDS image set. ``stdlib``
   is the character-level LM corpus (``stdlib_sources``), split by file (``stdlib_split_of``, so
   ``validation_fraction`` does not apply) into sequences of ``block_size`` tokens; its labels
   are ``[N, block_size]`` next tokens with ``PAD`` at padding, and ``num_classes`` is the
-  vocabulary (256)."""
+  vocabulary (256). ``labeled_fraction`` < 1 (in-memory image sets): :func:`split_labeled`
+  after the validation split is carved (validation and test keep their labels); label noise
+  and ``max_examples`` then apply to the labelled examples."""
+  if (name in TFDS or name == "stdlib") and (label_noise or labeled_fraction != 1):
+    what = "label_noise" if label_noise else "labeled_fraction"
+    raise ValueError(
+      f"{what} is for the in-memory classification datasets {IN_MEMORY[:3]}, not {name!r}."
+    )
   if name in TFDS:
-    if label_noise:
-      raise ValueError(
-        f"label_noise={label_noise} is for the in-memory datasets {IN_MEMORY}; "
-        f"{name!r} is streamed from TFDS."
-      )
     return _load_tfds(name, validation_fraction, seed, data_dir, max_examples)
   if name == "stdlib":
-    if label_noise:
-      raise ValueError("label_noise is for the classification datasets, not 'stdlib'.")
     if not isinstance(block_size, int) or block_size < 1:
       raise ValueError(f"block_size={block_size!r} must be a positive int (tokens per sequence).")
     train, val, test = _stdlib(block_size)
@@ -243,11 +260,12 @@ def load(
   if not 0 <= validation_fraction < 1:
     raise ValueError(f"validation_fraction={validation_fraction} must be in [0, 1).")
   train, val = _carve_validation(train, validation_fraction, seed)
+  train, unlabeled = split_labeled(train, labeled_fraction, nc, seed)
   if label_noise:
     train = flip_labels(train, label_noise, nc, seed)
   if max_examples:
     train = train.head(max_examples)
-  return Dataset(name, train, val, test, nc, tuple(train.x.shape[1:]))
+  return Dataset(name, train, val, test, nc, tuple(train.x.shape[1:]), unlabeled=unlabeled)
 
 
 def train_batch(
@@ -263,18 +281,28 @@ def train_batch(
   batch (``batch_size`` rows) is the same whatever the number of processes; process ``i`` of
   ``n`` gets its contiguous ``batch_size / n`` rows (the rows of its devices on a ``data`` mesh
   ordered by process) and reads and augments only those."""
-  n = ds.num_train
-  steps_per_epoch = n // batch_size
-  epoch, i = divmod(step, steps_per_epoch)
-  perm = np.random.default_rng([seed, epoch]).permutation(n)
+  idx, x = _rows(ds, ds.train, step, batch_size, seed, [], process_index, process_count)
+  return {"x": x, "y": ds.train.y[idx], "idx": idx.astype(np.int32)}
+
+
+def unlabeled_batch(ds: Dataset, step: int, batch_size: int, seed: int, **processes) -> np.ndarray:
+  """This process's rows of the step's unlabeled inputs, drawn as :func:`train_batch` draws
+  (``process_index``, ``process_count``) over ``ds.unlabeled`` in its own epochs; no labels."""
+  return _rows(ds, ds.unlabeled, step, batch_size, seed, [5], **processes)[1]
+
+
+def _rows(ds, split, step, batch_size, seed, salt, process_index=0, process_count=1):
+  n = len(split.x)
+  epoch, i = divmod(step, n // batch_size)
+  perm = np.random.default_rng([seed, epoch, *salt]).permutation(n)
   per = batch_size // process_count
   lo = i * batch_size + process_index * per
   idx = perm[lo : lo + per]
-  x, y = ds.train.x[idx], ds.train.y[idx]
+  x = split.x[idx]
   if ds.augment:
-    rng = np.random.default_rng([seed, step, 1])
+    rng = np.random.default_rng([seed, step, 1, *salt])
     x = augment_images(x, rng, rows=(process_index * per, batch_size))
-  return {"x": x, "y": y, "idx": idx.astype(np.int32)}
+  return idx, x
 
 
 def augment_images(

@@ -186,11 +186,9 @@ class _WideBlock(nnx.Module):
     self.bn2 = nnx.BatchNorm(cout, momentum=0.9, rngs=rngs)
     self.conv2 = nnx.Conv(cout, cout, (3, 3), padding=1, use_bias=False, rngs=rngs)
     self.dropout = nnx.Dropout(dropout) if dropout else None
-    self.proj = (
-      nnx.Conv(cin, cout, (1, 1), strides=stride, use_bias=False, rngs=rngs)
-      if stride != 1 or cin != cout
-      else None
-    )
+    self.proj = None
+    if stride != 1 or cin != cout:
+      self.proj = nnx.Conv(cin, cout, (1, 1), strides=stride, use_bias=False, rngs=rngs)
 
   def __call__(self, x, ura, key):
     o = jax.nn.relu(self.bn1(x, use_running_average=ura))
@@ -439,16 +437,9 @@ def _lm(in_shape, vocab_size, rngs, **kw):
   return TransformerLM(vocab_size, **kw, rngs=rngs)
 
 
-def _flat(in_shape):
-  n = 1
-  for s in in_shape:
-    n *= s
-  return n
-
-
 MODELS = {
-  "mlp": lambda in_shape, nc, rngs, **kw: MLP(_flat(in_shape), nc, rngs=rngs, **kw),
-  "bn_mlp": lambda in_shape, nc, rngs, **kw: BNMLP(_flat(in_shape), nc, rngs=rngs, **kw),
+  "mlp": lambda in_shape, nc, rngs, **kw: MLP(math.prod(in_shape), nc, rngs=rngs, **kw),
+  "bn_mlp": lambda in_shape, nc, rngs, **kw: BNMLP(math.prod(in_shape), nc, rngs=rngs, **kw),
   "cnn1d": lambda in_shape, nc, rngs, **kw: CNN(in_shape, nc, rngs=rngs, **kw),
   "cnn": lambda in_shape, nc, rngs, **kw: CNN(in_shape, nc, rngs=rngs, **kw),
   "resnet18": _resnet18,

@@ -3,14 +3,10 @@
   python -m experiments.study --workdir workdir/study     # train (or resume), then report
   python -m experiments.study --report_only              # the report from the records alone
 
-On each task every method tunes a grid of the same size (image tasks: the learning rate x its
-own strength; transformers: AdamW's learning rate x weight decay, the others their strength on
-top of AdamW's choice), scored by the mean validation value over the tuning seeds. A chosen
-value at an edge of its axis extends that axis outward, up to twice. The chosen settings then
-train on the final seeds, disjoint from the tuning seeds and shared by every method (same
-initialisation, data order and split), so that differences are paired. NRS's noise family is
-chosen first, on a pilot task outside the tables. Every run is one row of ``--records``: a run
-with a row is never trained again, and the report (study_report.py) is written from them alone.
+Every method tunes the same way (:func:`tune_task`; a choice at an edge extends its axis), then
+trains on final seeds shared by every method, so that differences pair by seed; NRS's noise
+family is chosen first, on a pilot task. Every run is one row of ``--records``: a run with a
+row is never trained again, and the report (study_report.py) is written from them alone.
 """
 
 from __future__ import annotations
@@ -397,6 +393,8 @@ def step_costs(name: str, family: str, chosen: dict, quick: bool, path: str = CO
   ds = train.load_data(base)
   b = base.batch_size
   batch = {"x": ds.train.x[:b], "y": ds.train.y[:b], "idx": jax.numpy.arange(b)}
+  if ds.unlabeled is not None:  # (read by the methods in experiments.methods.SEMI only)
+    batch["u"] = ds.unlabeled.x[: base.unlabeled_batch_size]
   names = [m for m in chosen if m in task.methods or m in spec.ABLATIONS]
   fns, n = {}, 4 if quick else 32
   for m in names:

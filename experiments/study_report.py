@@ -30,7 +30,9 @@ PROTOCOL = (
   "where two one-sided paired t-tests at +-1 pp (+-0.01 bits per character), Holm-corrected, pass; "
   "otherwise the verdict is inconclusive, with the minimum detectable difference (paired t, 80% "
   "power, alpha 0.05). A diverged run (a non-finite loss, or validation at chance) counts at chance "
-  "(1/C, 8 bits per character), and each method's are counted in their own column."
+  "(1/C, 8 bits per character), and each method's are counted in their own column. On the "
+  "semi-supervised tasks (10% of the training labels kept) the pairs are nrs_unlabeled - method, "
+  "and nrs_unlabeled, vat and pi_model weigh their consistency term 1 and tune its strength."
 )
 
 
@@ -181,8 +183,9 @@ def task_section(rows, t, quick) -> tuple[list, dict, dict, dict]:
   fin = {m: _finals(rows, t, m) for m in task.methods}
   test = {m: [fin[m][s]["test"] for s in seeds] for m in task.methods}
   f, ci = _fmt(task.metric)
-  others = [m for m in task.methods if m != "nrs"]
-  cmp = compare(test, "nrs", others, task.metric)
+  ref = task.subject
+  others = [m for m in task.methods if m != ref]
+  cmp = compare(test, ref, others, task.metric)
   body, edges = [], []
   for m in task.methods:
     setting, pos, n = chosen(rows, t, m)
@@ -191,7 +194,7 @@ def task_section(rows, t, quick) -> tuple[list, dict, dict, dict]:
     div = sum(fin[m][s]["diverged"] for s in seeds)
     row = [m, f"{r0['passes']:.2f}", f"{r0['step_cost']:.2f}", json.dumps(setting, sort_keys=True)]
     row += [pos, str(n), ci(ci95(test[m])), str(div)]
-    if m == "nrs":
+    if m == ref:
       row += ["", "", ""]
     else:
       mean, lo, hi, w, _, dd, verdict = cmp[m]
@@ -199,7 +202,7 @@ def task_section(rows, t, quick) -> tuple[list, dict, dict, dict]:
       row += [ci((mean, lo, hi)), f"{w:.3g}", verdict]
     body.append(row)
   head = ["method", "passes", "step cost", "chosen", "grid position", "tuning runs"]
-  head += [f"mean [95% CI] ({UNITS[task.metric]})", "diverged", "NRS - method [95% CI]"]
+  head += [f"mean [95% CI] ({UNITS[task.metric]})", "diverged", f"{ref} - method [95% CI]"]
   head += ["Wilcoxon Holm p", "verdict"]
   lines = [f"## {t}", "", markdown_table(head, body), ""]
   at_edge = ", ".join(edges) or "none"
@@ -211,11 +214,12 @@ def task_section(rows, t, quick) -> tuple[list, dict, dict, dict]:
   for m in variants:
     cost = fin[m][seeds[0]]["step_cost"]
     cheap[m] = (cost <= CHEAP_COST and vs[m][6] == "tie", cost, vs[m][6])
-  lines += [
-    f"Cheaper NRS variants against full NRS (goal: step cost <= {CHEAP_COST} x and a tie at "
-    "+-1 pp): " + "; ".join(f"{m} step {c:.2f}, {v}" for m, (_, c, v) in cheap.items()) + ".",
-    "",
-  ]
+  if variants:
+    lines += [
+      f"Cheaper NRS variants against full NRS (goal: step cost <= {CHEAP_COST} x and a tie at "
+      "+-1 pp): " + "; ".join(f"{m} step {c:.2f}, {v}" for m, (_, c, v) in cheap.items()) + ".",
+      "",
+    ]
   lines += measures_section(rows, t, fin, seeds, test)
   if t == study.ABLATION_TASK:
     lines += ablation_section(rows, t, quick)
@@ -225,7 +229,7 @@ def task_section(rows, t, quick) -> tuple[list, dict, dict, dict]:
 def measures_section(rows, t, fin, seeds, test) -> list:
   """Per measure: each method's mean [95% CI], NRS - method (Wilcoxon, Holm), and Kendall's
   tau against test accuracy over all final runs; then the task's plain answers."""
-  methods = list(study.TASKS[t].methods)
+  methods, ref = list(study.TASKS[t].methods), study.TASKS[t].subject
   val = {(m, k): [fin[m][s][k] for s in seeds] for m in methods for k in study.MEASURES}
   failed = sorted(
     f"{m}/seed {s}: {k}"
@@ -240,10 +244,10 @@ def measures_section(rows, t, fin, seeds, test) -> list:
     row = [k]
     for m in methods:
       row.append("{:.3g} [{:.3g}, {:.3g}]".format(*ci95([val[m, k][i] for i in ok])) if ok else "")
-    others = [m for m in methods if m != "nrs"]
-    ps = holm([wilcoxon([val["nrs", k][i] - val[m, k][i] for i in ok]) for m in others])
+    others = [m for m in methods if m != ref]
+    ps = holm([wilcoxon([val[ref, k][i] - val[m, k][i] for i in ok]) for m in others])
     for m, p in zip(others, ps):
-      mean = float(np.mean([val["nrs", k][i] - val[m, k][i] for i in ok])) if ok else math.nan
+      mean = float(np.mean([val[ref, k][i] - val[m, k][i] for i in ok])) if ok else math.nan
       signs[k, m] = (mean, p)
     x = [val[m, k][i] for m in methods for i in range(len(seeds))]
     y = [test[m][i] for m in methods for i in range(len(seeds))]
@@ -252,15 +256,15 @@ def measures_section(rows, t, fin, seeds, test) -> list:
     signs[k, "tau"] = (float(tau), float(p_tau))
     cmp = ", ".join(f"{m} {signs[k, m][0]:+.3g} (p {signs[k, m][1]:.2g})" for m in others)
     body.append(row + [cmp, f"{tau:+.2f} (p {p_tau:.2g})"])
-  head = ["measure", *methods, "NRS - method (Wilcoxon Holm p)", "Kendall tau with test"]
+  head = ["measure", *methods, f"{ref} - method (Wilcoxon Holm p)", "Kendall tau with test"]
   lines = [f"### Flatness and calibration of the final solutions ({t})", ""]
   lines += [markdown_table(head, body), ""]
   if failed:
     lines += [f"Measures that failed (NaN, left out of the pair): {'; '.join(failed)}.", ""]
-  return lines + [_flatness_answer(signs, methods[0]), ""]
+  return lines + [_flatness_answer(signs, methods[0], ref), ""]
 
 
-def _flatness_answer(signs, base: str) -> str:
+def _flatness_answer(signs, base: str, ref: str = "nrs") -> str:
   """Flatter: lambda_max and the trace both lower than the base method's (SGD or AdamW) and
   SAM's, each at Holm p < 0.05."""
 
@@ -275,7 +279,7 @@ def _flatness_answer(signs, base: str) -> str:
   tau, p = signs["lambda_max", "tau"]
   predicts = "yes" if p < ALPHA else "not shown"
   return (
-    f"Does NRS find flatter minima (lower lambda_max and trace, Holm p < 0.05) than {base}: "
+    f"Does {ref} find flatter minima (lower lambda_max and trace, Holm p < 0.05) than {base}: "
     f"{word(base)}; than sam: {word('sam')}. "
     f"Does flatness predict accuracy here (Kendall tau of lambda_max with test accuracy, "
     f"p < 0.05): {predicts} (tau {tau:+.2f}, p {p:.2g})."
@@ -327,7 +331,7 @@ def plot(tests: dict, costs: dict, path: str) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  names = list(dict.fromkeys([*study.IMAGE, *study.TRANSFORMER]))
+  names = list(dict.fromkeys([*study.IMAGE, *study.TRANSFORMER, *study.SEMI]))
   color = {m: plt.get_cmap("tab20")(i) for i, m in enumerate(names)}
   ncol, nrow = min(3, len(tests)), -(-len(tests) // 3)
   fig, axes = plt.subplots(nrow, ncol, figsize=(5 * ncol, 3.8 * nrow), squeeze=False)

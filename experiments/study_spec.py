@@ -19,6 +19,7 @@ class Method:
   passes: float  # forward/backward passes per run, in units of one SGD run's
   fixed: dict = dataclasses.field(default_factory=dict)
   epochs: int = 1  # times the task's epochs (sgd_2x: the passes of SAM and NRS as SGD steps)
+  unlabeled: bool = False  # its passes are over the labelled and unlabeled batches together
 
 
 FAMILIES = {"absolute": (0.0125, 0.025, 0.05, 0.1), "filter": (0.125, 0.25, 0.5, 1.0)}
@@ -39,6 +40,10 @@ METHODS = {
   "nrs_b8": Method("nrs", "nrs.radius", (), 1.25, B8),
   "nrs_half": Method("nrs", "nrs.radius", (), 1.5, HALF),
   "adamw": Method("sgd", "weight_decay", (0.01, 0.03, 0.1, 0.3), 1.0),  # the task's AdamW
+  # With unlabeled data (consistency weight 1): NRS's radius, VAT's eps, the Pi-model's noise.
+  "nrs_unlabeled": Method("nrs_unlabeled", "nrs.radius", (), 2.0, unlabeled=True),
+  "vat": Method("vat", "vat.eps", (0.5, 1.0, 2.0, 4.0), 3.0, unlabeled=True),
+  "pi_model": Method("pi_model", "pi_model.noise", (0.05, 0.1, 0.2, 0.4), 2.0, unlabeled=True),
 }
 # The methods that tune the weight decay themselves (first); every other method then tunes at
 # the first one's choice (SGD's on the image tasks, AdamW's on the transformers).
@@ -56,6 +61,7 @@ ABLATIONS = {
 }
 IMAGE = ("sgd", "sgd_2x", "sam", "asam", "sam_half", "saf", "mesa", *NRS_FAMILY)
 TRANSFORMER = ("adamw", "sam", *NRS_FAMILY)
+SEMI = ("sgd", "sam", "nrs", "nrs_unlabeled", "vat", "pi_model")  # 10% of the labels kept
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,25 +72,20 @@ class Task:
   final_seeds: int
   metric: str = "accuracy"  # or "bits_per_char" (lower is better)
   num_classes: int = 10
+  subject: str = "nrs"  # the method the report pairs every other one with
 
 
 # mnist1d, 5,750 samples: 1,150 to test, 1,000 to validate, 3,600 to train (the default's).
 _M1D = {"mnist1d_samples": 5750, "validation_fraction": 1000 / 4600, "num_epochs": 100}
+_CNN5K = {"dataset": "mnist5k", "model": "cnn", "model_kwargs": {"channels": (16, 32), "kernel": 3}}
 TASKS = {
   "mnist1d_mlp": Task("default", _M1D, IMAGE, 20),
   "mnist1d_mlp_noise20": Task("default", {**_M1D, "label_noise": 0.2}, IMAGE, 20),
   "mnist1d_cnn": Task("mnist1d_cnn", {**_M1D, "num_epochs": 60}, IMAGE, 20),
   # 5,000 real MNIST digits: 1,000 test, 1,000 clean validation, 3,000 to train (20% flipped).
-  "mnist5k_cnn_noise20": Task(
+  "mnist5k_cnn_noise20": Task(  # one SGD run: about 20 s on one core
     "mnist1d_cnn",
-    {
-      "dataset": "mnist5k",
-      "model": "cnn",
-      "model_kwargs": {"channels": (16, 32), "kernel": 3},
-      "validation_fraction": 0.25,
-      "label_noise": 0.2,
-      "num_epochs": 20,  # one SGD run: about 20 s on one core
-    },
+    {**_CNN5K, "validation_fraction": 0.25, "label_noise": 0.2, "num_epochs": 20},
     IMAGE,
     20,
   ),
@@ -93,6 +94,19 @@ TASKS = {
     "stdlib_lm", {"num_epochs": 8, "max_examples": 2048}, TRANSFORMER, 10, "bits_per_char", 256
   ),
 }
+# Semi-supervised: 10% of the training labels kept (balanced per class); each step draws 32
+# labelled examples and 96 unlabeled ones (the supervised tasks' 128 rows in all).
+_SEMI = {"labeled_fraction": 0.1, "batch_size": 32, "unlabeled_batch_size": 96}
+TASKS["mnist1d_mlp_semi10"] = Task(
+  "default", {**_M1D, **_SEMI, "learning_rate": 0.05}, SEMI, 20, subject="nrs_unlabeled"
+)
+TASKS["mnist5k_cnn_semi10"] = Task(
+  "mnist1d_cnn",
+  {**_CNN5K, **_SEMI, "validation_fraction": 0.25, "learning_rate": 0.05, "num_epochs": 60},
+  SEMI,
+  20,
+  subject="nrs_unlabeled",
+)
 PILOT = Task("default", {**_M1D, "mnist1d_seed": 7}, ("nrs_absolute", "nrs_filter"), 0)
 ABLATION_TASK = "mnist1d_mlp"
 TUNE_SEEDS, FINAL_SEED0, ABLATION_SEEDS = (0, 1), 100, 10
@@ -129,6 +143,9 @@ def method_of(name: str, family: str = "", task: Task | None = None) -> Method:
   if task is not None and task.methods == TRANSFORMER and name in TRANSFORMER_GRIDS:
     g = TRANSFORMER_GRIDS[name]
     m = dataclasses.replace(m, grid=tuple(_tidy(v * g) for v in m.grid) if g == 0.1 else g)
+  if task is not None and m.unlabeled:  # in SGD passes: its batch is (B + U) / B times SGD's
+    o = task.overrides
+    m = dataclasses.replace(m, passes=m.passes * (1 + o["unlabeled_batch_size"] / o["batch_size"]))
   return m
 
 

@@ -137,6 +137,7 @@ def load_data(config) -> input_pipeline.Dataset:
     data_dir=config.get("data_dir") or None,
     label_noise=config.get("label_noise", 0.0),
     max_examples=config.get("max_examples") or None,
+    labeled_fraction=config.get("labeled_fraction", 1.0),
     **extra,
   )
 
@@ -150,18 +151,26 @@ def _check_run(config, mesh, ds=None) -> None:
         f"method='saf' remembers each training example's outputs; {config.dataset!r} is "
         "streamed without example indices. Use it with the in-memory datasets."
       )
+    u = config.get("unlabeled_batch_size", 0)
+    if config.method in methods.SEMI and (ds.unlabeled is None or not 0 < u <= len(ds.unlabeled.x)):
+      n = 0 if ds.unlabeled is None else len(ds.unlabeled.x)
+      raise ValueError(
+        f"method={config.method!r} reads an unlabeled batch each step: it needs "
+        f"config.labeled_fraction < 1 (now {config.get('labeled_fraction', 1.0)}) and "
+        f"config.unlabeled_batch_size in [1, {n}] (the unlabeled examples; now {u})."
+      )
     return
   n_proc = jax.process_count()
   if mesh is None and n_proc > 1:
     raise ValueError(
       f"{n_proc} processes need a device mesh: set --config.sharding=replicated or fsdp."
     )
-  if mesh is not None and config.batch_size % mesh.devices.size:
-    raise ValueError(
-      f"--config.batch_size={config.batch_size} must be divisible by the "
-      f"{mesh.devices.size} devices of the data mesh ({n_proc} process(es)); "
-      "global-batch semantics."
-    )
+  for name in ("batch_size", "unlabeled_batch_size"):
+    if mesh is not None and config.get(name, 0) % mesh.devices.size:
+      raise ValueError(
+        f"--config.{name}={config[name]} must be divisible by the {mesh.devices.size} "
+        f"devices of the data mesh ({n_proc} process(es)); global-batch semantics."
+      )
   if config.method not in methods.METHODS:
     raise ValueError(f"method={config.method!r} is not known: choose one of {methods.METHODS}.")
 
@@ -253,9 +262,11 @@ def train_and_evaluate(config, workdir: str, finish=None) -> dict[str, Any]:
     if stream is not None:
       batch = next(stream)
     else:
-      batch = input_pipeline.train_batch(
-        ds, step, config.batch_size, config.seed, process_index=proc, process_count=n_proc
-      )
+      procs = {"process_index": proc, "process_count": n_proc}
+      batch = input_pipeline.train_batch(ds, step, config.batch_size, config.seed, **procs)
+      if config.method in methods.SEMI:  # labels of the unlabeled examples do not exist here
+        u = config.unlabeled_batch_size
+        batch["u"] = input_pipeline.unlabeled_batch(ds, step, u, config.seed, **procs)
     expensive = methods.takes_expensive_step(config.seed, step, probability)
     state, m = (train_step if expensive else plain_step)(state, parallel.global_batch(batch, mesh))
     pending.append(m)

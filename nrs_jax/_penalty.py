@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -66,6 +67,7 @@ def nrs_penalty(
   Args:
     logits_fn: ``params -> logits [..., C]`` closing over the batch, one dropout rng
       and non-trainable state. ``C == 1`` is one binary logit; leading axes averaged.
+      It reads inputs only: the batch may be unlabeled.
     params: the centre ``w``, any pytree.
     key: PRNG key (typed, raw, or an int seed).
     radius: ``r >= 0``, a scalar or a pytree of scalars, a prefix of ``params``.
@@ -300,13 +302,19 @@ def make_nrs_loss(
     has_aux: whether ``apply_fn`` returns ``(logits, model_aux)``.
 
   Returns:
-    ``loss(params, batch, key) -> (total, aux)``, ``aux`` holding ``task_loss``,
-    ``nrs_penalty``, ``logits`` (and ``model_aux``).
+    ``loss(params, batch, key, penalty_batch=None) -> (total, aux)``, ``aux`` holding
+    ``task_loss``, ``nrs_penalty``, ``logits`` (and ``model_aux``). The penalty reads
+    inputs, never labels: ``penalty_batch`` (e.g. an unlabeled batch, or the labelled
+    and unlabeled inputs together) is what it sees instead of ``batch``, with its own
+    centre pass; ``task_loss_fn`` sees ``batch`` alone, ``model_aux`` comes from
+    ``batch``'s pass, and ``neighbor_batch_size`` and ``where_fn`` apply to it.
 
   Raises:
     ValueError: at construction for an invalid option (as :func:`nrs_penalty`) or a
       ``neighbor_batch_size`` that is not a positive int; at trace time for one that does
-      not divide the batch, or logits that are not ``[..., C]``.
+      not divide the batch, logits that are not ``[..., C]``, a ``penalty_batch`` whose
+      entries do not have ``batch``'s shape per example (or on which ``apply_fn`` fails),
+      and ``penalty_batch`` with ``reuse_center_logits``.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, nrs_jax
@@ -333,19 +341,21 @@ def make_nrs_loss(
   skip = _options.is_static_zero(alpha)
   logits_of = (lambda out: out[0]) if has_aux else (lambda out: out)
 
-  def loss(params, batch, key):
+  def loss(params, batch, key, penalty_batch=None):
     out = apply_fn(params, batch)
     logits = logits_of(out)
     task = task_loss_fn(logits, batch)
     value = jnp.zeros((), jnp.promote_types(jnp.result_type(task), jnp.float32))
     total = task
     if not skip:
-      pen_batch, center = batch, logits
+      pen_batch, center, own = batch, logits, penalty_batch is not None
+      if own:
+        pen_batch, center = _check_penalty_batch(penalty_batch, batch, reuse_center_logits), None
       if m is not None:
-        pen_batch = strided_subset(batch, m, batch_size=jnp.shape(logits)[0])
+        pen_batch = strided_subset(pen_batch, m, batch_size=None if own else jnp.shape(logits)[0])
         center = strided_subset(logits, m) if reuse_center_logits else None
       where = None if where_fn is None else where_fn(pen_batch)
-      pen_logits = lambda p: logits_of(apply_fn(p, pen_batch))
+      pen_logits = lambda p: logits_of(_apply_to_penalty_batch(apply_fn, p, pen_batch, own))
       value = penalty(options, pen_logits, params, key, radius, center_logits=center, where=where)
       total = task + alpha * value
     aux = {"task_loss": task, "nrs_penalty": value, "logits": logits}
@@ -354,3 +364,36 @@ def make_nrs_loss(
     return total, aux
 
   return loss
+
+
+def _check_penalty_batch(penalty_batch: Any, batch: Any, reuse_center_logits: bool) -> Any:
+  """``penalty_batch`` as given, after the checks that name it: each entry it shares with a
+  mapping ``batch`` has that entry's shape per example (its leading, batch, axis may differ)."""
+  if reuse_center_logits:
+    raise ValueError(
+      "penalty_batch needs reuse_center_logits=False: the task pass's logits are of batch, "
+      "not of penalty_batch."
+    )
+  if isinstance(penalty_batch, Mapping) and isinstance(batch, Mapping):
+    for k in penalty_batch.keys() & batch.keys():
+      a, b = jnp.shape(penalty_batch[k]), jnp.shape(batch[k])
+      if len(a) != len(b) or a[1:] != b[1:]:
+        raise ValueError(
+          f"penalty_batch[{k!r}] has shape {a} but batch[{k!r}] has {b}: the penalty's "
+          f"inputs must have the task batch's shape per example, [N, *{b[1:]}] (any N)."
+        )
+  return penalty_batch
+
+
+def _apply_to_penalty_batch(apply_fn: Callable, params: Any, pen_batch: Any, own: bool) -> Any:
+  """``apply_fn(params, pen_batch)``; a failure on a separate ``penalty_batch`` names it."""
+  if not own:
+    return apply_fn(params, pen_batch)
+  try:
+    return apply_fn(params, pen_batch)
+  except (TypeError, ValueError, LookupError) as e:  # a shape, a missing key or index
+    shapes = jax.tree_util.tree_map(jnp.shape, pen_batch)
+    raise ValueError(
+      f"apply_fn failed on penalty_batch (shapes {shapes}), the inputs the NRS penalty reads "
+      f"instead of batch: they must be inputs the model takes, as batch's are. ({e})"
+    ) from e

@@ -89,7 +89,7 @@ def evaluate(
     return aggregate(divs_of(params, center, deltas_of(params, keys)), aggregation, axis_name)
 
   if strategy == "chunked":
-    groups = keys.reshape((-1, options.neighbor_chunk_size))
+    groups = keys.reshape((-1, options.neighbor_chunk_size or 1))  # auto's choice: chunks of 1
     return _chunked(divs_of, deltas_of, params, center, groups, aggregation, axis_name)
   return {"loop": loop, "vmap": vmapped}[strategy]()
 

@@ -99,7 +99,8 @@ def add_nrs_gradient(
   the optimiser** (after it, it would climb the penalty).
 
   ``update`` takes the extra arguments ``logits_fn`` (``params -> logits``, closing
-  over the batch), ``where`` and, with a fixed centre, ``center_logits``. Leaves
+  over the batch: inputs only, so an unlabeled batch will do, whatever batch the
+  incoming gradient came from), ``where`` and, with a fixed centre, ``center_logits``. Leaves
   outside ``mask`` pass through; inside ``optax.masked`` / ``partition`` it raises.
 
   Args:

@@ -395,6 +395,22 @@ def test_auto_strategy_rule():
       assert set(_strategies.choose(k, conv)) <= set(nrs_jax.STRATEGIES) - {"auto"}
 
 
+def test_auto_on_a_conv_net_with_eight_neighbours_runs_chunks_of_one():
+  # auto's choice there is "chunked" with no neighbor_chunk_size: chunks of one, the loop's
+  # value and gradient (it once reshaped the keys by None: a TypeError from every conv net
+  # at K >= 8, e.g. the study's neighbourhood KL of a CNN).
+  x = jax.random.normal(jax.random.key(0), (4, 8, 1))
+  params = {"k": jax.random.normal(jax.random.key(1), (3, 1, 2)) * 0.5}
+
+  def logits_fn(p):
+    h = jax.lax.conv_general_dilated(x, p["k"], (1,), "SAME", dimension_numbers=("NWC", "WIO", "NWC"))  # fmt: skip
+    return h.reshape(4, -1)[:, :5]
+
+  pen = lambda p, s: nrs_jax.nrs_penalty(logits_fn, p, KEY, radius=0.1, num_neighbors=8, strategy=s)
+  got, want = (jax.jit(jax.value_and_grad(lambda p, s=s: pen(p, s)))(params) for s in ("auto", "loop"))  # fmt: skip
+  _assert_trees_close(got, want, rtol=1e-5)
+
+
 def test_auto_detects_convolutions_by_what_the_model_runs():
   from flax import nnx
 
@@ -750,3 +766,58 @@ def test_divergence_names_are_the_registry():
   assert nrs_jax.DIVERGENCES == tuple(_divergence._BY_NAME)
   for name in nrs_jax.DIVERGENCES:
     assert nrs_jax.get_divergence(name) is getattr(nrs_jax, name)
+
+
+def test_penalty_batch_is_task_on_batch_plus_penalty_on_unlabeled_inputs():
+  # The penalty reads inputs only: an unlabeled batch (no "y") stands in for batch, with its
+  # own centre pass; the task loss and model_aux come from batch alone.
+  params = mlp_init(jax.random.key(0))
+  x = jax.random.normal(jax.random.key(1), (8, 5))
+  u = jax.random.normal(jax.random.key(2), (24, 5))
+  batch, unlabeled, both = {"x": x, "y": jnp.arange(8) % 3}, {"x": u}, jnp.concatenate([x, u])
+  apply_fn = lambda p, b: (mlp_apply(p, b["x"]), {"rows": b["x"].shape[0]})
+  kw = dict(alpha=0.5, radius=0.3, has_aux=True)
+  loss = nrs_jax.make_nrs_loss(apply_fn, _xent, num_neighbors=2, **kw)
+  sub = nrs_jax.make_nrs_loss(apply_fn, _xent, neighbor_batch_size=4, **kw)
+  pen = lambda p, z, k=2: nrs_jax.nrs_penalty(lambda q: mlp_apply(q, z), p, KEY, radius=0.3, num_neighbors=k)  # fmt: skip
+
+  @jax.jit
+  def run(params):
+    step = jax.value_and_grad(loss, has_aux=True)
+    got = step(params, batch, KEY, unlabeled)
+    ref = jax.grad(lambda p: _xent(mlp_apply(p, x), batch) + 0.5 * pen(p, u))(params)
+    others = (  # the inputs together; a sub-batch of penalty_batch; no penalty_batch
+      loss(params, batch, KEY, {"x": both})[1]["nrs_penalty"],
+      sub(params, batch, KEY, unlabeled)[1]["nrs_penalty"],
+      loss(params, batch, KEY)[1]["nrs_penalty"],
+    )
+    wants = (pen(params, both), pen(params, u[::6], 1), pen(params, x))
+    return got, ref, pen(params, u), _xent(mlp_apply(params, x), batch), others, wants
+
+  ((_, aux), grads), ref, pen_u, task, others, wants = run(params)
+  np.testing.assert_allclose(aux["nrs_penalty"], pen_u, rtol=1e-6)
+  np.testing.assert_allclose(aux["task_loss"], task, rtol=1e-6)
+  assert aux["model_aux"] == {"rows": 8} and aux["logits"].shape == (8, 3)
+  _assert_trees_close(grads, ref, rtol=1e-5)
+  np.testing.assert_allclose(np.array(others), np.array(wants), rtol=1e-6)
+
+
+def test_penalty_batch_errors_name_it():
+  params = mlp_init(jax.random.key(0))
+  batch = {"x": jnp.ones((8, 5)), "y": jnp.zeros(8, jnp.int32)}
+  loss = nrs_jax.make_nrs_loss(lambda p, b: mlp_apply(p, b["x"]), _xent, alpha=1.0, radius=0.1)
+  with pytest.raises(ValueError, match=r"penalty_batch\['x'\] has shape \(4, 6\)"):
+    jax.jit(loss)(params, batch, KEY, {"x": jnp.ones((4, 6))})
+  # A batch of another structure: apply_fn's failure names penalty_batch.
+  with pytest.raises(ValueError, match="apply_fn failed on penalty_batch"):
+    loss(params, batch, KEY, {"inputs": jnp.ones((4, 6))})
+  reuse = nrs_jax.make_nrs_loss(
+    lambda p, b: mlp_apply(p, b["x"]),
+    _xent,
+    alpha=1.0,
+    radius=0.1,
+    neighbor_batch_size=4,
+    reuse_center_logits=True,
+  )
+  with pytest.raises(ValueError, match="penalty_batch needs reuse_center_logits=False"):
+    reuse(params, batch, KEY, {"x": jnp.ones((4, 5))})

@@ -382,3 +382,29 @@ def test_the_harness_stays_within_its_size_budget():
     for node in ast.walk(ast.parse(open(f).read())):
       if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
         assert node.end_lineno - node.lineno + 1 <= 120, (f, node.name)
+
+
+def test_the_semi_supervised_tasks_pair_nrs_unlabeled_with_every_method(tmp_path, no_timing):
+  """sgd tunes the weight decay; the consistency methods tune their strength at it; the report
+  pairs nrs_unlabeled - method; their passes count the unlabeled rows (32 + 96 per step)."""
+  optima = {"nrs_unlabeled": {"nrs.radius": 0.05}, "vat": {"vat.eps": 2.0}}
+  train = fake_trainer(optima)
+  s = _study(tmp_path, train)
+  chosen = study.run_task(s, "mnist1d_mlp_semi10", study.pilot_family(s))
+  wd = chosen["sgd"]["weight_decay"]
+  assert all(chosen[m]["weight_decay"] == wd for m in spec.SEMI)
+  assert chosen["vat"]["vat.eps"] == 2.0 and chosen["pi_model"]["pi_model.noise"] > 0
+  task = spec.TASKS["mnist1d_mlp_semi10"]
+  assert {m: spec.method_of(m, "absolute", task).passes for m in spec.SEMI} == {
+    "sgd": 1.0, "sam": 2.0, "nrs": 2.0, "nrs_unlabeled": 8.0, "vat": 12.0, "pi_model": 8.0
+  }  # fmt: skip
+  config = study.make_config(task, "vat", chosen["vat"], 100, False, "absolute")
+  assert (config.labeled_fraction, config.batch_size, config.unlabeled_batch_size) == (0.1, 32, 96)
+  report = tmp_path / "r.md"
+  study_report.write(s.rows, ["mnist1d_mlp_semi10"], str(report))
+  text = report.read_text()
+  assert "nrs_unlabeled - method [95% CI]" in text and "Cheaper NRS variants" not in text
+  row = {line.split(" | ")[0][2:]: line for line in text.splitlines() if line.startswith("| ")}
+  assert row["sgd"].endswith("| 0.00 [0.00, 0.00] | 1 | tie |")  # the fake's equal values
+  assert row["nrs"].endswith("| nrs_unlabeled behind |")  # the fake's nrs: +1 pp per seed
+  assert "Does nrs_unlabeled find flatter minima" in text

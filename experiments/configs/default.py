@@ -19,6 +19,10 @@ def get_config():
   config.data_dir = ""
   config.validation_fraction = 0.1
   config.label_noise = 0.0
+  # Semi-supervised: the share of training examples that keep their labels (balanced per
+  # class); nrs_unlabeled, vat and pi_model also draw unlabeled_batch_size unlabeled inputs.
+  config.labeled_fraction = 1.0
+  config.unlabeled_batch_size = 0
   config.max_examples = 0
   config.model = "mlp"
   config.model_kwargs = dict(hidden=(256, 256))

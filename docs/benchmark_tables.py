@@ -1,0 +1,151 @@
+"""Markdown tables from the committed benchmark JSON (``experiments/results/``). The
+documentation's benchmark pages render these at build time, so their tables are the measured
+numbers, never copies. Each function takes a JSON path (relative to ``experiments/results/``
+unless absolute) and returns a markdown table. (Documentation code: it lives with the pages
+that call it, not in the harness.)"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from experiments.tables import markdown_table
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "experiments", "results")
+MiB = 2**20
+
+
+def load(name: str) -> dict:
+  path = name if os.path.isabs(name) else os.path.join(RESULTS, name)
+  with open(path) as f:
+    return json.load(f)
+
+
+def _fmt(x: float | None) -> str:
+  if x is None:
+    return ""
+  return f"{x:.2f}" if x < 10 else f"{x:.3g}"
+
+
+def gpu_rows(name: str = "benchmark_gpu_nvidia_h200.json") -> str:
+  """Every row of an accelerator run: step time over SGD and SAM, images/s, temp memory."""
+  d = load(name)
+  rows = d["rows"] if "rows" in d else next(iter(d["models"].values()))["raw"]
+  out = []
+  for label, r in rows.items():
+    if "seconds" not in r:
+      continue
+    out.append(
+      [
+        f"`{label}`",
+        r.get("dtype", ""),
+        _fmt(r["vs_sgd"]),
+        _fmt(r["vs_sam"]),
+        f"{r['images_per_second']:,.0f}",
+        f"{r['temp_bytes'] / MiB:,.0f}",
+      ]
+    )
+  return markdown_table(["row", "dtype", "x SGD", "x SAM", "images/s", "XLA temp MiB"], out)
+
+
+def _raw(result: dict, model: str) -> dict:
+  return result["models"][model]["raw"]
+
+
+def _x(raw: dict, label: str, base: str) -> float | None:
+  if label not in raw or "seconds" not in raw[label]:
+    return None
+  return raw[label]["seconds"] / raw[base]["seconds"]
+
+
+def _rows_with(result: dict, row: str, ks=(1, 2, 4, 8)):
+  """(model, raw rows, K) for every model and K whose run has ``nrs_k{K}_{row}``."""
+  for model in result["models"]:
+    raw = _raw(result, model)
+    for k in ks:
+      if f"nrs_k{k}_{row}" in raw:
+        yield model, raw, k
+
+
+def cpu_strategies(name: str = "benchmark_cpu_strategies_after.json") -> str:
+  """NRS steps in SAM steps per strategy and K, with the XLA temp memory."""
+  out = []
+  for model, raw, k in _rows_with(load(name), "auto"):
+    cells = [model, str(k), _fmt(0.5 * (1 + k))]
+    for s in ("auto", "loop", "chunked", "vmap", "chunked2"):
+      cells.append(_fmt(_x(raw, f"nrs_k{k}_{s}", "sam")))
+    temps = [
+      f"{raw[f'nrs_k{k}_{s}']['temp_bytes'] / MiB:.1f}" if f"nrs_k{k}_{s}" in raw else "-"
+      for s in ("loop", "chunked", "chunked2")
+    ]
+    out.append(cells + [" / ".join(temps)])
+  header = ["model", "K", "floor 0.5(1+K)", "auto", "loop", "chunked (chunks of 1)", "vmap"]
+  header += ["chunked, chunks of 2", "temp MiB: loop / chunked / chunks of 2"]
+  return markdown_table(header, out)
+
+
+def cpu_transform(name: str = "benchmark_cpu_strategies_after.json") -> str:
+  """The optax transform over the fused loss, differentiable and fixed centre."""
+  out = []
+  for model, raw, k in _rows_with(load(name), "transform"):
+    diff = _x(raw, f"nrs_k{k}_transform", f"nrs_k{k}_auto")
+    sg = _x(raw, f"nrs_k{k}_transform_sg", f"nrs_k{k}_fused_sg")
+    out.append([model, str(k), f"{_fmt(diff)} ({(2 + k) / (1 + k):.2f})", _fmt(sg)])
+  header = ["model", "K", "differentiable centre (work bound (2+K)/(1+K))"]
+  return markdown_table(header + ["fixed centre + `center_logits`"], out)
+
+
+def cpu_subbatch(name: str = "benchmark_cpu_subbatch.json") -> str:
+  """Neighbours on B/4 and B/8 examples, in SGD steps."""
+  out = []
+  for model, raw, k in _rows_with(load(name), "sub4", ks=(1, 2)):
+    cells = [model, str(k), _fmt(_x(raw, f"nrs_k{k}_auto", "sgd"))]
+    for frac in (4, 8):
+      for reuse in ("", "_reuse"):
+        cells.append(_fmt(_x(raw, f"nrs_k{k}_sub{frac}{reuse}", "sgd")))
+    out.append(cells)
+  header = ["model", "K", "full NRS", "B/4", "B/4 reuse", "B/8", "B/8 reuse"]
+  return markdown_table(header, out)
+
+
+def strategies_before_after(
+  before: str = "benchmark_cpu_strategies_before.json",
+  after: str = "benchmark_cpu_strategies_after.json",
+) -> str:
+  """The strategy rows of two runs side by side (``accumulate`` became ``chunked``)."""
+  b, a = load(before)["models"], load(after)["models"]
+  out = []
+  for model in a:
+    rb, ra = b[model]["raw"], a[model]["raw"]
+    for k in (1, 2, 4, 8):
+      pairs = [("auto", "auto"), ("loop", "loop"), ("vmap", "vmap"), ("accumulate", "chunked")]
+      if k == 8:
+        pairs.append(("chunked", "chunked2"))
+      for pb, pa in pairs:
+        lb, la = f"nrs_k{k}_{pb}", f"nrs_k{k}_{pa}"
+        if lb not in rb or la not in ra:
+          continue
+        out.append(
+          [
+            model,
+            str(k),
+            f"{pb} -> {pa}",
+            _fmt(_x(rb, lb, "sam")),
+            _fmt(_x(ra, la, "sam")),
+            _fmt(rb[lb]["compile_seconds"] / rb["sgd"]["compile_seconds"]),
+            _fmt(ra[la]["compile_seconds"] / ra["sgd"]["compile_seconds"]),
+            f"{rb[lb]['temp_bytes'] / MiB:.2f}",
+            f"{ra[la]['temp_bytes'] / MiB:.2f}",
+          ]
+        )
+  header = ["model", "K", "row", "x SAM before", "after", "compile x SGD before", "after"]
+  return markdown_table(header + ["temp MiB before", "after"], out)
+
+
+def cpu_tokens(name: str = "benchmark_cpu_tokens.json") -> str:
+  """Token-level NRS (K = 4, [B, T, V] logits with a padding mask) per vocab size."""
+  out = []
+  for vocab, rows in load(name)["tokens"].items():
+    for label, r in rows.items():
+      out.append([vocab[1:], label, _fmt(r["vs_ce"]), f"{r['temp_mib']:.1f}"])
+  return markdown_table(["vocab", "row", "step x cross-entropy step", "XLA temp MiB"], out)
