@@ -50,7 +50,8 @@ def listing() -> str:
   lines += ["Methods (--config.method=<name>; hyperparameters --config.<name>.<key>=<value>):", ""]
   defaults = methods.method_defaults()
   for name in methods.METHODS:
-    params = ", ".join(f"{k}={v!r}" for k, v in defaults.get(name, {}).items()) or "-"
+    own = defaults.get(name, defaults.get(name.split("_")[0], {}))  # nrs_unlabeled: nrs.*
+    params = ", ".join(f"{k}={v!r}" for k, v in own.items()) or "-"
     lines.append(f"  {name:6s} {params}")
   lines += [
     "",

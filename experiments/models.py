@@ -146,15 +146,10 @@ class ResNet(nnx.Module):
     rngs,
   ):
     self.cifar_stem = cifar_stem
-    if cifar_stem:
-      self.stem = nnx.Conv(in_channels, width, (3, 3), padding=1, use_bias=False, rngs=rngs)
-    else:
-      self.stem = nnx.Conv(
-        in_channels, width, (7, 7), strides=2, padding=3, use_bias=False, rngs=rngs
-      )
+    k, s, pad = (3, 1, 1) if cifar_stem else (7, 2, 3)  # CIFAR: 3x3, no pool; ImageNet: 7x7/2
+    self.stem = nnx.Conv(in_channels, width, (k, k), s, padding=pad, use_bias=False, rngs=rngs)
     self.stem_bn = nnx.BatchNorm(width, momentum=0.9, rngs=rngs)
-    blocks = []
-    cin = width
+    blocks, cin = [], width
     for i, n in enumerate(stage_sizes):
       w = width * 2**i
       for j in range(n):

@@ -529,14 +529,11 @@ def test_where_masks_padding_positions_against_numpy(strategy):
   assert_trees_f32_close(grad(strategy), grad("loop"))
   # Padding does not count: garbage logits there change nothing.
   noisy = lambda p: jnp.where(jnp.asarray(where)[..., None], logits_fn(p), 1e4 * x[..., :3])
-  again = nrs_jax.nrs_penalty(noisy, params, KEY, radius=0.3, num_neighbors=2, where=where)
-  np.testing.assert_allclose(again, got, rtol=1e-5)
+  again = jax.jit(lambda p: nrs_jax.nrs_penalty(noisy, p, KEY, radius=0.3, num_neighbors=2, where=where))  # fmt: skip
+  np.testing.assert_allclose(again(params), got, rtol=1e-5)
   # A [batch, 1] mask broadcasts over the tokens (numpy rules); all-true equals no mask.
-  np.testing.assert_allclose(
-    nrs_jax.nrs_penalty(logits_fn, params, KEY, radius=0.3, where=np.ones((4, 1), bool)),
-    nrs_jax.nrs_penalty(logits_fn, params, KEY, radius=0.3),
-    rtol=1e-6,
-  )
+  pen = jax.jit(lambda p, w: nrs_jax.nrs_penalty(logits_fn, p, KEY, radius=0.3, where=w))
+  np.testing.assert_allclose(pen(params, np.ones((4, 1), bool)), pen(params, None), rtol=1e-6)
 
 
 def test_where_with_axis_name_averages_over_the_global_valid_positions():
@@ -592,7 +589,9 @@ def test_sub_batch_penalty_is_nrs_penalty_over_the_strided_subset():
   batch = {"x": x, "y": jnp.arange(16) % 3, "key": jax.random.key(4)}
   apply_fn = lambda p, b: mlp_apply(p, b["x"])
   sub = x[::4]  # rows 0, 4, 8, 12
-  want = nrs_jax.nrs_penalty(lambda p: mlp_apply(p, sub), params, KEY, radius=0.3, num_neighbors=2)
+  pen_sub = jax.jit(lambda p: nrs_jax.nrs_penalty(lambda q: mlp_apply(q, sub), p, KEY, radius=0.3, num_neighbors=2))  # fmt: skip
+  want = pen_sub(params)
+  ref = jax.jit(jax.grad(lambda p: _xent(mlp_apply(p, x), batch) + 0.5 * pen_sub(p)))(params)
   for reuse in (False, True):  # per-example deterministic model: both centres agree
     loss = nrs_jax.make_nrs_loss(
       apply_fn,
@@ -606,13 +605,6 @@ def test_sub_batch_penalty_is_nrs_penalty_over_the_strided_subset():
     (total, aux), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params, batch, KEY)
     np.testing.assert_allclose(aux["nrs_penalty"], want, rtol=1e-6)
     np.testing.assert_allclose(total, _xent(mlp_apply(params, x), batch) + 0.5 * want, rtol=1e-6)
-    ref = jax.grad(
-      lambda p: (
-        _xent(mlp_apply(p, x), batch)
-        + 0.5
-        * nrs_jax.nrs_penalty(lambda q: mlp_apply(q, sub), p, KEY, radius=0.3, num_neighbors=2)
-      )
-    )(params)
     _assert_trees_close(grads, ref, rtol=1e-5)
   # The where mask is subset the same way (where_fn sees the subset batch).
   seq = {"x": jax.random.normal(jax.random.key(2), (8, 3, 5)), "n": jnp.arange(8) % 3 + 1}
