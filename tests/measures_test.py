@@ -96,7 +96,7 @@ def test_token_level_labels_count_each_valid_token_once():
   x = np.asarray(jax.random.normal(jax.random.key(1), (8, 5, 4)))
   y = np.arange(40).reshape(8, 5) % 6
   y[:, -2:] = -1  # padding
-  out = measures.measure(apply, params, {}, (x, y), (x, y), jax.random.key(0), lanczos=5)
+  out = measures.measure(apply, params, {}, (x, y), (x, y), jax.random.key(0), lanczos=5, probes=4)
   logits = np.asarray(x @ params["w"] + params["b"], np.float64)
   logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
   valid = y >= 0
@@ -112,10 +112,10 @@ def test_a_failing_measure_is_nan_and_the_others_stand(monkeypatch):
     raise FloatingPointError("non-finite Hessian product")
 
   monkeypatch.setattr(measures.flatness, "top_hessian_eigenvalues", broken)
-  out = measures.measure(apply, params, {}, data, data, jax.random.key(0))
+  out = measures.measure(apply, params, {}, data, data, jax.random.key(0), lanczos=5, probes=4)
   assert math.isnan(out["lambda_max"])
   assert all(math.isfinite(v) for k, v in out.items() if k != "lambda_max")
   monkeypatch.undo()
   bad = jax.tree.map(lambda a: a.at[0].set(jnp.nan), params)
-  out = measures.measure(apply, bad, {}, data, data, jax.random.key(0), lanczos=5)
+  out = measures.measure(apply, bad, {}, data, data, jax.random.key(0), lanczos=5, probes=4)
   assert set(out) == set(MEASURES) and all(math.isnan(v) for v in out.values())

@@ -250,11 +250,11 @@ def test_jvp_and_hessian_of_the_penalty_under_every_strategy():
   tangent = jax.tree_util.tree_map(jnp.ones_like, params)
   flat, unravel = jax.flatten_util.ravel_pytree(params)
   hess = lambda s, c: jax.jit(jax.hessian(lambda v: _pen(logits, unravel(v), s, c, k=2)))(flat)
-  ref_jvp = jax.jvp(lambda p: _pen(logits, p, "loop", None), (params,), (tangent,))
+  jvp = lambda s, c: jax.jit(lambda p, t: jax.jvp(lambda q: _pen(logits, q, s, c), (p,), (t,)))(params, tangent)  # fmt: skip
+  ref_jvp = jvp("loop", None)
   ref_hess = hess("loop", None)
   assert float(jnp.abs(ref_hess).max()) > 0
   for s, c in VARIANTS:
     np.testing.assert_allclose(hess(s, c), ref_hess, rtol=1e-4, atol=1e-6, err_msg=f"{s}/{c}")
     # chunked's custom JVP rule (gradient . tangent) gives forward mode too
-    got = jax.jvp(lambda p, s=s, c=c: _pen(logits, p, s, c), (params,), (tangent,))
-    np.testing.assert_allclose(got, ref_jvp, rtol=1e-5)
+    np.testing.assert_allclose(jvp(s, c), ref_jvp, rtol=1e-5)
