@@ -1,10 +1,24 @@
 """Shared fixtures: tiny models and data, small enough for 2 CPU cores."""
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import pytest
-from scipy import special
+import os
+import tempfile
+
+# One XLA compilation cache for the run's processes (both xdist workers and the tests'
+# subprocesses): many tests compile the same small programs. Set before JAX reads it.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "nrs_jax_tests_xla"))  # fmt: skip
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from scipy import special  # noqa: E402
+
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update(
+  "jax_persistent_cache_min_compile_time_secs",
+  float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]),
+)
 
 
 def enable_x64(on=True):
