@@ -256,6 +256,7 @@ def train_and_evaluate(config, workdir: str, finish=None) -> dict[str, Any]:
       total=total_steps, initial=start, desc=config.method, dynamic_ncols=True, leave=False
     )
   pending, stream = [], None
+  unlabeled = config.unlabeled_batch_size if config.method in methods.SEMI else 0
   if ds.stream is not None:  # TFDS: this process's stream, resumed at the step
     stream = ds.stream.train_batches(config.seed, start, config.batch_size // n_proc)
   for step in range(start, total_steps):
@@ -264,9 +265,8 @@ def train_and_evaluate(config, workdir: str, finish=None) -> dict[str, Any]:
     else:
       procs = {"process_index": proc, "process_count": n_proc}
       batch = input_pipeline.train_batch(ds, step, config.batch_size, config.seed, **procs)
-      if config.method in methods.SEMI:  # labels of the unlabeled examples do not exist here
-        u = config.unlabeled_batch_size
-        batch["u"] = input_pipeline.unlabeled_batch(ds, step, u, config.seed, **procs)
+      if unlabeled:  # (the labels of the unlabeled examples do not exist here)
+        batch["u"] = input_pipeline.unlabeled_batch(ds, step, unlabeled, config.seed, **procs)
     expensive = methods.takes_expensive_step(config.seed, step, probability)
     state, m = (train_step if expensive else plain_step)(state, parallel.global_batch(batch, mesh))
     pending.append(m)

@@ -24,11 +24,15 @@ def apply_fn(params, bs, x, train, key):
 
 
 def _config(method, **sub):
+  """The default config with plain SGD (lr 1) and ``sub`` in the method's options (for
+  ``nrs_unlabeled``, the ``nrs`` options it reads)."""
   config = default.get_config()
+  name = "nrs" if method == "nrs_unlabeled" else method
   with config.unlocked():
     config.method = method
     config.learning_rate, config.momentum, config.weight_decay = 1.0, 0.0, 0.0
-    config[method] = ml_collections.ConfigDict({**config[method].to_dict(), **sub})
+    if name in config:
+      config[name] = ml_collections.ConfigDict({**config[name].to_dict(), **sub})
   return config
 
 

@@ -6,7 +6,6 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -18,27 +17,14 @@ from experiments import methods
 from experiments import train
 from experiments.configs import default
 from tests.conftest import enable_x64
+from tests.methods_test import _config
+from tests.methods_test import apply_fn
 
 RNG = np.random.default_rng(0)
 X, U = RNG.normal(size=(4, 5)).astype(np.float32), RNG.normal(size=(12, 5)).astype(np.float32)
 BATCH = {"x": jnp.asarray(X), "y": jnp.array([0, 1, 2, 1]), "u": jnp.asarray(U)}
 PARAMS = {"w": jnp.asarray(RNG.normal(size=(5, 3)), jnp.float32)}
 KEY = jax.random.key(0)
-
-
-def apply_fn(params, bs, x, train, key):
-  return x @ params["w"], bs
-
-
-def _config(method, **sub):
-  config = default.get_config()
-  with config.unlocked():
-    config.method = method
-    config.learning_rate, config.momentum, config.weight_decay = 1.0, 0.0, 0.0
-    name = "nrs" if method == "nrs_unlabeled" else method
-    if name in config:
-      config[name] = ml_collections.ConfigDict({**config[name].to_dict(), **sub})
-  return config
 
 
 def _step(method, **sub):
