@@ -1,13 +1,16 @@
 """Markdown tables from the committed benchmark JSON (``experiments/results/``). The
 documentation's benchmark pages render these at build time, so their tables are the measured
 numbers, never copies. Each function takes a JSON path (relative to ``experiments/results/``
-unless absolute) and returns a markdown table. (Documentation code: it lives with the pages
-that call it, not in the harness.)"""
+unless absolute) and returns a markdown table. The study's tables are read from its generated
+report, ``experiments/RESULTS_STUDY.md``; ``python -m docs.benchmark_tables`` writes the
+README's summary of it. (Documentation code: it lives with the pages that call it, not in
+the harness.)"""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 
 from experiments.tables import markdown_table
 
@@ -149,3 +152,73 @@ def cpu_tokens(name: str = "benchmark_cpu_tokens.json") -> str:
     for label, r in rows.items():
       out.append([vocab[1:], label, _fmt(r["vs_ce"]), f"{r['temp_mib']:.1f}"])
   return markdown_table(["vocab", "row", "step x cross-entropy step", "XLA temp MiB"], out)
+
+
+STUDY = os.path.join(RESULTS, "..", "RESULTS_STUDY.md")
+README = os.path.join(RESULTS, "..", "..", "README.md")
+BEGIN = "<!-- study summary: `python -m docs.benchmark_tables` writes this table; do not edit -->"
+END = "<!-- end of study summary -->"
+_FLAT = re.compile(
+  r"^Does (\w+) find flatter minima .*?than (\w+): ([^;]+); than sam: ([^.]+)\. "
+  r"Does flatness predict accuracy .*?: (.+?) \(tau ([^,]+), p ([^)]+)\)\.$",
+  re.M,
+)
+
+
+def study_section(task: str, report: str | None = None) -> str | None:
+  """The main table of ``task``'s section of the study's report, or None if it has none."""
+  report = open(STUDY).read() if report is None else report
+  m = re.search(rf"^## {re.escape(task)}\n\n(\|.*?)(?:\n\n|\n*\Z)", report, re.S | re.M)
+  return m.group(1) if m else None
+
+
+def _cells(line: str) -> list[str]:
+  return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def study_summary(report: str | None = None) -> str:
+  """One row per finished task of the study's report: the subject's mean [95% CI], which
+  methods it ties (the equivalence test passed), is ahead of or behind (Wilcoxon, Holm), the
+  inconclusive comparisons with their minimum detectable difference, and the report's
+  flatness answer. Every cell is read from the report, nothing computed here."""
+  report = open(STUDY).read() if report is None else report
+  tasks = re.findall(r"^## (\w+)$", report, re.M)
+  if not tasks:
+    return "No task has finished yet: the report holds no result."
+  out = []
+  for t in tasks:
+    header, _, *rows = study_section(t, report).split("\n")
+    col = {h: i for i, h in enumerate(_cells(header))}
+    mean = next(h for h in col if h.startswith("mean [95% CI]"))
+    unit = mean[len("mean [95% CI] (") : -1]
+    by = {k: [] for k in ("tie", "ahead", "behind", "inconclusive")}
+    subject = ""
+    for r in map(_cells, rows):
+      verdict = r[col["verdict"]]
+      if not verdict:
+        subject = f"{r[col['method']]} {r[col[mean]]}"
+      elif verdict.startswith("inconclusive"):
+        by["inconclusive"].append(f"{r[col['method']]} {verdict[len('inconclusive ') :]}")
+      else:
+        by[verdict.split(" ")[-1]].append(r[col["method"]])
+    flat = _FLAT.search(report[report.index(f"## {t}\n") :])
+    flat = f"{flat[3]} / {flat[4]}; tau {flat[6]}" if flat else ""
+    row = [f"`{t}`", unit, subject] + [", ".join(by[k]) or "none" for k in by] + [flat]
+    out.append(row)
+  head = ["task", "metric", "NRS row, mean [95% CI]", "tied with (equivalence)"]
+  head += ["ahead of (Wilcoxon, Holm)", "behind", "inconclusive (MDD)"]
+  head += ["flatter than the base / SAM; tau"]
+  return markdown_table(head, out)
+
+
+def readme_with_summary(readme: str, report: str | None = None) -> str:
+  """``readme`` with the block between BEGIN and END replaced by :func:`study_summary`."""
+  start, stop = readme.index(BEGIN) + len(BEGIN), readme.index(END)
+  return readme[:start] + "\n" + study_summary(report) + "\n" + readme[stop:]
+
+
+if __name__ == "__main__":  # python -m docs.benchmark_tables: rewrites the README's table
+  with open(README) as f:
+    text = readme_with_summary(f.read())
+  with open(README, "w") as f:
+    f.write(text)
