@@ -158,18 +158,31 @@ STUDY = os.path.join(RESULTS, "..", "RESULTS_STUDY.md")
 README = os.path.join(RESULTS, "..", "..", "README.md")
 BEGIN = "<!-- study summary: `python -m docs.benchmark_tables` writes this table; do not edit -->"
 END = "<!-- end of study summary -->"
-_FLAT = re.compile(
-  r"^Does (\w+) find flatter minima .*?than (\w+): ([^;]+); than sam: ([^.]+)\. "
-  r"Does flatness predict accuracy .*?: (.+?) \(tau ([^,]+), p ([^)]+)\)\.$",
+_FLAT = re.compile(  # the report's flatness answer: vs the base method, vs SAM, and tau
+  r"^Does \w+ find flatter minima .*?than \w+: ([^;]+); than sam: ([^.]+)\. "
+  r"Does flatness predict accuracy .*?\(tau ([^,]+), p [^)]+\)\.$",
   re.M,
 )
 
 
+def _sections(report: str | None) -> dict[str, str]:
+  """Each finished task's section of the study's report (read from STUDY unless given), up
+  to the next task's."""
+  if report is None:
+    with open(STUDY) as f:
+      report = f.read()
+  return dict(re.findall(r"^## (\w+)\n(.*?)(?=^## |\Z)", report, re.S | re.M))
+
+
+def _main_table(section: str) -> str | None:
+  m = re.match(r"\n(\|.*?)(?:\n\n|\n*\Z)", section, re.S)
+  return m.group(1) if m else None
+
+
 def study_section(task: str, report: str | None = None) -> str | None:
   """The main table of ``task``'s section of the study's report, or None if it has none."""
-  report = open(STUDY).read() if report is None else report
-  m = re.search(rf"^## {re.escape(task)}\n\n(\|.*?)(?:\n\n|\n*\Z)", report, re.S | re.M)
-  return m.group(1) if m else None
+  section = _sections(report).get(task)
+  return None if section is None else _main_table(section)
 
 
 def _cells(line: str) -> list[str]:
@@ -181,13 +194,12 @@ def study_summary(report: str | None = None) -> str:
   methods it ties (the equivalence test passed), is ahead of or behind (Wilcoxon, Holm), the
   inconclusive comparisons with their minimum detectable difference, and the report's
   flatness answer. Every cell is read from the report, nothing computed here."""
-  report = open(STUDY).read() if report is None else report
-  tasks = re.findall(r"^## (\w+)$", report, re.M)
-  if not tasks:
+  sections = _sections(report)
+  if not sections:
     return "No task has finished yet: the report holds no result."
   out = []
-  for t in tasks:
-    header, _, *rows = study_section(t, report).split("\n")
+  for t, section in sections.items():
+    header, _, *rows = _main_table(section).split("\n")
     col = {h: i for i, h in enumerate(_cells(header))}
     mean = next(h for h in col if h.startswith("mean [95% CI]"))
     unit = mean[len("mean [95% CI] (") : -1]
@@ -201,10 +213,9 @@ def study_summary(report: str | None = None) -> str:
         by["inconclusive"].append(f"{r[col['method']]} {verdict[len('inconclusive ') :]}")
       else:
         by[verdict.split(" ")[-1]].append(r[col["method"]])
-    flat = _FLAT.search(report[report.index(f"## {t}\n") :])
-    flat = f"{flat[3]} / {flat[4]}; tau {flat[6]}" if flat else ""
-    row = [f"`{t}`", unit, subject] + [", ".join(by[k]) or "none" for k in by] + [flat]
-    out.append(row)
+    flat = _FLAT.search(section)
+    flat = f"{flat[1]} / {flat[2]}; tau {flat[3]}" if flat else ""
+    out.append([f"`{t}`", unit, subject] + [", ".join(by[k]) or "none" for k in by] + [flat])
   head = ["task", "metric", "NRS row, mean [95% CI]", "tied with (equivalence)"]
   head += ["ahead of (Wilcoxon, Holm)", "behind", "inconclusive (MDD)"]
   head += ["flatter than the base / SAM; tau"]

@@ -1,6 +1,7 @@
 """The README's Python examples run as written, in order, in one namespace; its Evidence
 section is the study's generated summary and quotes no number the report lacks."""
 
+import functools
 import importlib.util
 import os
 import re
@@ -45,6 +46,7 @@ def test_every_number_in_the_readme_evidence_section_is_in_a_generated_report():
   assert not missing, f"README Evidence numbers the report does not hold: {missing}"
 
 
+@functools.cache
 def _tables():
   """docs/benchmark_tables.py, loaded by path (``docs`` is not a package)."""
   path = os.path.join(ROOT, "docs", "benchmark_tables.py")
@@ -107,5 +109,7 @@ def test_the_summary_reads_each_verdict_from_the_report_and_adds_nothing():
   assert "no task has finished" in tables.study_summary("# The evidence study\n").lower()
   readme = f"intro\n{tables.BEGIN}\nold table\n{tables.END}\nrest\n"
   new = tables.readme_with_summary(readme, REPORT)
-  assert new.startswith(f"intro\n{tables.BEGIN}\n| task |") and new.endswith(f"{tables.END}\nrest\n")
+  assert new.startswith(f"intro\n{tables.BEGIN}\n| task |") and new.endswith(
+    f"{tables.END}\nrest\n"
+  )
   assert "old table" not in new and tables.readme_with_summary(new, REPORT) == new
