@@ -61,10 +61,6 @@ class Run:
     self.workdir, self.lead = workdir, lead
     self.ckpts = os.path.join(workdir, "checkpoints")
     self.metrics_path = os.path.join(workdir, "metrics.jsonl")
-    resuming = os.path.exists(self.metrics_path) or (
-      os.path.isdir(self.ckpts) and bool(os.listdir(self.ckpts))
-    )
-    check_or_record_config(config, workdir, resuming, write=lead)
     self.mngr = ocp.CheckpointManager(
       os.path.abspath(self.ckpts),
       options=ocp.CheckpointManagerOptions(
@@ -72,6 +68,9 @@ class Run:
       ),
     )
     self.latest = self.mngr.latest_step()
+    # Only a checkpoint is continued: a run killed before its first one starts afresh (its
+    # metrics past step 0 are dropped in restore), whatever config it was started with.
+    check_or_record_config(config, workdir, self.latest is not None, write=lead)
     self.history: list = []
     self.wall_offset, self.t0 = 0.0, time.time()
 

@@ -242,6 +242,17 @@ class RunnerLock:
     self.files = []
 
 
+def _failed(job: tuple, e: BaseException) -> RuntimeError:
+  task, method, phase, seed, setting, *_ = job
+  err = RuntimeError(
+    f"study: the {phase} run of {method} on {task} (seed {seed}, setting "
+    f"{json.dumps(setting, sort_keys=True)}) failed: {type(e).__name__}: {e}. The rows of the "
+    "runs that finished are kept; fix the cause and rerun the same command to resume."
+  )
+  err.__cause__ = e
+  return err
+
+
 class Study:
   """Runs jobs that have no row yet, appending each row as it finishes."""
 
@@ -251,8 +262,16 @@ class Study:
     self.grow_limit = 1 if quick else spec.MAX_EXTENSIONS
 
   def _results(self, jobs: list):
+    """Each job's row as it ends. A job that raises stops the study: the jobs not yet started
+    are cancelled, the running ones finish (their rows are kept), then a RuntimeError names
+    the job (it used to run every queued job first and keep none of their rows)."""
     if self.workers <= 1:
-      yield from map(self.trainer, jobs)
+      for j in jobs:
+        try:
+          row = self.trainer(j)
+        except Exception as e:  # noqa: BLE001
+          raise _failed(j, e) from e
+        yield row
       return
     ctx = multiprocessing.get_context("spawn")
     cores = ctx.Queue()
@@ -260,9 +279,20 @@ class Study:
     for i in range(self.workers):
       cores.put(avail[i % len(avail)])
     init = (cores, os.getpid())
+    failed = None
     with cf.ProcessPoolExecutor(self.workers, ctx, _init_worker, init) as pool:
-      for f in cf.as_completed([pool.submit(self.trainer, j) for j in jobs]):
-        yield f.result()
+      futures = {pool.submit(self.trainer, j): j for j in jobs}
+      for f in cf.as_completed(futures):
+        if f.cancelled():
+          continue
+        if f.exception() is None:
+          yield f.result()
+        elif failed is None:
+          failed = _failed(futures[f], f.exception())
+          for g in futures:
+            g.cancel()
+    if failed is not None:
+      raise failed from failed.__cause__
 
   def run(self, jobs: list) -> None:
     """``jobs``: (task, method, phase, seed, setting) tuples; one row each, kept as it ends."""

@@ -9,6 +9,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 from experiments import study
 
@@ -153,6 +154,38 @@ def test_a_run_is_bit_for_bit_the_same_twice_and_through_a_kill_and_rerun(tmp_pa
     assert sorted(other.files) == sorted(ref.files)
     for k in ref.files:
       np.testing.assert_array_equal(other[k], ref[k])
+
+
+def _fail_seed_101(job):
+  """A pool trainer (module level: the workers import it): seed 101 raises at once, the
+  others take 0.3 s; each leaves a marker, so the test counts the jobs that started."""
+  task, method, phase, seed, setting, *_, workdir = job
+  os.makedirs(workdir)
+  if seed == 101:
+    raise ValueError("--workdir holds a run with a different config")
+  time.sleep(0.3)
+  row = dict(task=task, method=method, phase=phase, seed=seed, metric="accuracy", val=0.5)
+  row.update(setting=json.dumps(setting, sort_keys=True), test=0.5, diverged=0, seconds=0.3)
+  return {**row, **dict.fromkeys(study.spec.MEASURES, 0.5), "machine": "test"}
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_failing_run_stops_the_queue_names_the_job_and_keeps_the_finished_rows(workers, tmp_path):
+  """The bug: one run that raised (a stale run directory) made the pool run all 218 queued
+  runs, keep none of their rows, and only then fail, naming no run."""
+  s = study.Study(str(tmp_path / "runs.csv"), str(tmp_path / "w"), workers, False, _fail_seed_101)
+  setting = {"learning_rate": 0.4, "weight_decay": 5e-4}
+  jobs = [("mnist1d_mlp", "sgd", "final", seed, setting) for seed in range(100, 120)]
+  with pytest.raises(RuntimeError, match=r"final run of sgd on mnist1d_mlp \(seed 101.*ValueError"):
+    s.run(jobs)
+  tag = "learning_rate=0.4_weight_decay=0.0005"
+  started = len(os.listdir(tmp_path / "w" / "mnist1d_mlp" / "sgd" / "final" / tag))
+  kept = study.spec.read_records(str(tmp_path / "runs.csv"))
+  assert started < 10 and len(kept) == started - 1 and len(kept) >= 1
+  again = study.Study(str(tmp_path / "runs.csv"), str(tmp_path / "w2"), 1, False, _fail_seed_101)
+  with pytest.raises(RuntimeError, match="seed 101"):  # the kept rows are not trained again
+    again.run(jobs)
+  assert os.listdir(tmp_path / "w2" / "mnist1d_mlp" / "sgd" / "final" / tag) == ["seed101"]
 
 
 def test_help_exits_zero_and_lists_the_flags():

@@ -374,6 +374,26 @@ def test_resume_with_a_changed_config_fails_and_names_the_keys(tmp_path):
     train.train_and_evaluate(nested, str(tmp_path))
 
 
+def test_a_run_killed_before_its_first_checkpoint_starts_afresh_under_a_new_config(tmp_path):
+  """Nothing of such a run is continued, so its old config is no reason to refuse. The bug:
+  a study run killed at its start under an older harness (its config.json lacked keys added
+  since) failed its rerun with "holds a run with a different config", and so every rerun."""
+  config = _shrink(default.get_config(), method="nrs")
+  ref = train.train_and_evaluate(config, str(tmp_path / "ref"))
+  old = json.loads((tmp_path / "ref" / "config.json").read_text())
+  stale = tmp_path / "stale"
+  (stale / "checkpoints").mkdir(parents=True)
+  old.pop("nrs"), old.update(learning_rate=9.0)
+  (stale / "config.json").write_text(json.dumps(old))
+  (stale / "metrics.jsonl").write_text(json.dumps({"step": 2, "test_accuracy": -1.0}) + "\n")
+  rec = train.train_and_evaluate(config, str(stale))
+  assert rec["test_accuracy"] == ref["test_accuracy"]
+  assert json.loads((stale / "config.json").read_text())["learning_rate"] == config.learning_rate
+  assert [json.loads(x)["test_accuracy"] for x in (stale / "metrics.jsonl").open()] == [
+    rec["test_accuracy"]
+  ]
+
+
 def test_restoring_into_another_optimiser_chain_is_a_clear_error(tmp_path):
   config = _shrink(default.get_config(), method="nrs")
   with config.unlocked():
