@@ -68,8 +68,7 @@ class Run:
       ),
     )
     self.latest = self.mngr.latest_step()
-    # Only a checkpoint is continued: a run killed before its first one starts afresh (its
-    # metrics past step 0 are dropped in restore), whatever config it was started with.
+    # Only a checkpoint is continued: a run killed before its first one starts afresh.
     check_or_record_config(config, workdir, self.latest is not None, write=lead)
     self.history: list = []
     self.wall_offset, self.t0 = 0.0, time.time()

@@ -159,9 +159,7 @@ def machine() -> str:
   model, flags = platform.processor() or platform.machine(), set()
   if os.path.exists("/proc/cpuinfo"):
     with open("/proc/cpuinfo") as f:
-      info = dict(
-        line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line
-      )
+      info = dict(ln.split(":", 1) for ln in f.read().split("\n\n")[0].splitlines() if ":" in ln)
     info = {k.strip(): v.strip() for k, v in info.items()}
     model, flags = info.get("model name", model), set(info.get("flags", "").split())
   isa = " ".join(f for f in ISA_FLAGS if f in flags) or "unknown ISA"
@@ -195,8 +193,7 @@ def _init_worker(cores, parent):
   it may use."""
   _die_with(parent)
   use_study_xla_flags()
-  flag = " --xla_cpu_multi_thread_eigen=false"
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + flag).strip()
+  os.environ["XLA_FLAGS"] += " --xla_cpu_multi_thread_eigen=false"  # (set by the line above)
   if cores is not None and hasattr(os, "sched_setaffinity"):
     os.sched_setaffinity(0, {cores.get()})
 
@@ -208,11 +205,8 @@ class RunnerLock:
   said so); one held by a live runner is a RuntimeError naming it."""
 
   def __init__(self, records: str, workdir: str):
-    self.files = []
-    for path, what in (
-      (records + ".lock", "--records"),
-      (os.path.join(workdir, ".study.lock"), "--workdir"),
-    ):
+    self.files, wd_lock = [], os.path.join(workdir, ".study.lock")
+    for path, what in ((records + ".lock", "--records"), (wd_lock, "--workdir")):
       os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
       f = open(path, "a+")
       f.seek(0)
@@ -244,13 +238,11 @@ class RunnerLock:
 
 def _failed(job: tuple, e: BaseException) -> RuntimeError:
   task, method, phase, seed, setting, *_ = job
-  err = RuntimeError(
+  return RuntimeError(
     f"study: the {phase} run of {method} on {task} (seed {seed}, setting "
     f"{json.dumps(setting, sort_keys=True)}) failed: {type(e).__name__}: {e}. The rows of the "
     "runs that finished are kept; fix the cause and rerun the same command to resume."
   )
-  err.__cause__ = e
-  return err
 
 
 class Study:
@@ -262,37 +254,32 @@ class Study:
     self.grow_limit = 1 if quick else spec.MAX_EXTENSIONS
 
   def _results(self, jobs: list):
-    """Each job's row as it ends. A job that raises stops the study: the jobs not yet started
-    are cancelled, the running ones finish (their rows are kept), then a RuntimeError names
-    the job (it used to run every queued job first and keep none of their rows)."""
+    """Each job's row as it ends. A job that raises cancels the jobs not yet started; the
+    running ones finish (their rows are kept), then a RuntimeError names the job."""
     if self.workers <= 1:
       for j in jobs:
         try:
-          row = self.trainer(j)
+          yield self.trainer(j)
         except Exception as e:  # noqa: BLE001
           raise _failed(j, e) from e
-        yield row
       return
     ctx = multiprocessing.get_context("spawn")
     cores = ctx.Queue()
     avail = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
     for i in range(self.workers):
       cores.put(avail[i % len(avail)])
-    init = (cores, os.getpid())
     failed = None
-    with cf.ProcessPoolExecutor(self.workers, ctx, _init_worker, init) as pool:
+    with cf.ProcessPoolExecutor(self.workers, ctx, _init_worker, (cores, os.getpid())) as pool:
       futures = {pool.submit(self.trainer, j): j for j in jobs}
       for f in cf.as_completed(futures):
-        if f.cancelled():
-          continue
-        if f.exception() is None:
+        if not f.cancelled() and f.exception() is None:
           yield f.result()
-        elif failed is None:
-          failed = _failed(futures[f], f.exception())
+        elif not f.cancelled():
+          failed = failed or (futures[f], f.exception())
           for g in futures:
             g.cancel()
-    if failed is not None:
-      raise failed from failed.__cause__
+    if failed:
+      raise _failed(*failed) from failed[1]
 
   def run(self, jobs: list) -> None:
     """``jobs``: (task, method, phase, seed, setting) tuples; one row each, kept as it ends."""
@@ -312,16 +299,11 @@ class Study:
     """Tunes ``{method: [(key, values), ...]}`` (on top of ``base``, whose values each setting
     records); returns the chosen settings, each axis extended outward (up to
     ``spec.MAX_EXTENSIONS`` times) while its choice sits at an edge."""
-    axes = {m: [(k, list(v)) for k, v in ax] for m, ax in axes.items()}
+    axes, base = {m: [(k, list(v)) for k, v in ax] for m, ax in axes.items()}, base or {}
     grown = {(m, k): 0 for m, ax in axes.items() for k, _ in ax}
+    prod = lambda ax: itertools.product(*dict(ax).values())
     while True:
-      grids = {
-        m: [
-          {**(base or {}), **dict(zip(dict(ax), vs))}
-          for vs in itertools.product(*dict(ax).values())
-        ]
-        for m, ax in axes.items()
-      }
+      grids = {m: [{**base, **dict(zip(dict(ax), v))} for v in prod(ax)] for m, ax in axes.items()}
       self.run(
         [(task, m, "tune", s, st) for m, g in grids.items() for st in g for s in spec.TUNE_SEEDS]
       )
@@ -332,9 +314,7 @@ class Study:
           i = vals.index(chosen[m][k])
           if len(vals) > 1 and i in (0, len(vals) - 1) and grown[m, k] < self.grow_limit:
             r = vals[1] / vals[0]
-            vals.insert(0, spec._tidy(vals[0] / r)) if i == 0 else vals.append(
-              spec._tidy(vals[-1] * r)
-            )
+            vals.insert(0 if i == 0 else i + 1, spec._tidy(vals[0] / r if i == 0 else vals[i] * r))
             grown[m, k], more = grown[m, k] + 1, True
       if not more:
         return chosen
@@ -382,9 +362,8 @@ def tune_task(study: Study, name: str, family: str) -> dict:
   chosen.update(study.tune(name, rest, {"weight_decay": wd}))
   if name == spec.ABLATION_TASK:
     base = {k: v for k, v in chosen["nrs"].items() if k != "nrs.radius"}
-    chosen.update(
-      study.tune(name, {a: _axes(name, a, family, quick) for a in spec.ABLATIONS}, base)
-    )
+    ablations = {a: _axes(name, a, family, quick) for a in spec.ABLATIONS}
+    chosen.update(study.tune(name, ablations, base))
   return chosen
 
 

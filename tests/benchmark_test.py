@@ -48,6 +48,8 @@ def test_summary_and_table_from_synthetic_timings():
     "nrs_k2_loop": {"seconds": 3.0, "compile_seconds": 5.0, "temp_bytes": 2**21},
     "nrs_k2_vmap": {"seconds": 4.0, "compile_seconds": 5.0, "temp_bytes": 2**21},
     "nrs_k1_sub4": {"seconds": 1.8, "compile_seconds": 5.0, "temp_bytes": 2**21},
+    "nrs_k2_transform_sg": {"seconds": 2.2, "compile_seconds": 5.0, "temp_bytes": 2**21},
+    "nrs_k2_fused_sg": {"seconds": 2.0, "compile_seconds": 5.0, "temp_bytes": 2**21},
     "nrs_k1_sub4_reuse": {"error": "XlaRuntimeError: out of memory"},
   }  # fmt: skip
   checks = benchmark.summarize(rows, [2])
@@ -55,6 +57,7 @@ def test_summary_and_table_from_synthetic_timings():
   assert checks["default_k2_vs_floor"] == pytest.approx(3.3 / 3.0)
   assert checks["k2_fastest_strategy"] == "loop" and checks["k2_auto_within_5pct"] is False
   assert checks["nrs_k1_sub4_vs_work"] == pytest.approx(1.8 / 1.5)
+  assert checks["transform_sg_k2_vs_fused_sg"] == pytest.approx(1.1)
   table = benchmark.report({"models": {"m": {"raw": rows, "checks": checks}}})
   assert "| m | nrs_k2_auto | float32 | 3.30 | 1.65 | 2.50 | 2.0 |" in table
   assert "| m | nrs_k1_sub4_reuse |  | XlaRuntimeError: out of memory |" in table
