@@ -408,3 +408,24 @@ def test_the_semi_supervised_tasks_pair_nrs_unlabeled_with_every_method(tmp_path
   assert row["sgd"].endswith("| 0.00 [0.00, 0.00] | 1 | tie |")  # the fake's equal values
   assert row["nrs"].endswith("| nrs_unlabeled behind |")  # the fake's nrs: +1 pp per seed
   assert "Does nrs_unlabeled find flatter minima" in text
+
+
+@pytest.mark.parametrize("noisy", [False, True])
+def test_cost_lines_explain_the_gap_only_when_a_fixed_part_fits(noisy):
+  """Seconds = 10 + 10 x work: the fixed part is named. Seconds that fall as the work rises
+  (runs made at different times): the report says the fit explains nothing, where it used to
+  print "the fixed 24.4 s of 18.5 s pull the ratios toward 1"."""
+  work = {"sgd": 1.0, "sam": 1.66, "nrs": 2.25, "sgd_2x": 1.03}  # step costs (sgd_2x: x2 epochs)
+  secs = {"sgd": 20.0, "sam": 15.0, "nrs": 14.0, "sgd_2x": 16.0} if noisy else None
+  fin = {
+    m: {s: {"step_cost": c, "seconds": secs[m] if noisy else 10 + 10 * c * (1 + (m == "sgd_2x"))}
+        for s in (100, 101)}
+    for m, c in work.items()
+  }  # fmt: skip
+  lines = study_report._cost_lines(fin, list(work), [100, 101], "sgd")
+  assert lines[0].startswith("Median CPU seconds per final run over sgd's: sgd 1.00")
+  if noisy:
+    assert "splits no run into fixed work and steps" in lines[1] and "pull" not in lines[1]
+  else:
+    assert "seconds = 10.0 + 10.0 x" in lines[1] and "the fixed 10.0 s of 20.0 s pull" in lines[1]
+    assert "for sam, nrs, sgd_2x:" in lines[1]  # (the fixed 10 s pulls each ratio toward 1)
