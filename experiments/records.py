@@ -71,7 +71,7 @@ class Run:
     # Only a checkpoint is continued: a run killed before its first one starts afresh.
     check_or_record_config(config, workdir, self.latest is not None, write=lead)
     self.history: list = []
-    self.wall_offset, self.t0 = 0.0, time.time()
+    self.wall_offset, self.cpu_offset, self.t0, self.c0 = 0.0, 0.0, time.time(), time.process_time()
 
   def restore(self, state):
     """``(state, start step)``: the latest checkpoint's, and the metrics kept up to it."""
@@ -90,8 +90,8 @@ class Run:
           f"(another model, method or optimiser chain?): {type(e).__name__}: {str(e)[:500]}. "
           "Use another --workdir, or delete it to start fresh."
         ) from e
-      state = restored["state"]
-      self.wall_offset = float(restored["meta"]["wall"])
+      state, meta = restored["state"], restored["meta"]  # "cpu": older checkpoints lack it
+      self.wall_offset, self.cpu_offset = float(meta["wall"]), float(meta.get("cpu", 0))
       start = int(state["step"])
       logging.info("Resumed from step %d", start)
     if os.path.exists(self.metrics_path):
@@ -100,14 +100,15 @@ class Run:
     if self.lead:
       with open(self.metrics_path, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in self.history)
-    self.t0 = time.time()
+    self.t0, self.c0 = time.time(), time.process_time()
     return state, start
 
   def wall(self) -> float:
     return self.wall_offset + time.time() - self.t0
 
   def save(self, state, step: int, force: bool = False) -> None:
-    meta = ocp.args.JsonSave({"wall": float(self.wall())})
+    cpu = self.cpu_offset + time.process_time() - self.c0
+    meta = ocp.args.JsonSave({"wall": float(self.wall()), "cpu": cpu})
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=meta)
     self.mngr.save(step, args=args, force=force)
 

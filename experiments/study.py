@@ -111,7 +111,8 @@ def train_one(job: tuple) -> dict:
   row.update(setting=json.dumps(setting, sort_keys=True), val=val, test=test, diverged=int(bad))
   # measures: "" on tuning rows; NaN where a final run diverged or a measure failed
   row.update({k: rec.get(k, nan) if phase == "final" else "" for k in spec.MEASURES})
-  return {**row, "seconds": time.process_time() - t0, "machine": machine()}
+  seconds = time.process_time() - t0 + rec.get("cpu_seconds_before_resume", 0.0)
+  return {**row, "seconds": seconds, "machine": machine()}
 
 
 def _measure(model, state, ds, seed: int) -> dict:
@@ -189,8 +190,7 @@ def _die_with(parent: int) -> None:
 
 
 def _init_worker(cores, parent):
-  """Dies with the runner; one core per worker: XLA:CPU sizes its thread pool from the CPUs
-  it may use."""
+  """Dies with the runner; one core per worker (XLA:CPU sizes its threads by usable CPUs)."""
   _die_with(parent)
   use_study_xla_flags()
   os.environ["XLA_FLAGS"] += " --xla_cpu_multi_thread_eigen=false"  # (set by the line above)
@@ -224,8 +224,7 @@ class RunnerLock:
       if owner and owner != str(os.getpid()):
         msg = f"study: taking over the lock {path} of runner pid {owner}, which is gone."
         print(msg, file=sys.stderr, flush=True)
-      f.seek(0)
-      f.truncate()
+      f.truncate(0)  # ("a+": the write lands at the end, now 0)
       f.write(str(os.getpid()))
       f.flush()
       self.files.append(f)
@@ -290,8 +289,7 @@ class Study:
       m = spec.method_of(row["method"], self.family, spec.task_of(row["task"]))
       cost = self.costs.get(row["task"], {}).get(row["method"], float("nan"))
       row.update(passes=m.passes, step_cost=cost)
-      if "machine" not in row:  # (a worker's row names its own machine)
-        row["machine"] = machine()
+      row.setdefault("machine", machine())  # (a worker's row names its own machine)
       self.rows[spec.key_of(*[row[k] for k in spec.COLUMNS[:4]], json.loads(row["setting"]))] = row
       _append(self.path, row)
 

@@ -302,7 +302,8 @@ def train_and_evaluate(config, workdir: str, finish=None) -> dict[str, Any]:
       run.save(state, done)
   if bar is not None:
     bar.close()
-  return {**run.finish(state, total_steps, start), **(finish(model, state, ds) if finish else {})}
+  rec = {**run.finish(state, total_steps, start), "cpu_seconds_before_resume": run.cpu_offset}
+  return {**rec, **(finish(model, state, ds) if finish else {})}
 
 
 SUMMARY_KEYS = {

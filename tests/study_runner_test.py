@@ -156,6 +156,19 @@ def test_a_run_is_bit_for_bit_the_same_twice_and_through_a_kill_and_rerun(tmp_pa
       np.testing.assert_array_equal(other[k], ref[k])
 
 
+def test_a_resumed_run_counts_the_cpu_seconds_spent_before_its_kill(monkeypatch):
+  """The bug: a run killed and resumed recorded only the resumed process's CPU seconds."""
+  from experiments import train
+
+  rec = dict(val_accuracy=0.5, test_accuracy=0.5, train_loss=0.1)
+  monkeypatch.setattr(
+    train, "train_and_evaluate", lambda *a: {**rec, "cpu_seconds_before_resume": 1e3}
+  )
+  setting = {"learning_rate": 0.4, "weight_decay": 5e-4}
+  row = study.train_one(("mnist1d_mlp", "sgd", "tune", 100, setting, "absolute", True, "unused"))
+  assert 1e3 <= row["seconds"] < 1e3 + 60 and row["val"] == 0.5
+
+
 def _fail_seed_101(job):
   """A pool trainer (module level: the workers import it): seed 101 raises at once, the
   others take 0.3 s; each leaves a marker, so the test counts the jobs that started."""

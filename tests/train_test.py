@@ -366,6 +366,8 @@ def test_resume_with_a_changed_config_fails_and_names_the_keys(tmp_path):
     same.compare_methods = ("nrs",)
   again = train.train_and_evaluate(same, str(tmp_path))
   assert again["test_accuracy"] == rec["test_accuracy"]
+  # The resumed run returns the CPU seconds its checkpoint holds (the study adds them).
+  assert rec["cpu_seconds_before_resume"] == 0 < again["cpu_seconds_before_resume"]
   # A nested key counts too.
   nested = _shrink(default.get_config(), method="nrs")
   with nested.unlocked():
