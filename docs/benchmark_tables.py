@@ -203,20 +203,21 @@ def study_summary(report: str | None = None) -> str:
     col = {h: i for i, h in enumerate(_cells(header))}
     mean = next(h for h in col if h.startswith("mean [95% CI]"))
     unit = mean[len("mean [95% CI] (") : -1]
+    unit = {"test accuracy, %": "%", "bits per character": "bits/char"}.get(unit, unit)
     by = {k: [] for k in ("tie", "ahead", "behind", "inconclusive")}
     subject = ""
     for r in map(_cells, rows):
       verdict = r[col["verdict"]]
       if not verdict:
-        subject = f"{r[col['method']]} {r[col[mean]]}"
+        subject = f"{r[col['method']]} {r[col[mean]]} {unit}"
       elif verdict.startswith("inconclusive"):
         by["inconclusive"].append(f"{r[col['method']]} {verdict[len('inconclusive ') :]}")
       else:
         by[verdict.split(" ")[-1]].append(r[col["method"]])
     flat = _FLAT.search(section)
     flat = f"{flat[1]} / {flat[2]}; tau {flat[3]}" if flat else ""
-    out.append([f"`{t}`", unit, subject] + [", ".join(by[k]) or "none" for k in by] + [flat])
-  head = ["task", "metric", "NRS row, mean [95% CI]", "tied with (equivalence)"]
+    out.append([f"`{t}`", subject] + [", ".join(by[k]) or "none" for k in by] + [flat])
+  head = ["task", "NRS row, mean [95% CI]", "tied with (equivalence)"]
   head += ["ahead of (Wilcoxon, Holm)", "behind", "inconclusive (MDD)"]
   head += ["flatter than the base / SAM; tau"]
   return markdown_table(head, out)

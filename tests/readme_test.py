@@ -101,9 +101,9 @@ def test_the_summary_reads_each_verdict_from_the_report_and_adds_nothing():
   tables = _tables()
   rows = tables.study_summary(REPORT).split("\n")[2:]
   assert rows == [
-    "| `task_a` | test accuracy, % | nrs 72.10 [71.10, 73.10] | sam | sgd | saf "
+    "| `task_a` | nrs 72.10 [71.10, 73.10] % | sam | sgd | saf "
     "| mesa (MDD 2.10) | yes / no, sharper; tau -0.02 |",
-    "| `task_b` | bits per character | nrs 2.60 [2.50, 2.70] | none | none | adamw | none |  |",
+    "| `task_b` | nrs 2.60 [2.50, 2.70] bits/char | none | none | adamw | none |  |",
   ]
   assert tables.study_section("task_c", REPORT) is None
   assert "no task has finished" in tables.study_summary("# The evidence study\n").lower()
