@@ -289,7 +289,7 @@ class Study:
       m = spec.method_of(row["method"], self.family, spec.task_of(row["task"]))
       cost = self.costs.get(row["task"], {}).get(row["method"], float("nan"))
       row.update(passes=m.passes, step_cost=cost)
-      row.setdefault("machine", machine())  # (a worker's row names its own machine)
+      row["machine"] = row.get("machine") or machine()  # (a worker's row names its own)
       self.rows[spec.key_of(*[row[k] for k in spec.COLUMNS[:4]], json.loads(row["setting"]))] = row
       _append(self.path, row)
 
