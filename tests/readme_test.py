@@ -46,6 +46,14 @@ def test_every_number_in_the_readme_evidence_section_is_in_a_generated_report():
   assert not missing, f"README Evidence numbers the report does not hold: {missing}"
 
 
+def test_the_readme_stays_a_landing_page_of_at_most_9000_characters():
+  """Issue 30's cap: details live in the report and on the evidence page, so each finished
+  task's row must be paid for by shorter prose, never by a longer README."""
+  with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+    size = len(f.read())
+  assert size <= 9000, f"README.md has {size} characters; move detail to docs/evidence.md"
+
+
 @functools.cache
 def _tables():
   """docs/benchmark_tables.py, loaded by path (``docs`` is not a package)."""
