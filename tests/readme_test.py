@@ -11,9 +11,14 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@functools.cache
+def _readme() -> str:
+  with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+    return f.read()
+
+
 def _python_blocks():
-  with open(os.path.join(ROOT, "README.md")) as f:
-    return re.findall(r"```python\n(.*?)```", f.read(), flags=re.S)
+  return re.findall(r"```python\n(.*?)```", _readme(), flags=re.S)
 
 
 def test_readme_python_examples_run():
@@ -31,9 +36,7 @@ def test_every_number_in_the_readme_evidence_section_is_in_a_generated_report():
   """The Evidence section quotes the study's report and nothing else: each decimal in it is
   in experiments/RESULTS_STUDY.md, and while the report holds no finished task the section
   says so and quotes no result."""
-  with open(os.path.join(ROOT, "README.md")) as f:
-    readme = f.read()
-  section = re.search(r"^## Evidence.*?(?=^## )", readme, re.S | re.M).group(0)
+  section = re.search(r"^## Evidence.*?(?=^## )", _readme(), re.S | re.M).group(0)
   with open(os.path.join(ROOT, "experiments", "RESULTS_STUDY.md")) as f:
     report = f.read()
   numbers = set(re.findall(r"(?<![\w.])[+-]?\d+\.\d+", section))
@@ -49,8 +52,7 @@ def test_every_number_in_the_readme_evidence_section_is_in_a_generated_report():
 def test_the_readme_stays_a_landing_page_of_at_most_9000_characters():
   """Issue 30's cap: details live in the report and on the evidence page, so each finished
   task's row must be paid for by shorter prose, never by a longer README."""
-  with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
-    size = len(f.read())
+  size = len(_readme())
   assert size <= 9000, f"README.md has {size} characters; move detail to docs/evidence.md"
 
 
@@ -66,8 +68,7 @@ def _tables():
 
 def test_the_readme_summary_table_is_the_one_generated_from_the_report():
   tables = _tables()
-  with open(os.path.join(ROOT, "README.md")) as f:
-    readme = f.read()
+  readme = _readme()
   assert readme.count(tables.BEGIN) == 1 and readme.count(tables.END) == 1
   assert readme == tables.readme_with_summary(readme), (
     "README's study table is stale: run `python -m docs.benchmark_tables`."
