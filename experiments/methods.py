@@ -527,8 +527,7 @@ def method_defaults() -> dict[str, Any]:
     "sam": dict(rho=0.2, probability=1.0),
     "asam": dict(rho=1.0, eta=0.01, probability=1.0),
     "rwp": dict(radius=0.05, scale="filter", mix=0.5, probability=1.0),
-    # SAF: trajectory KL to the outputs of `epochs` epochs earlier; MESA: KL to an EMA
-    # teacher from `start_epoch` on.
+    # SAF: KL to the outputs of `epochs` epochs earlier; MESA: to an EMA teacher from `start_epoch`.
     "saf": dict(lam=1.0, tau=1.0, epochs=3),
     "mesa": dict(lam=1.0, tau=1.0, decay=0.995, start_epoch=5),
     # The consistency methods on unlabeled data (nrs_unlabeled reads "nrs"): VAT's xi and

@@ -129,11 +129,9 @@ def _measure(model, state, ds, seed: int) -> dict:
 
 # The XLA flags a row's machine column spells out: those that decide the compiled code.
 REPRODUCIBLE_PREFIXES = ("--xla_cpu_max_isa", "--xla_cpu_use_xnnpack", "--xla_cpu_enable_platform")
-# The study's runs compile for one instruction set whatever the CPU: XLA:CPU otherwise
-# compiles for the host's (on an AMD EPYC, AVX code gave mnist1d_mlp/sgd/seed 100 test
-# 0.7252 where its default AVX2+FMA code gave 0.7287), and XNNPACK picks its kernels by the
-# host's too. AVX2 (with FMA) is what these machines share; here the capped code is the
-# default code, bit for bit (docs/evidence.md). Set before JAX starts, inherited by workers.
+# Every study run compiles for AVX2 with FMA (what these machines share; on the AMD EPYC, the
+# default code bit for bit) with XNNPACK, which picks kernels by the host, off. Rows still differ
+# across CPUs (docs/evidence.md). Set before JAX starts; the workers inherit it.
 STUDY_XLA_FLAGS = ("--xla_cpu_max_isa=AVX2", "--xla_cpu_use_xnnpack=false")
 
 

@@ -156,7 +156,8 @@ def _fmt(metric):
 def _cost_lines(fin, names, seeds, base) -> list:
   """Step cost against the median CPU seconds per final run, each over the base method's;
   where the two differ by more than 15% (after the run's epochs), the fixed part of a run
-  (compiling, evaluating, measuring), fitted over the methods, is what the step leaves out."""
+  (compiling, evaluating, measuring), fitted over the methods, is what the step leaves out;
+  so is the speed of another machine, where a method's final runs were made on one."""
   sec = {m: float(np.median([fin[m][s]["seconds"] for s in seeds])) for m in names}
   work = {m: fin[m][seeds[0]]["step_cost"] * study.method_of(m, "absolute").epochs for m in names}
   slope, fixed = np.polyfit([work[m] for m in names], [sec[m] for m in names], 1)
@@ -166,6 +167,9 @@ def _cost_lines(fin, names, seeds, base) -> list:
   why += "were made (several sessions, shared machines); read the step cost, timed side by side."
   if 0 < fixed < sec[base] and slope > 0:
     why = f"so the fixed {fixed:.1f} s of {sec[base]:.1f} s pull the ratios toward 1."
+  where = {m: {fin[m][s].get("machine") for s in seeds} for m in names}
+  if moved := ", ".join(m for m in off if where[m] != where[base]):
+    why += f" And {moved} ran (some or all) on other machines than {base}, at their speed."
   lines = [f"Median CPU seconds per final run over {base}'s: {ratios}."]
   if off:
     lines.append(
@@ -210,7 +214,7 @@ def task_section(rows, t, quick) -> tuple[list, dict, dict, dict]:
   lines += [f"Still at an edge of its grid after the extensions: {at_edge}.", ""]
   lines += _cost_lines(fin, list(task.methods), seeds, task.methods[0]) + [""]
   variants = [m for m in study.NRS_FAMILY[1:] if m in task.methods]
-  vs = compare(test, "nrs", variants, task.metric)
+  vs = cmp if ref == "nrs" else compare(test, "nrs", variants, task.metric)  # the table's Holm
   cheap = {}
   for m in variants:
     cost = fin[m][seeds[0]]["step_cost"]

@@ -112,8 +112,7 @@ ABLATION_TASK = "mnist1d_mlp"
 TUNE_SEEDS, FINAL_SEED0, ABLATION_SEEDS = (0, 1), 100, 10
 LR_FACTORS = (0.5, 1.0, 2.0)
 MAX_EXTENSIONS = 4  # per axis, while the chosen value sits at an edge
-# The flatness and calibration of every final solution (experiments/measures.py), at the final
-# weights in evaluation mode; one column each, empty on tuning rows.
+# Each final solution's flatness and calibration (experiments/measures.py): empty on tuning rows.
 MEASURES = ("lambda_max", "hessian_trace", "sharpness", "neighborhood_kl", "test_nll", "test_ece")
 MEASURES += ("weight_norm",)
 # machine: where the row was made (study.machine(): CPU model, ISA, jax and jaxlib, XLA flags).
