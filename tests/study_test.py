@@ -469,3 +469,48 @@ def test_the_cheaper_variants_line_repeats_the_tables_verdicts():
           assert table[m].rstrip(" |").split(" (MDD")[0] == verdict, (section[:30], m)
           checked += 1
   assert checked >= 3
+
+
+def test_the_lm_report_reads_bits_per_character_as_lower_is_better(tmp_path, no_timing):
+  """On the LM a lower value is better: tuning picks the lowest mean validation bits, "nrs
+  ahead" means fewer bits than the method, a tie is at +-0.01 bits per character, and a
+  flatter solution predicting fewer bits (a positive tau) is flatness predicting the test value."""
+  acc = fake_trainer({"adamw": {"learning_rate": 6e-3, "weight_decay": 0.1}})
+
+  def train(job):  # the accuracy surface turned into bits: 3 - value
+    row = acc(job)
+    if row["task"] != "stdlib_lm":
+      return row
+    row.update(metric="bits_per_char", val=3 - row["val"], test=3 - row["test"])
+    return {**row, "lambda_max": row["test"]} if row["phase"] == "final" else row
+
+  s = _study(tmp_path, train)
+  study.run_task(s, "stdlib_lm", study.pilot_family(s))
+  recs = spec.read_records(str(tmp_path / "runs.csv"))
+  setting, _, _ = study_report.chosen(recs, "stdlib_lm", "adamw")
+  assert (setting["learning_rate"], setting["weight_decay"]) == (6e-3, 0.1)
+  study_report.write(recs, ["stdlib_lm"], str(tmp_path / "R.md"))
+  text = (tmp_path / "R.md").read_text()
+  row = {ln.split(" | ")[0][2:]: ln for ln in text.splitlines() if ln.startswith("| ")}
+  assert "| -0.010 [-0.010, -0.010] |" in row["adamw"] and "nrs ahead" in row["adamw"]
+  assert row["sam"].endswith("| nrs behind |")  # sam: up to 0.001 fewer bits on every seed
+  assert "a tie at +-0.01 bits per character)" in text
+  assert "with test bits per character, p < 0.05): yes (tau +1.00" in text
+
+
+def test_the_flatness_answer_says_when_sharper_solutions_did_better():
+  """A significant Kendall tau only answers "flatness predicts the test value" in the direction
+  where flatter is better: on mnist5k_cnn_semi10 (tau +0.51 with accuracy) sharper did better."""
+  signs = {(k, m): (-1.0, 0.01) for k in ("lambda_max", "hessian_trace") for m in ("sgd", "sam")}
+  for tau, p, metric, said in [
+    (0.51, 2e-16, "accuracy", "no: the reverse, sharper did better"),
+    (-0.37, 1e-15, "accuracy", "yes"),
+    (0.51, 2e-16, "bits_per_char", "yes"),
+    (-0.3, 1e-5, "bits_per_char", "no: the reverse, sharper did better"),
+    (-0.06, 0.2, "accuracy", "not shown"),
+  ]:
+    text = study_report._flatness_answer({**signs, ("lambda_max", "tau"): (tau, p)}, "sgd", "nrs", metric)  # fmt: skip
+    assert (
+      text.startswith("Does nrs find flatter minima") and "than sgd: yes; than sam: yes." in text
+    )
+    assert f"p < 0.05): {said} (tau {tau:+.2f}, p {p:.2g})." in text
