@@ -193,17 +193,22 @@ def study_summary(report: str | None = None) -> str:
   """One row per finished task of the study's report: the subject's mean [95% CI], which
   methods it ties (the equivalence test passed), is ahead of or behind (Wilcoxon, Holm), the
   inconclusive comparisons with their minimum detectable difference, and the report's
-  flatness answer. Every cell is read from the report, nothing computed here."""
+  flatness answer; then a line naming every chosen value still at an edge of its grid. Every
+  cell is read from the report, nothing computed here."""
   sections = _sections(report)
   if not sections:
     return "No task has finished yet: the report holds no result."
-  out = []
+  out, edges = [], []
   for t, section in sections.items():
+    edge = re.search(r"^Still at an edge of its grid after the extensions: (.*)\.$", section, re.M)
+    edges += [f"`{t}`: {edge[1]}"] if edge and edge[1] != "none" else []
     header, _, *rows = _main_table(section).split("\n")
     col = {h: i for i, h in enumerate(_cells(header))}
     mean = next(h for h in col if h.startswith("mean [95% CI]"))
     unit = mean[len("mean [95% CI] (") : -1]
-    unit = {"test accuracy, %": "%", "bits per character": "bits/char"}.get(unit, unit)
+    unit = {"test accuracy, %": "%", "bits per character, lower is better": "bits/char"}.get(
+      unit, unit
+    )
     by = {k: [] for k in ("tie", "ahead", "behind", "inconclusive")}
     subject = ""
     for r in map(_cells, rows):
@@ -220,7 +225,9 @@ def study_summary(report: str | None = None) -> str:
   head = ["task", "NRS row, mean [95% CI]", "tied with (equivalence)"]
   head += ["ahead of (Wilcoxon, Holm)", "behind", "inconclusive (MDD)"]
   head += ["flatter than the base / SAM; tau"]
-  return markdown_table(head, out)
+  table = markdown_table(head, out)
+  edge = "\n\nChosen values still at an edge of their grid after the extensions (the best may "
+  return table + (f"{edge}lie beyond): {'; '.join(edges)}." if edges else "")
 
 
 def readme_with_summary(readme: str, report: str | None = None) -> str:

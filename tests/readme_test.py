@@ -99,10 +99,12 @@ Does nrs find flatter minima (lower lambda_max and trace, Holm p < 0.05) than sg
 
 ## task_b
 
-| method | mean [95% CI] (bits per character) | verdict |
+| method | mean [95% CI] (bits per character, lower is better) | verdict |
 |---|---|---|
 | adamw | 2.50 [2.40, 2.60] | nrs behind |
 | nrs | 2.60 [2.50, 2.70] |  |
+
+Still at an edge of its grid after the extensions: adamw (weight_decay), nrs (nrs.radius).
 """
 
 
@@ -113,6 +115,9 @@ def test_the_summary_reads_each_verdict_from_the_report_and_adds_nothing():
     "| `task_a` | nrs 72.10 [71.10, 73.10] % | sam | sgd | saf "
     "| mesa (MDD 2.10) | yes / no, sharper; tau -0.02 |",
     "| `task_b` | nrs 2.60 [2.50, 2.70] bits/char | none | none | adamw | none |  |",
+    "",
+    "Chosen values still at an edge of their grid after the extensions (the best may lie "
+    "beyond): `task_b`: adamw (weight_decay), nrs (nrs.radius).",
   ]
   assert tables.study_section("task_c", REPORT) is None
   assert "no task has finished" in tables.study_summary("# The evidence study\n").lower()
