@@ -329,26 +329,26 @@ def machines_line(rows, t) -> str:
 
 
 def plot(tests: dict, costs: dict, path: str) -> None:
-  """One panel per task: each method's median test value with its interquartile range against
-  its step cost; methods in a legend (no labels on the points), one colour each throughout."""
+  """One panel per task: each method's median test value and interquartile range against its
+  step cost; a legend, not labels, names them (a colour and marker each; the subjects black)."""
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
   names = list(dict.fromkeys([*study.IMAGE, *study.TRANSFORMER, *study.SEMI]))
-  color = {m: plt.get_cmap("tab20")(i) for i, m in enumerate(names)}
+  style = {m: dict(c=plt.get_cmap("tab20")(i), marker="os^D"[i % 4]) for i, m in enumerate(names)}
+  style.update(nrs=dict(c="k", marker="*"), nrs_unlabeled=dict(c="k", marker="P"))  # subjects
   ncol, nrow, leg = min(3, len(tests)), -(-len(tests) // 3), 0.25 * -(-len(names) // 7) + 0.2
   fig, axes = plt.subplots(nrow, ncol, figsize=(5 * ncol, 3.8 * nrow + leg), squeeze=False)
-  for ax in axes.flat[len(tests) :]:
-    ax.axis("off")
+  [ax.axis("off") for ax in axes.flat[len(tests) :]]
   for ax, (t, test) in zip(axes.flat, tests.items()):
     scale = 1 if study.TASKS[t].metric == "bits_per_char" else 100
     for m, xs in test.items():
       q1, med, q3 = np.percentile(np.asarray(xs) * scale, [25, 50, 75])
-      ax.errorbar([costs[t][m]], [med], [[med - q1], [q3 - med]], fmt="o", capsize=3, c=color[m])
+      ax.errorbar([costs[t][m]], [med], [[med - q1], [q3 - med]], ls="", capsize=3, **style[m])
     ax.set(title=t, xlabel="step time / base method's", ylabel=UNITS[study.TASKS[t].metric])
-  handles = [plt.Line2D([], [], marker="o", ls="", c=color[m]) for m in names]
+  handles = [plt.Line2D([], [], ls="", **style[m]) for m in names]
   fig.legend(handles, names, loc="lower center", ncol=min(len(names), 7), fontsize=8)
   fig.suptitle("median and interquartile range over the final seeds", fontsize=9)
   fig.tight_layout(rect=(0, leg / (3.8 * nrow + leg), 1, 0.97))  # (the legend's inches free)

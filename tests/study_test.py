@@ -221,6 +221,13 @@ def test_the_plot_shows_medians_and_quartiles_so_a_diverged_seed_does_not_stretc
   assert not ax.texts  # no labels on the points: the legend names the methods
   legend = [t.get_text() for t in drawn[0].legends[0].get_texts()]
   assert len(legend) == len(set(legend)) and {"sgd", "nrs"} <= set(legend)
+  looks = [
+    (h.get_marker(), matplotlib.colors.to_rgba(h.get_color()))
+    for h in drawn[0].legends[0].legend_handles
+  ]
+  assert len(looks) == len(legend) and len(set(looks)) == len(looks)  # no two methods alike
+  nrs = looks[legend.index("nrs")]  # the subject stands out: black, a marker of its own
+  assert nrs[1] == (0, 0, 0, 1) and [m for m, _ in looks].count(nrs[0]) == 1
   assert (tmp_path / "p.png").stat().st_size > 1000
 
 
