@@ -216,10 +216,8 @@ def task_section(rows, t, quick) -> tuple[list, dict, dict, dict]:
   lines += _cost_lines(fin, list(task.methods), seeds, task.methods[0]) + [""]
   # the variants against full NRS: the table's own verdicts (one Holm family per task)
   variants = [m for m in study.NRS_FAMILY[1:] if m in task.methods and ref == "nrs"]
-  costs = {m: fin[m][seeds[0]]["step_cost"] for m in variants}
-  cheap = {
-    m: (costs[m] <= CHEAP_COST and cmp[m][6] == "tie", costs[m], cmp[m][6]) for m in variants
-  }
+  cheap = {m: (fin[m][seeds[0]]["step_cost"], cmp[m][6]) for m in variants}
+  cheap = {m: (c <= CHEAP_COST and v == "tie", c, v) for m, (c, v) in cheap.items()}
   goal = f"goal: step cost <= {CHEAP_COST} x and a tie at {TIE[task.metric]}"
   said = "; ".join(f"{m} step {c:.2f}, {v}" for m, (_, c, v) in cheap.items())
   lines += [f"Cheaper NRS variants against full NRS ({goal}): {said}.", ""] if variants else []
@@ -341,7 +339,8 @@ def plot(tests: dict, costs: dict, path: str) -> None:
   style.update(nrs=dict(c="k", marker="*"), nrs_unlabeled=dict(c="k", marker="P"))  # subjects
   ncol, nrow, leg = min(3, len(tests)), -(-len(tests) // 3), 0.25 * -(-len(names) // 7) + 0.2
   fig, axes = plt.subplots(nrow, ncol, figsize=(5 * ncol, 3.8 * nrow + leg), squeeze=False)
-  [ax.axis("off") for ax in axes.flat[len(tests) :]]
+  for ax in axes.flat[len(tests) :]:
+    ax.axis("off")
   for ax, (t, test) in zip(axes.flat, tests.items()):
     scale = 1 if study.TASKS[t].metric == "bits_per_char" else 100
     for m, xs in test.items():
