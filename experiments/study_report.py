@@ -188,6 +188,7 @@ def task_section(rows, t, quick) -> tuple[list, dict, dict, dict]:
   task = study.TASKS[t]
   seeds = study.final_seeds(task, quick)
   fin = {m: _finals(rows, t, m) for m in task.methods}
+  costs = {m: fin[m][seeds[0]]["step_cost"] for m in task.methods}
   test = {m: [fin[m][s]["test"] for s in seeds] for m in task.methods}
   f, ci = _fmt(task.metric)
   ref = task.subject
@@ -199,7 +200,7 @@ def task_section(rows, t, quick) -> tuple[list, dict, dict, dict]:
     edges += [f"{m} ({p.split(' ')[0]})" for p in pos.split(", ") if "edge" in p]
     r0 = fin[m][seeds[0]]
     div = sum(fin[m][s]["diverged"] for s in seeds)
-    row = [m, f"{r0['passes']:.2f}", f"{r0['step_cost']:.2f}", json.dumps(setting, sort_keys=True)]
+    row = [m, f"{r0['passes']:.2f}", f"{costs[m]:.2f}", json.dumps(setting, sort_keys=True)]
     row += [pos, str(n), ci(ci95(test[m])), str(div)]
     if m == ref:
       row += ["", "", ""]
@@ -217,7 +218,6 @@ def task_section(rows, t, quick) -> tuple[list, dict, dict, dict]:
   lines += _cost_lines(fin, list(task.methods), seeds, task.methods[0]) + [""]
   # the variants against full NRS: the table's own verdicts (one Holm family per task)
   variants = [m for m in study.NRS_FAMILY[1:] if m in task.methods and ref == "nrs"]
-  costs = {m: fin[m][seeds[0]]["step_cost"] for m in task.methods}
   cheap = {m: costs[m] <= CHEAP_COST and cmp[m][6] == "tie" for m in variants}
   goal = f"goal: step cost <= {CHEAP_COST} x and a tie at {TIE[task.metric]}"
   said = "; ".join(f"{m} step {costs[m]:.2f}, {cmp[m][6]}" for m in variants)
