@@ -26,6 +26,7 @@ COMPAT_TESTS = [
   "tests/equinox_test.py",
   "tests/flatness_test.py",
   "tests/integrations_test.py",
+  "tests/models_test.py",
   "tests/neighbors_test.py",
   "tests/optax_common_test.py",
   "tests/options_test.py",

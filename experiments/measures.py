@@ -83,5 +83,7 @@ def measure(apply, params, batch_stats, train, test, key, **overrides) -> dict:
       values = fn()
     except (FloatingPointError, ValueError, ArithmeticError):
       values = (math.nan,) * len(names)
-    out.update({k: float(v) if math.isfinite(float(v)) else math.nan for k, v in zip(names, values)})  # fmt: skip
+    out.update(
+      {k: float(v) if math.isfinite(float(v)) else math.nan for k, v in zip(names, values)}
+    )
   return out

@@ -268,7 +268,9 @@ def _nrs_unlabeled(apply_fn, config):
 
 
 def _per_example_unit(v):
-  return v / jnp.maximum(jnp.sqrt(jnp.sum(v * v, axis=tuple(range(1, v.ndim)), keepdims=True)), 1e-12)  # fmt: skip
+  return v / jnp.maximum(
+    jnp.sqrt(jnp.sum(v * v, axis=tuple(range(1, v.ndim)), keepdims=True)), 1e-12
+  )
 
 
 def vat_perturbation(logits_fn, x, target_logits, key, xi: float, eps: float):

@@ -181,9 +181,12 @@ class _WideBlock(nnx.Module):
     self.bn2 = nnx.BatchNorm(cout, momentum=0.9, rngs=rngs)
     self.conv2 = nnx.Conv(cout, cout, (3, 3), padding=1, use_bias=False, rngs=rngs)
     self.dropout = nnx.Dropout(dropout) if dropout else None
-    self.proj = None
-    if stride != 1 or cin != cout:
-      self.proj = nnx.Conv(cin, cout, (1, 1), strides=stride, use_bias=False, rngs=rngs)
+    # One assignment: under Flax >= 0.12.x an attribute first set to None is static, and a
+    # later Conv assigned to it is refused ("wrap the value with nnx.data").
+    project = stride != 1 or cin != cout
+    self.proj = (
+      nnx.Conv(cin, cout, (1, 1), strides=stride, use_bias=False, rngs=rngs) if project else None
+    )
 
   def __call__(self, x, ura, key):
     o = jax.nn.relu(self.bn1(x, use_running_average=ura))

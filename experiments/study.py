@@ -448,8 +448,7 @@ def main(argv):
       lock.release()
     if FLAGS.train_only:
       return
-  declared = FLAGS.tasks if FLAGS.tasks else None
-  study_report.write(study.rows, tasks, FLAGS.report, FLAGS.quick, declared=declared)
+  study_report.write(study.rows, tasks, FLAGS.report, FLAGS.quick)
   print(open(FLAGS.report).read())
 
 

@@ -112,7 +112,9 @@ def check(rows: dict, tasks: list, quick: bool) -> None:
   for r in rows.values():
     names = study.task_of(r["task"]).methods if r["task"] in (*study.TASKS, "pilot") else ()
     if r["method"] not in (*names, *(study.ABLATIONS if r["task"] == study.ABLATION_TASK else ())):
-      raise ValueError(f"records: task {r['task']!r} with method {r['method']!r} is not in the study's lists.")  # fmt: skip
+      raise ValueError(
+        f"records: task {r['task']!r} with method {r['method']!r} is not in the study's lists."
+      )
   for t in tasks:
     task = study.TASKS[t]
     need = {m: study.final_seeds(task, quick) for m in task.methods}
@@ -356,8 +358,9 @@ def plot(tests: dict, costs: dict, path: str) -> None:
   plt.close(fig)
 
 
-def write(rows: dict, tasks: list, path: str, quick: bool = False, declared=None) -> None:
-  """The report of ``tasks`` (``declared``: the --tasks list its header names, if any)."""
+def write(rows: dict, tasks: list, path: str, quick: bool = False) -> None:
+  """The report of ``tasks``; its header names them (not the command's spelling), so the
+  report reproduces whichever way the same tasks were asked for."""
   tasks = [t for t in tasks if t != "pilot"]
   check(rows, tasks, quick)
   used = [r for r in rows.values() if r["task"] in (*tasks, "pilot")]  # others may be running
@@ -366,14 +369,13 @@ def write(rows: dict, tasks: list, path: str, quick: bool = False, declared=None
     setting, pos, n = chosen(rows, "pilot", m)
     best[m] = study.score(rows, "pilot", m, setting)  # the runner's pilot_family rule
     pilot.append([m, json.dumps(setting, sort_keys=True), pos, str(n), f"{100 * best[m]:.2f}"])
-  flag = f" --tasks={','.join(declared)}" if declared else ""
   hours = sum(r["seconds"] for r in used) / 3600
   lines = [
     "# The evidence study",
     "",
-    f"Written by `python -m experiments.study --report_only{flag}` from "
-    f"`experiments/results/study_runs.csv` ({len(used)} runs of these tasks and the pilot, "
-    f"{hours:.1f} CPU hours); do not edit.",
+    "Written by `python -m experiments.study --report_only` (`--tasks=` a subset) from "
+    f"`experiments/results/study_runs.csv` for the tasks {', '.join(f'`{t}`' for t in tasks)} "
+    f"({len(used)} runs of these tasks and the pilot, {hours:.1f} CPU hours); do not edit.",
     "",
     PROTOCOL,
     "",

@@ -303,6 +303,7 @@ def train_and_evaluate(config, workdir: str, finish=None) -> dict[str, Any]:
   if bar is not None:
     bar.close()
   rec = {**run.finish(state, total_steps, start), "cpu_seconds_before_resume": run.cpu_offset}
+  rec["resumed_from_step"] = start
   return {**rec, **(finish(model, state, ds) if finish else {})}
 
 
@@ -312,34 +313,50 @@ SUMMARY_KEYS = {
   "train_loss": "train_loss",
   "hessian_top_eigenvalue": "hessian/lambda_max",
   "hessian_trace": "hessian/trace",
-  "wall_seconds": "wall_seconds",
 }
 
 
 def compare(config, workdir: str) -> dict[str, dict[str, float]]:
-  """Trains each of ``config.compare_methods`` and writes a table, summary.json and plots."""
+  """Trains each of ``config.compare_methods`` (one seed each) and writes a table,
+  summary.json and plots; a method already trained in ``workdir`` is read back, and says so."""
   parallel.initialize_distributed(config)  # once, before the first run
+  lead = parallel.is_lead()
+  if lead:
+    print(
+      f"One seed (seed {config.seed}) of each method on {config.dataset} with the "
+      f"{config.model} model: a single run each, not a verdict. The study compares them over "
+      "paired seeds with tests: python -m experiments.study, experiments/RESULTS_STUDY.md.",
+      flush=True,
+    )
   summary = {}
   for method in config.compare_methods:
     cfg = config.copy_and_resolve_references()
     with cfg.unlocked():
       cfg.method = method
-    rec = train_and_evaluate(cfg, os.path.join(workdir, method))
+    run_dir = os.path.join(workdir, method)
+    rec = train_and_evaluate(cfg, run_dir)
     summary[method] = {k: float(rec.get(src, float("nan"))) for k, src in SUMMARY_KEYS.items()}
-    if parallel.is_lead():
-      print(f"{method}: test accuracy {summary[method]['test_accuracy']:.4f}", flush=True)
-  if parallel.is_lead():
+    if lead:
+      how = f"resumed from {run_dir} at step {rec['resumed_from_step']}"
+      how = how if rec["resumed_from_step"] else f"trained in {run_dir}"
+      print(f"{method}: test accuracy {summary[method]['test_accuracy']:.4f} ({how})", flush=True)
+  if lead:
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump(summary, f, indent=2)
     print(format_table(summary))
     from experiments import plots
 
     plots.plot_runs(workdir, list(config.compare_methods))
+    wrote = ", ".join(os.path.join(workdir, f) for f in PLOTS_AND_SUMMARY)
+    print(f"Wrote {wrote}; per method <method>/metrics.jsonl, checkpoints/, final_state.npz.")
   return summary
+
+
+PLOTS_AND_SUMMARY = ("summary.json", "accuracy.png", "hessian.png")
 
 
 def format_table(summary: dict[str, dict[str, float]]) -> str:
   cols = ["test_accuracy", "val_accuracy", "train_loss", "hessian_top_eigenvalue", "hessian_trace"]
   fmt = lambda c, v: f"{v:.4f}" if "accuracy" in c or c == "train_loss" else f"{v:.3g}"
-  rows = [[m, *(fmt(c, r[c]) for c in [*cols, "wall_seconds"])] for m, r in summary.items()]
-  return markdown_table(["method", *cols, "wall_seconds"], rows)
+  rows = [[m, *(fmt(c, r[c]) for c in cols)] for m, r in summary.items()]
+  return markdown_table(["method", *cols], rows)

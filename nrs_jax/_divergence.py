@@ -107,6 +107,17 @@ def get_divergence(divergence: str | DivergenceFn) -> DivergenceFn:
   )
 
 
+def independent_labels(divergence: DivergenceFn) -> DivergenceFn:
+  """``divergence`` for ``[..., L]`` logits read as L independent binary labels: the sum over
+  labels of each one's Bernoulli divergence (for the KL forms, that of their joint law).
+
+  >>> p, q = jnp.array([[1.0, -2.0]]), jnp.array([[0.5, 0.0]])
+  >>> bool(independent_labels(kl)(p, q)[0] == kl(p[:, :1], q[:, :1])[0] + kl(p[:, 1:], q[:, 1:])[0])
+  True
+  """
+  return lambda center, neighbor: jnp.sum(divergence(center[..., None], neighbor[..., None]), -1)
+
+
 def output_divergence(
   center_logits: jax.Array, neighbor_logits: jax.Array, divergence: str | DivergenceFn = "kl"
 ) -> jax.Array:

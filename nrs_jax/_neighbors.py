@@ -101,7 +101,8 @@ def _takes_two_args(fn: Callable) -> bool:
 
 
 def resolve_mask(params: Any, mask: Any) -> list:
-  """optax's mask convention, as bools per leaf of ``params`` (flatten order)."""
+  """optax's mask convention, per leaf of ``params`` (flatten order): a bool, or a numpy
+  bool array of the leaf's shape where a mask leaf selects some of its elements only."""
   if mask is None:
     return [True] * len(jax.tree_util.tree_leaves(params))
   what, tree = "mask", mask
@@ -116,12 +117,27 @@ def resolve_mask(params: Any, mask: Any) -> list:
     what, tree = "the pytree returned by the callable mask", mask(params)
   full = _options.broadcast_prefix(tree, params, what)
   _options.check_mask_leaves(full, what)
-  return [bool(m) for m in full]
+  return [_leaf_mask(m, x, what) for m, x in zip(full, jax.tree_util.tree_leaves(params))]
+
+
+def _leaf_mask(m: Any, x: Any, what: str) -> bool | np.ndarray:
+  """A mask leaf as a bool, or (some elements selected) a bool array of ``x``'s shape."""
+  if not jnp.ndim(m):
+    return bool(m)
+  try:
+    m = np.broadcast_to(np.asarray(m), jnp.shape(x))
+  except ValueError:
+    raise ValueError(
+      f"{what} has a bool array of shape {np.shape(m)} for a leaf of shape {jnp.shape(x)}: "
+      "a per-element mask must broadcast to its leaf's shape."
+    ) from None
+  return bool(m.all()) if m.all() or not m.any() else m
 
 
 def perturbed_leaf_mask(params: Any, mask: Any = None) -> list[bool]:
-  """Per leaf of ``params`` (flatten order), whether NRS acts on it: a float leaf ``mask``
-  selects; a ValueError if there is none or the mask does not fit."""
+  """Per leaf of ``params`` (flatten order), whether NRS acts on it (on some of its elements,
+  for a per-element mask): a float leaf ``mask`` selects; a ValueError if there is none or the
+  mask does not fit."""
   leaves = jax.tree_util.tree_leaves(params)
   floats = [is_float(leaf) for leaf in leaves]
   if not any(floats):
@@ -130,7 +146,7 @@ def perturbed_leaf_mask(params: Any, mask: Any = None) -> list[bool]:
       "trainable float parameters (got leaf dtypes "
       f"{sorted({str(getattr(leaf, 'dtype', type(leaf))) for leaf in leaves})})."
     )
-  selected = [m and f for m, f in zip(resolve_mask(params, mask), floats)]
+  selected = [m is not False and f for m, f in zip(resolve_mask(params, mask), floats)]
   if not any(selected):
     raise ValueError(
       "mask selects no floating-point leaf of params: nothing would be perturbed. "
@@ -235,6 +251,7 @@ class Sampler:
     _options.check_choice("scale", scale, _options.SCALES)
     self.treedef = jax.tree_util.tree_structure(params)
     self.selected = perturbed_leaf_mask(params, mask)
+    self.elements = [m if isinstance(m, np.ndarray) else None for m in resolve_mask(params, mask)]
     self.radii = _options.broadcast_prefix(radius, params, "radius", "scalars")
     self.scalar_radius = jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(radius))
     self.moving = [s and not _options.is_static_zero(r) for s, r in zip(self.selected, self.radii)]
@@ -242,6 +259,13 @@ class Sampler:
       self.moving = self.selected
     leaves = jax.tree_util.tree_leaves(params)
     self.sizes = [int(x.size) if m else 0 for x, m in zip(leaves, self.moving)]
+    # Per-element masks: the draw is zero off the selected elements (before a ball's norm).
+    self.keep = None
+    if any(e is not None for e, m in zip(self.elements, self.moving) if m):
+      parts = [
+        np.ones(n, bool) if e is None else e.ravel() for e, n in zip(self.elements, self.sizes)
+      ]
+      self.keep = np.concatenate([p for p, n in zip(parts, self.sizes) if n])
     # The draw's dtype: float32, or float64 where a perturbed leaf is (under x64): a float32
     # draw would carry float32 rounding into float64 results (and differ by an ulp between
     # programs: XLA compiles the normal's erf_inv differently inside a scan body).
@@ -254,6 +278,8 @@ class Sampler:
     n, total, dtype = keys.shape[0], sum(self.sizes), self.dtype
     key_dir, key_len = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)
     v = standard_normal(key_dir, total, fused, dtype)
+    if self.keep is not None:
+      v, total = v * self.keep.astype(dtype), int(self.keep.sum())
     length: Any = 1.0
     if self.noise != "gaussian":
       norm = jnp.sqrt(jnp.sum(jnp.square(v), axis=1, keepdims=True))

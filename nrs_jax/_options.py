@@ -138,6 +138,7 @@ class NRSOptions:
   aggregation: str = "mean"
   mask: Any = None
   stop_gradient_center: bool = False
+  multilabel: bool = False
   strategy: str = "auto"
   neighbor_chunk_size: int | None = None
 
@@ -147,8 +148,9 @@ class NRSOptions:
     check_choice("scale", self.scale, SCALES)
     _divergence.get_divergence(self.divergence)
     check_choice("aggregation", self.aggregation, AGGREGATIONS)
-    if not isinstance(self.stop_gradient_center, (bool, np.bool_)):
-      raise ValueError(f"stop_gradient_center={self.stop_gradient_center!r} must be a Python bool.")
+    for flag in ("stop_gradient_center", "multilabel"):
+      if not isinstance(getattr(self, flag), (bool, np.bool_)):
+        raise ValueError(f"{flag}={getattr(self, flag)!r} must be a Python bool.")
     if self.mask is not None and not is_function(self.mask):
       check_mask_leaves(self.mask)  # the structure is checked against params later
     strategy, chunk = self.strategy, self.neighbor_chunk_size

@@ -16,24 +16,28 @@ from nrs_jax import _options
 from nrs_jax import _strategies
 
 
-def _check_logits(logits: Any, what: str) -> jax.Array:
+def _check_logits(logits: Any, what: str, source: str = "logits_fn") -> jax.Array:
+  """``logits`` if they are float ``[..., C]``; else a ValueError naming ``source``, the
+  function the user wrote (``logits_fn``, or ``make_nrs_loss``'s ``apply_fn``)."""
   if isinstance(logits, (tuple, list, dict)):
     raise ValueError(
-      f"logits_fn must return the logits alone, an array [..., num_classes]; {what} got a "
+      f"{source} must return the logits alone, an array [..., num_classes]; {what} got a "
       f"{type(logits).__name__} of {len(logits)} items (logits and a model state, as from "
-      "Equinox or Linen's mutable=?). Return the logits alone: lambda p: f(p)[0]."
+      "Equinox or Linen's mutable=?). Return the logits alone: lambda p: f(p)[0]"
+      + (", or pass has_aux=True to make_nrs_loss." if source == "apply_fn" else ".")
     )
   if not _neighbors.is_float(logits) or jnp.ndim(logits) == 0:
     raise ValueError(
-      f"logits_fn must return floating-point logits of shape [..., num_classes], not a scalar"
+      f"{source} must return floating-point logits of shape [..., num_classes], not a scalar"
       f" (a loss function?); {what} got {getattr(logits, 'dtype', type(logits).__name__)}"
       f" {getattr(logits, 'shape', '')}."
     )
   if jnp.ndim(logits) == 1:
     raise ValueError(
-      f"logits_fn returned logits of shape {tuple(logits.shape)} for {what}, read as one "
-      f"distribution over {logits.shape[0]} classes. For one binary logit per example return "
-      "[B, 1] (logits[:, None]); for one example's C classes return [1, C] (logits[None])."
+      f"{source} returned 1-d logits of shape {tuple(logits.shape)} for {what}, which could "
+      "be one example's classes or one binary logit per example, so they are refused. For "
+      "one binary logit per example return [B, 1] (logits[:, None]); for one example's "
+      "classes (a function vmapped over examples) return [1, C] (logits[None])."
     )
   return logits
 
@@ -51,6 +55,7 @@ def nrs_penalty(
   aggregation: str = "mean",
   mask: Any = None,
   stop_gradient_center: bool = False,
+  multilabel: bool = False,
   strategy: str = "auto",
   neighbor_chunk_size: int | None = None,
   center_logits: jax.Array | None = None,
@@ -86,8 +91,10 @@ def nrs_penalty(
     mask: the leaves NRS perturbs and gives the penalty gradient, as in
       ``optax.masked``: ``None`` (every float leaf), a pytree of bools (or a
       prefix), or a function ``params ->`` one (when all its leaves are
-      callable). With a differentiable centre it is recomputed on them.
+      callable); a static numpy bool array for a leaf selects its elements.
     stop_gradient_center: treat the centre's outputs as a fixed target.
+    multilabel: read ``[..., L]`` logits as L independent sigmoid outputs (the sum
+      over labels of each one's Bernoulli divergence), not one softmax.
     strategy: ``"auto"``, ``"loop"``, ``"vmap"`` or ``"chunked"`` (chunks of
       ``neighbor_chunk_size``, default 1, one alive at a time): the same derivatives.
     neighbor_chunk_size: divides K; with ``"auto"`` it means ``"chunked"``.
@@ -122,17 +129,8 @@ def nrs_penalty(
   """
   _options.check_nonnegative("radius", radius, tree=True)
   opts = _options.NRSOptions.of(locals())
-  return penalty(
-    opts,
-    logits_fn,
-    params,
-    key,
-    radius,
-    per_replica_neighbors,
-    center_logits=center_logits,
-    where=where,
-    axis_name=axis_name,
-  )
+  kw: dict[str, Any] = dict(center_logits=center_logits, where=where, axis_name=axis_name)
+  return penalty(opts, logits_fn, params, key, radius, per_replica_neighbors, **kw)
 
 
 def penalty(
@@ -146,8 +144,10 @@ def penalty(
   center_logits: jax.Array | None = None,
   where: jax.Array | None = None,
   axis_name: str | None = None,
+  source: str = "logits_fn",
 ) -> jax.Array:
-  """:func:`nrs_penalty` with validated options (every entry point calls this)."""
+  """:func:`nrs_penalty` with validated options (every entry point calls this); ``source``
+  names the user's function in errors."""
   if per_replica_neighbors and axis_name is None:
     raise ValueError("per_replica_neighbors=True needs axis_name, the mapped axis.")
   # The perturbations are constants, the radius included (it stays out of custom rules).
@@ -156,15 +156,15 @@ def penalty(
     params, radius=radius, noise=options.noise, scale=options.scale, mask=options.mask
   )
   leaves, treedef = jax.tree_util.tree_flatten(params)
-  left_out = [not s and _neighbors.is_float(x) for x, s in zip(leaves, sampler.selected)]
-  if any(left_out):  # the mask's other leaves get no penalty gradient, through any pass
-    leaves = [jax.lax.stop_gradient(x) if o else x for x, o in zip(leaves, left_out)]
-    params = jax.tree_util.tree_unflatten(treedef, leaves)
+  masks = zip(leaves, sampler.selected, sampler.elements)
+  held = [_held_constant(x, s, e) for x, s, e in masks]
+  if any(h is not x for h, x in zip(held, leaves)):  # no penalty gradient off the mask
+    params = jax.tree_util.tree_unflatten(treedef, held)
     if not options.stop_gradient_center:
       center_logits = None  # given logits would carry the gradient to every leaf
   if center_logits is None:
     center_logits = logits_fn(params)
-  center = _check_logits(center_logits, "the centre")
+  center = _check_logits(center_logits, "the centre", source)
   weights = _position_weights(where, center.shape[:-1], axis_name)
   if options.stop_gradient_center:
     center = jax.lax.stop_gradient(center)
@@ -175,12 +175,14 @@ def penalty(
   if per_replica_neighbors:
     key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
   div_fn = _divergence.get_divergence(options.divergence)
+  if options.multilabel:
+    div_fn = _divergence.independent_labels(div_fn)
 
   def one_at(p, c, deltas):
-    z = _check_logits(logits_fn(_neighbors.apply_perturbation(p, deltas)), "a neighbour")
+    z = _check_logits(logits_fn(_neighbors.apply_perturbation(p, deltas)), "a neighbour", source)
     if z.shape != c.shape:
       raise ValueError(
-        f"logits_fn returned shape {z.shape} for a neighbour but {c.shape} for "
+        f"{source} returned shape {z.shape} for a neighbour but {c.shape} for "
         "the centre (or center_logits); they must match."
       )
     d = div_fn(c, z)
@@ -207,6 +209,14 @@ def penalty(
   if not all(_options.is_static_number(r) for r in radii):  # a traced radius may be 0 everywhere
     value = jnp.where(jnp.all(jnp.stack([jnp.asarray(r) == 0 for r in radii])), 0.0, value)
   return value
+
+
+def _held_constant(x: Any, selected: bool, elements: Any) -> Any:
+  """``x`` with no penalty gradient where the mask leaves it out (all of it, or the
+  elements a per-element mask does not select)."""
+  if elements is not None:
+    return jnp.where(elements, x, jax.lax.stop_gradient(x))
+  return jax.lax.stop_gradient(x) if not selected and _neighbors.is_float(x) else x
 
 
 def _position_weights(where, leading_shape, axis_name):
@@ -279,6 +289,7 @@ def make_nrs_loss(
   aggregation: str = "mean",
   mask: Any = None,
   stop_gradient_center: bool = False,
+  multilabel: bool = False,
   strategy: str = "auto",
   neighbor_chunk_size: int | None = None,
   where_fn: Callable[[Any], jax.Array] | None = None,
@@ -293,7 +304,7 @@ def make_nrs_loss(
       ``has_aux=True`` (e.g. new BatchNorm statistics, from the centre only).
     task_loss_fn: ``(logits, batch) -> scalar``.
     alpha: weight of the penalty, >= 0 (0: exactly the task loss).
-    radius, num_neighbors, noise, scale, divergence, aggregation, mask, stop_gradient_center, strategy, neighbor_chunk_size: see :func:`nrs_penalty`.
+    radius, num_neighbors, noise, scale, divergence, aggregation, mask, stop_gradient_center, multilabel, strategy, neighbor_chunk_size: see :func:`nrs_penalty`.
     where_fn: ``batch -> where`` (see :func:`nrs_penalty`).
     neighbor_batch_size: ``m`` dividing the batch size ``B``: the penalty on the
       :func:`strided_subset` of ``m`` examples, ``1 + (K + 1) m / B`` passes.
@@ -356,7 +367,16 @@ def make_nrs_loss(
         center = strided_subset(logits, m) if reuse_center_logits else None
       where = None if where_fn is None else where_fn(pen_batch)
       pen_logits = lambda p: logits_of(_apply_to_penalty_batch(apply_fn, p, pen_batch, own))
-      value = penalty(options, pen_logits, params, key, radius, center_logits=center, where=where)
+      value = penalty(
+        options,
+        pen_logits,
+        params,
+        key,
+        radius,
+        center_logits=center,
+        where=where,
+        source="apply_fn",
+      )
       total = task + alpha * value
     aux = {"task_loss": task, "nrs_penalty": value, "logits": logits}
     if has_aux:
@@ -386,14 +406,15 @@ def _check_penalty_batch(penalty_batch: Any, batch: Any, reuse_center_logits: bo
 
 
 def _apply_to_penalty_batch(apply_fn: Callable, params: Any, pen_batch: Any, own: bool) -> Any:
-  """``apply_fn(params, pen_batch)``; a failure on a separate ``penalty_batch`` names it."""
-  if not own:
-    return apply_fn(params, pen_batch)
+  """``apply_fn(params, pen_batch)``; an error on a separate ``penalty_batch`` reaches the
+  caller as itself, with a note that names ``penalty_batch``."""
   try:
     return apply_fn(params, pen_batch)
-  except (TypeError, ValueError, LookupError) as e:  # a shape, a missing key or index
-    shapes = jax.tree_util.tree_map(jnp.shape, pen_batch)
-    raise ValueError(
-      f"apply_fn failed on penalty_batch (shapes {shapes}), the inputs the NRS penalty reads "
-      f"instead of batch: they must be inputs the model takes, as batch's are. ({e})"
-    ) from e
+  except Exception as e:
+    if own:
+      shapes = jax.tree_util.tree_map(jnp.shape, pen_batch)
+      e.add_note(
+        f"nrs_jax: apply_fn failed on penalty_batch (shapes {shapes}), the inputs the NRS "
+        "penalty reads instead of batch: they must be inputs the model takes, as batch's are."
+      )
+    raise

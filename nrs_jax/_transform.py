@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
+import warnings
 from collections.abc import Callable
 from typing import Any
 from typing import NamedTuple
@@ -38,14 +40,26 @@ def _check_update(params: Any, logits_fn: Any, center_logits: Any, options: Any)
   if logits_fn is None:
     raise ValueError(
       "add_nrs_gradient needs logits_fn, params -> logits closing over the batch: tx.update("
-      "grads, state, params, logits_fn=lambda p: model.apply(p, x)) (nnx: optimizer.update("
-      "model, grads, logits_fn=...))."
+      "grads, state, params, logits_fn=lambda p: model.apply(p, x)); Flax NNX: optimizer."
+      "update(model, grads, logits_fn=...); Linen: nrs_jax.integrations.linen.NRSTrainState"
+      "'s state.apply_gradients(grads=grads, logits_fn=...) (Linen's own TrainState cannot "
+      "pass it)."
     )
   if center_logits is not None and not options.stop_gradient_center:
     raise ValueError(
       "center_logits needs stop_gradient_center=True: a differentiable centre needs its own "
       "backward pass. Set stop_gradient_center=True, or drop center_logits (recomputed)."
     )
+
+
+def _inside_multisteps() -> bool:
+  """Whether an ``optax.MultiSteps`` update is on the call stack (read at trace time)."""
+  frame: Any = sys._getframe(1)
+  while frame and not (
+    "optax" in frame.f_code.co_filename and "MultiSteps." in frame.f_code.co_qualname
+  ):
+    frame = frame.f_back
+  return frame is not None
 
 
 def _add_selected(updates, grads, selected, a, axis_name):
@@ -89,6 +103,7 @@ def add_nrs_gradient(
   aggregation: str = "mean",
   mask: Any = None,
   stop_gradient_center: bool = False,
+  multilabel: bool = False,
   strategy: str = "auto",
   neighbor_chunk_size: int | None = None,
   resample_every: int = 1,
@@ -108,9 +123,10 @@ def add_nrs_gradient(
     radius: as in :func:`nrs_penalty`, or a schedule (checked at step 0).
     num_neighbors: K, a static int (``static_args`` of ``inject_hyperparams``).
     key: an int seed or a PRNG key; a 0-d integer array counts as a seed.
-    noise, scale, divergence, aggregation, mask, stop_gradient_center, strategy, neighbor_chunk_size, axis_name, per_replica_neighbors: see :func:`nrs_penalty`; with ``axis_name``, pass the task gradients already ``pmean``-ed.
-    resample_every: new neighbours every this many updates (static); with
-      ``optax.MultiSteps`` over k micro-batches, chain outside it with k.
+    noise, scale, divergence, aggregation, mask, stop_gradient_center, multilabel, strategy, neighbor_chunk_size, axis_name, per_replica_neighbors: see :func:`nrs_penalty`; with ``axis_name``, pass the task gradients already ``pmean``-ed.
+    resample_every: new neighbours every this many updates (static). For gradient
+      accumulation over k micro-batches chain it *outside* ``optax.MultiSteps`` with
+      ``resample_every=k`` (inside, it warns: the penalty would be the last micro-batch's).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state :class:`NRSState`.
@@ -156,33 +172,31 @@ def add_nrs_gradient(
   ):
     del extra_args
     _check_update(params, logits_fn, center_logits, options)
+    if _inside_multisteps():
+      warnings.warn(
+        "add_nrs_gradient runs inside optax.MultiSteps: its penalty gradient then comes from the "
+        "last micro-batch's logits_fn alone. For the accumulated batch's, chain it outside with "
+        "new neighbours every k micro-batches: optax.chain(nrs_jax.add_nrs_gradient(alpha, "
+        "radius, resample_every=k), optax.MultiSteps(opt, k).gradient_transformation()).",
+        stacklevel=2,
+      )
     count = optax.safe_int32_increment(state.count)
     if alpha_is_zero:
       return updates, NRSState(count=count, key=state.key, penalty=jnp.zeros([], jnp.float32))
     base = jax.random.wrap_key_data(state.key, impl=impl)
     step_key = jax.random.fold_in(base, state.count // resample_every)
     a = alpha(state.count) if callable(alpha) else alpha
-    selected = _neighbors.perturbed_leaf_mask(params, options.mask)
-    # A callable mask is called once per update: the penalty gets the bools it resolved to.
+    # A callable mask is called once per update: the penalty gets what it resolved to.
     opts = options
     if options.mask is not None and _options.is_function(options.mask):
+      resolved = _neighbors.resolve_mask(params, options.mask)
       treedef = jax.tree_util.tree_structure(params)
-      opts = dataclasses.replace(options, mask=jax.tree_util.tree_unflatten(treedef, selected))
-    r, per_replica = radius_at(state.count), per_replica_neighbors
-
-    def penalty(p):
-      return _penalty.penalty(
-        opts,
-        logits_fn,
-        p,
-        step_key,
-        r,
-        per_replica,
-        center_logits=center_logits,
-        where=where,
-        axis_name=axis_name,
-      )
-
+      opts = dataclasses.replace(options, mask=jax.tree_util.tree_unflatten(treedef, resolved))
+    selected = _neighbors.perturbed_leaf_mask(params, opts.mask)
+    r, kw = radius_at(state.count), {"center_logits": center_logits, "where": where}
+    penalty = lambda p: _penalty.penalty(
+      opts, logits_fn, p, step_key, r, per_replica_neighbors, axis_name=axis_name, **kw
+    )
     value, grads = jax.value_and_grad(penalty, allow_int=True)(params)
     updates = _add_selected(updates, grads, selected, a, axis_name)
     logged = jnp.where(a == 0, 0.0, value).astype(jnp.float32)

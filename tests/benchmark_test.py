@@ -30,7 +30,11 @@ def test_both_entry_points_share_one_row_list():
   cpu = {s[0]: s for s in benchmark.row_specs("mlp", [1, 8], 128, False)}
   acc = {s[0]: s for s in benchmark.row_specs("resnet18", [1, 4], 256, True)}
   assert {"nrs_k8_loop", "nrs_k8_vmap", "nrs_k8_chunked", "nrs_k8_chunked2"} <= set(cpu)
-  assert cpu["nrs_k8_chunked2"][3] == {"num_neighbors": 8, "strategy": "chunked", "neighbor_chunk_size": 2}  # fmt: skip
+  assert cpu["nrs_k8_chunked2"][3] == {
+    "num_neighbors": 8,
+    "strategy": "chunked",
+    "neighbor_chunk_size": 2,
+  }
   assert cpu["nrs_k1_sub4_reuse"][3]["neighbor_batch_size"] == 32 and "sam_optax_opaque" not in cpu
   assert {"sam_optax_opaque", "nrs_k4_chunked2", "sgd_f32", "nrs_k1_sub4"} <= set(acc)
   assert acc["sgd"][1] == "bfloat16" and acc["sgd_f32"][1] == "float32"
@@ -44,14 +48,19 @@ def test_summary_and_table_from_synthetic_timings():
   rows = {
     "sgd": {"seconds": 1.0, "compile_seconds": 2.0, "temp_bytes": 2**20, "dtype": "float32"},
     "sam": {"seconds": 2.0, "compile_seconds": 3.0, "temp_bytes": 2**20, "dtype": "float32"},
-    "nrs_k2_auto": {"seconds": 3.3, "compile_seconds": 5.0, "temp_bytes": 2**21, "dtype": "float32"},
+    "nrs_k2_auto": {
+      "seconds": 3.3,
+      "compile_seconds": 5.0,
+      "temp_bytes": 2**21,
+      "dtype": "float32",
+    },
     "nrs_k2_loop": {"seconds": 3.0, "compile_seconds": 5.0, "temp_bytes": 2**21},
     "nrs_k2_vmap": {"seconds": 4.0, "compile_seconds": 5.0, "temp_bytes": 2**21},
     "nrs_k1_sub4": {"seconds": 1.8, "compile_seconds": 5.0, "temp_bytes": 2**21},
     "nrs_k2_transform_sg": {"seconds": 2.2, "compile_seconds": 5.0, "temp_bytes": 2**21},
     "nrs_k2_fused_sg": {"seconds": 2.0, "compile_seconds": 5.0, "temp_bytes": 2**21},
     "nrs_k1_sub4_reuse": {"error": "XlaRuntimeError: out of memory"},
-  }  # fmt: skip
+  }
   checks = benchmark.summarize(rows, [2])
   assert rows["nrs_k2_auto"]["vs_sam"] == 1.65 and rows["sam"]["vs_sgd"] == 2.0
   assert checks["default_k2_vs_floor"] == pytest.approx(3.3 / 3.0)
@@ -65,7 +74,9 @@ def test_summary_and_table_from_synthetic_timings():
 
 @pytest.mark.slow  # a minute on 2 cores: make test-slow
 def test_accelerator_entry_point_runs_on_cpu_with_tiny_shapes(tmp_path):
-  result = benchmark.main(["--accelerator", "--models=tiny", "--ks=1,2", "--repeats=1", f"--out={tmp_path}"])  # fmt: skip
+  result = benchmark.main(
+    ["--accelerator", "--models=tiny", "--ks=1,2", "--repeats=1", f"--out={tmp_path}"]
+  )
   (out,) = list(tmp_path.glob("benchmark_gpu_*.json"))
   assert json.loads(out.read_text())["machine"]["device"] == result["machine"]["device"]
   m = result["models"]["tiny"]

@@ -5,7 +5,9 @@ import tempfile
 
 # One XLA compilation cache for the run's processes (both xdist workers and the tests'
 # subprocesses): many tests compile the same small programs. Set before JAX reads it.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "nrs_jax_tests_xla"))  # fmt: skip
+os.environ.setdefault(
+  "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "nrs_jax_tests_xla")
+)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import jax  # noqa: E402

@@ -194,3 +194,79 @@ def test_not_an_equinox_module_is_a_clear_error():
     logits_fn_for(lambda x: x, jnp.ones((2, 3)))
   with pytest.raises(ValueError, match="takes an Equinox model"):
     flatness_inputs({"w": jnp.ones(2)}, lambda m, b: 0.0)
+
+
+class _KeylessMLP(eqx.Module):
+  """Common Equinox style: ``__call__(self, x)``, no ``key`` argument at all."""
+
+  lin: eqx.nn.Linear
+
+  def __init__(self, key):
+    self.lin = eqx.nn.Linear(3, 4, key=key)
+
+  def __call__(self, x):
+    return self.lin(x)
+
+
+class _KeylessWithState(eqx.Module):
+  """``__call__(self, x, state)``, BatchNorm, no ``key``."""
+
+  lin: eqx.nn.Linear
+  bn: eqx.nn.BatchNorm
+
+  def __init__(self, key, axis_name="batch"):
+    self.lin = eqx.nn.Linear(3, 4, key=key)
+    self.bn = eqx.nn.BatchNorm(4, axis_name=axis_name, mode="batch")
+
+  def __call__(self, x, state):
+    return self.bn(self.lin(x), state)
+
+
+class _KeyedMLP(_KeylessMLP):
+  def __call__(self, x, *, key=None):
+    return self.lin(x) + (0.0 if key is None else jax.random.normal(key, (4,)))
+
+
+@pytest.mark.parametrize(
+  "make, with_state, with_key",
+  [
+    (_KeylessMLP, False, False),
+    (_KeyedMLP, False, False),
+    (_KeyedMLP, False, True),
+    (_KeylessWithState, True, False),
+    (CNN, True, True),
+  ],
+)
+def test_keyless_and_key_taking_modules_with_and_without_state(make, with_state, with_key):
+  model = make(jax.random.key(0))
+  x = jax.random.normal(jax.random.key(1), (8, 1, 6, 6) if make is CNN else (8, 3))
+  state = eqx.nn.State(model) if with_state else None
+  key = jax.random.key(2) if with_key else None
+  logits_fn = logits_fn_for(model, x, state=state, key=key)
+  params = eqx.filter(model, eqx.is_inexact_array)
+  # The centre is the user's own vmapped call, written out.
+  keys = None if key is None else jax.random.split(key, 8)
+  k_axis = None if keys is None else 0
+  if state is None:
+    f = (lambda xi, ki: model(xi)) if key is None else (lambda xi, ki: model(xi, key=ki))
+    want = jax.vmap(f, in_axes=(0, k_axis), axis_name="batch")(x, keys)
+  else:
+    f = (
+      (lambda xi, st, ki: model(xi, st))
+      if key is None
+      else (lambda xi, st, ki: model(xi, st, key=ki))
+    )
+    run = jax.vmap(f, in_axes=(0, None, k_axis), out_axes=(0, None), axis_name="batch")
+    want = run(x, eqx.nn.State(model), keys)[0]
+  np.testing.assert_allclose(np.asarray(logits_fn(params)), np.asarray(want), rtol=1e-6)
+  pen = jax.jit(lambda p: nrs_jax.nrs_penalty(logits_fn, p, jax.random.key(3), radius=0.1))
+  assert float(pen(params)) > 0
+
+
+def test_an_unbound_batchnorm_axis_name_carries_a_note_naming_axis_name():
+  model = _KeylessWithState(jax.random.key(0), axis_name="examples")
+  state = eqx.nn.State(model)
+  logits_fn = logits_fn_for(model, jnp.ones((4, 3)), state=state)
+  with pytest.raises(NameError) as info:
+    logits_fn(eqx.filter(model, eqx.is_inexact_array))
+  assert "axis_name=" in "".join(getattr(info.value, "__notes__", []))

@@ -214,3 +214,45 @@ def test_perturbations_neighbor_is_deprecated_and_still_right():
     one = p.neighbor(2)
   for a, d in zip(one, p.deltas):
     np.testing.assert_array_equal(a, d[2])
+
+
+def test_per_element_mask_moves_only_the_selected_elements():
+  """A bool-array mask leaf selects elements: the draw is zero elsewhere; a sphere's length
+  is exactly r over the selected elements, a Gaussian keeps its scale on them."""
+  params = {"w": jnp.zeros((300, 40)), "b": jnp.zeros(40)}
+  sel = np.zeros((300, 40), bool)
+  sel[:, :20] = True  # half the columns
+  mask = {"w": sel, "b": False}
+  d = _sample(params, mask=mask, radius=0.3, num_neighbors=2)
+  w = np.asarray(d["w"])
+  assert np.all(w[:, ~sel] == 0) and np.all(np.asarray(d["b"]) == 0)
+  assert abs(w[:, sel].std() / 0.3 - 1) < 0.03
+  s = _sample(params, mask=mask, radius=0.3, num_neighbors=3, noise="sphere")
+  np.testing.assert_allclose(np.sqrt((np.asarray(s["w"]) ** 2).sum((1, 2))), 0.3, rtol=1e-5)
+  ball = _sample(params, mask=mask, radius=0.3, num_neighbors=200, noise="ball")
+  norms = np.sqrt((np.asarray(ball["w"]) ** 2).sum((1, 2)))
+  # Uniform in the ball of dimension n = 6000 selected elements: P(|v| <= r t) = t^n.
+  n = int(sel.sum())
+  assert stats.kstest((norms / 0.3) ** n, "uniform").pvalue > 1e-3
+  # A mask array broadcast from a prefix shape, and an all-True array, read like bools.
+  rows = _sample(params, mask={"w": np.arange(40) < 10, "b": np.ones(40, bool)})
+  assert np.all(np.asarray(rows["w"])[..., 10:] == 0) and np.all(np.asarray(rows["b"]) != 0)
+
+
+def test_per_element_mask_errors_name_the_fix():
+  params = {"w": jnp.zeros((3, 4))}
+  with pytest.raises(ValueError, match=r"shape \(3,\) for a leaf of shape \(3, 4\)"):
+    nrs_jax.sample_perturbations(params, 0, radius=0.1, mask={"w": np.ones(3, bool)})
+  with pytest.raises(ValueError, match="mask must hold Python bools"):
+    jax.jit(lambda m: nrs_jax.sample_perturbations(params, 0, radius=0.1, mask={"w": m}))(
+      np.ones((3, 4), bool)
+    )
+  # The flatness toolkit's masks select whole leaves.
+  with pytest.raises(ValueError, match="selects whole leaves"):
+    nrs_jax.flatness.hessian_trace(
+      lambda p, b: jnp.sum(p["w"] ** 2),
+      params,
+      jnp.zeros(2),
+      jax.random.key(0),
+      mask={"w": np.eye(3, 4, dtype=bool)},
+    )

@@ -156,8 +156,9 @@ def test_dtype_state_and_gradient_accumulation(strategy, chunk, dtype):
   ms = optax.MultiSteps(tx, every_k_schedule=4)
   ms_update = jax.jit(lambda g, s, p: ms.update(g, s, p, logits_fn=_logits))
   ms_state = ms.init(params)
-  for _ in range(4):
-    updates, ms_state = ms_update(grads, ms_state, params)
+  with pytest.warns(UserWarning, match="inside optax.MultiSteps"):
+    for _ in range(4):
+      updates, ms_state = ms_update(grads, ms_state, params)
   want, _ = tx.update(grads, tx.init(params), params, logits_fn=_logits)
   assert_trees_f32_close(updates, want, rtol=1e-5)
   assert float(jnp.abs(want).max()) > 0

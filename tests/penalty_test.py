@@ -280,7 +280,7 @@ def test_a_logits_fn_that_returns_a_tuple_or_a_vector_is_a_clear_error(tiny, jit
       r"logits_fn must return the logits alone.*tuple of 2",
     ),
     (lambda p: [mlp_apply(p, x)], r"logits_fn must return the logits alone.*list of 1"),
-    (lambda p: mlp_apply(p, x)[:, 0], r"shape \(16,\).*one distribution over 16 classes.*\[B, 1\]"),
+    (lambda p: mlp_apply(p, x)[:, 0], r"1-d logits of shape \(16,\).*refused.*\[B, 1\]"),
   ]
   for fn, match in cases:
     pen = lambda p, fn=fn: nrs_jax.nrs_penalty(fn, p, KEY, radius=0.1)
@@ -403,11 +403,15 @@ def test_auto_on_a_conv_net_with_eight_neighbours_runs_chunks_of_one():
   params = {"k": jax.random.normal(jax.random.key(1), (3, 1, 2)) * 0.5}
 
   def logits_fn(p):
-    h = jax.lax.conv_general_dilated(x, p["k"], (1,), "SAME", dimension_numbers=("NWC", "WIO", "NWC"))  # fmt: skip
+    h = jax.lax.conv_general_dilated(
+      x, p["k"], (1,), "SAME", dimension_numbers=("NWC", "WIO", "NWC")
+    )
     return h.reshape(4, -1)[:, :5]
 
   pen = lambda p, s: nrs_jax.nrs_penalty(logits_fn, p, KEY, radius=0.1, num_neighbors=8, strategy=s)
-  got, want = (jax.jit(jax.value_and_grad(lambda p, s=s: pen(p, s)))(params) for s in ("auto", "loop"))  # fmt: skip
+  got, want = (
+    jax.jit(jax.value_and_grad(lambda p, s=s: pen(p, s)))(params) for s in ("auto", "loop")
+  )
   _assert_trees_close(got, want, rtol=1e-5)
 
 
@@ -529,7 +533,9 @@ def test_where_masks_padding_positions_against_numpy(strategy):
   assert_trees_f32_close(grad(strategy), grad("loop"))
   # Padding does not count: garbage logits there change nothing.
   noisy = lambda p: jnp.where(jnp.asarray(where)[..., None], logits_fn(p), 1e4 * x[..., :3])
-  again = jax.jit(lambda p: nrs_jax.nrs_penalty(noisy, p, KEY, radius=0.3, num_neighbors=2, where=where))  # fmt: skip
+  again = jax.jit(
+    lambda p: nrs_jax.nrs_penalty(noisy, p, KEY, radius=0.3, num_neighbors=2, where=where)
+  )
   np.testing.assert_allclose(again(params), got, rtol=1e-5)
   # A [batch, 1] mask broadcasts over the tokens (numpy rules); all-true equals no mask.
   pen = jax.jit(lambda p, w: nrs_jax.nrs_penalty(logits_fn, p, KEY, radius=0.3, where=w))
@@ -589,7 +595,9 @@ def test_sub_batch_penalty_is_nrs_penalty_over_the_strided_subset():
   batch = {"x": x, "y": jnp.arange(16) % 3, "key": jax.random.key(4)}
   apply_fn = lambda p, b: mlp_apply(p, b["x"])
   sub = x[::4]  # rows 0, 4, 8, 12
-  pen_sub = jax.jit(lambda p: nrs_jax.nrs_penalty(lambda q: mlp_apply(q, sub), p, KEY, radius=0.3, num_neighbors=2))  # fmt: skip
+  pen_sub = jax.jit(
+    lambda p: nrs_jax.nrs_penalty(lambda q: mlp_apply(q, sub), p, KEY, radius=0.3, num_neighbors=2)
+  )
   want = pen_sub(params)
   ref = jax.jit(jax.grad(lambda p: _xent(mlp_apply(p, x), batch) + 0.5 * pen_sub(p)))(params)
   for reuse in (False, True):  # per-example deterministic model: both centres agree
@@ -771,7 +779,9 @@ def test_penalty_batch_is_task_on_batch_plus_penalty_on_unlabeled_inputs():
   kw = dict(alpha=0.5, radius=0.3, has_aux=True)
   loss = nrs_jax.make_nrs_loss(apply_fn, _xent, num_neighbors=2, **kw)
   sub = nrs_jax.make_nrs_loss(apply_fn, _xent, neighbor_batch_size=4, **kw)
-  pen = lambda p, z, k=2: nrs_jax.nrs_penalty(lambda q: mlp_apply(q, z), p, KEY, radius=0.3, num_neighbors=k)  # fmt: skip
+  pen = lambda p, z, k=2: nrs_jax.nrs_penalty(
+    lambda q: mlp_apply(q, z), p, KEY, radius=0.3, num_neighbors=k
+  )
 
   @jax.jit
   def run(params):
@@ -800,9 +810,20 @@ def test_penalty_batch_errors_name_it():
   loss = nrs_jax.make_nrs_loss(lambda p, b: mlp_apply(p, b["x"]), _xent, alpha=1.0, radius=0.1)
   with pytest.raises(ValueError, match=r"penalty_batch\['x'\] has shape \(4, 6\)"):
     jax.jit(loss)(params, batch, KEY, {"x": jnp.ones((4, 6))})
-  # A batch of another structure: apply_fn's failure names penalty_batch.
-  with pytest.raises(ValueError, match="apply_fn failed on penalty_batch"):
+  # A batch of another structure: apply_fn's own error (a KeyError) reaches the user as
+  # itself, with a note that names penalty_batch.
+  with pytest.raises(KeyError, match="'x'") as info:
     loss(params, batch, KEY, {"inputs": jnp.ones((4, 6))})
+  assert "apply_fn failed on penalty_batch" in "".join(info.value.__notes__)
+
+  # A model bug on the task batch is the model's error, no note (nothing about penalty_batch).
+  def buggy(p, b):
+    raise TypeError("a bug in the model")
+
+  bad = nrs_jax.make_nrs_loss(buggy, _xent, alpha=1.0, radius=0.1)
+  with pytest.raises(TypeError, match="a bug in the model") as info:
+    bad(params, batch, KEY, {"x": jnp.ones((4, 5))})
+  assert "penalty_batch" not in "".join(getattr(info.value, "__notes__", []))
   reuse = nrs_jax.make_nrs_loss(
     lambda p, b: mlp_apply(p, b["x"]),
     _xent,
@@ -813,3 +834,87 @@ def test_penalty_batch_errors_name_it():
   )
   with pytest.raises(ValueError, match="penalty_batch needs reuse_center_logits=False"):
     reuse(params, batch, KEY, {"x": jnp.ones((4, 5))})
+
+
+def test_per_element_mask_gradient_only_on_the_selected_elements():
+  """Against a written-out reference: the selected elements as the only free variables."""
+  params = mlp_init(jax.random.key(0))
+  x = jax.random.normal(jax.random.key(1), (16, 5))
+  sel = np.asarray(jax.random.bernoulli(jax.random.key(2), 0.5, params["layer0"]["w"].shape))
+  mask = jax.tree_util.tree_map(lambda _: False, params)
+  mask["layer0"]["w"] = sel
+  pen = lambda p: nrs_jax.nrs_penalty(lambda q: mlp_apply(q, x), p, KEY, radius=0.3, mask=mask)
+  value, grads = jax.jit(jax.value_and_grad(pen))(params)
+  # Reference: the same draw (the deltas zero off sel), the gradient of the penalty in the
+  # selected elements alone (the rest of params held as constants).
+  perts = nrs_jax.sample_perturbations(params, KEY, radius=0.3, mask=mask).as_tree(params)
+  assert np.all(np.asarray(perts["layer0"]["w"])[:, ~sel] == 0)
+  assert np.any(np.asarray(perts["layer0"]["w"])[:, sel] != 0)
+  w0 = params["layer0"]["w"]
+
+  def ref(free):
+    w = jnp.asarray(w0).at[sel].set(free)
+    p = {**params, "layer0": {**params["layer0"], "w": w}}
+    q = jax.tree_util.tree_map(lambda a, d: a + d[0], p, perts)
+    return jnp.mean(nrs_jax.kl(mlp_apply(p, x), mlp_apply(q, x)))
+
+  want_value, want_free = jax.value_and_grad(ref)(jnp.asarray(w0)[sel])
+  np.testing.assert_allclose(value, want_value, rtol=1e-5)
+  g = np.asarray(grads["layer0"]["w"])
+  assert np.all(g[~sel] == 0)
+  np.testing.assert_allclose(g[sel], want_free, rtol=1e-4, atol=1e-7)
+  others = [grads["layer0"]["b"], grads["layer1"]["w"], grads["layer1"]["b"]]
+  assert all(np.all(np.asarray(o) == 0) for o in others)
+
+
+@pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "symmetric_kl"])
+def test_multilabel_reads_independent_bernoullis(divergence):
+  """multilabel=True against a written-out per-label Bernoulli divergence (numpy, float64);
+  the default still reads one softmax over the last axis."""
+  params = mlp_init(jax.random.key(0), sizes=(5, 8, 4))
+  x = jax.random.normal(jax.random.key(1), (16, 5))
+  fn = lambda p: mlp_apply(p, x)
+  got = nrs_jax.nrs_penalty(fn, params, KEY, radius=0.3, divergence=divergence, multilabel=True)
+  perts = nrs_jax.sample_perturbations(params, KEY, radius=0.3).as_tree(params)
+  z0 = np.asarray(fn(params), np.float64)
+  z1 = np.asarray(fn(jax.tree_util.tree_map(lambda a, d: a + d[0], params, perts)), np.float64)
+  p, q = special.expit(z0), special.expit(z1)
+  kl_pq = special.rel_entr(p, q) + special.rel_entr(1 - p, 1 - q)
+  kl_qp = special.rel_entr(q, p) + special.rel_entr(1 - q, 1 - p)
+  per_label = {"kl": kl_pq, "reverse_kl": kl_qp, "symmetric_kl": (kl_pq + kl_qp) / 2}[divergence]
+  np.testing.assert_allclose(float(got), per_label.sum(-1).mean(), rtol=1e-4)
+  softmax = nrs_jax.nrs_penalty(fn, params, KEY, radius=0.3, divergence=divergence)
+  want_softmax = np_divergence(divergence, z0, z1).mean()
+  np.testing.assert_allclose(float(softmax), want_softmax, rtol=1e-4)
+  with pytest.raises(ValueError, match="multilabel='yes' must be a Python bool"):
+    nrs_jax.add_nrs_gradient(1.0, 0.1, multilabel="yes")
+
+
+def test_one_d_logits_message_names_the_users_function_and_no_class_count():
+  params = {"w": jnp.ones((3,))}
+  x = jnp.ones((1, 3))
+  with pytest.raises(ValueError) as info:
+    nrs_jax.nrs_penalty(lambda p: x @ p["w"], params, KEY, radius=0.1)
+  msg = str(info.value)
+  assert msg.startswith("logits_fn returned 1-d logits of shape (1,)")
+  assert "read as one distribution" not in msg and "1 classes" not in msg
+  assert "logits[None]" in msg and "logits[:, None]" in msg
+  loss = nrs_jax.make_nrs_loss(
+    lambda p, b: b["x"] @ p["w"], lambda z, b: jnp.sum(z), alpha=1.0, radius=0.1
+  )
+  with pytest.raises(ValueError, match=r"^apply_fn returned 1-d logits"):
+    loss(params, {"x": jnp.ones((4, 3))}, KEY)
+
+
+def test_per_example_route_vmaps_the_penalty_over_examples():
+  """One example's logits [C] as [1, C]: the penalty vmapped over examples, with the same
+  neighbours for each, averages to the batch penalty."""
+  params = mlp_init(jax.random.key(0))
+  x = jax.random.normal(jax.random.key(1), (8, 5))
+  one = lambda xi, p: mlp_apply(p, xi[None])  # [1, C]
+  per_example = jax.vmap(
+    lambda xi: nrs_jax.nrs_penalty(lambda p: one(xi, p), params, KEY, radius=0.2)
+  )(x)
+  batch = nrs_jax.nrs_penalty(lambda p: mlp_apply(p, x), params, KEY, radius=0.2)
+  assert per_example.shape == (8,)
+  np.testing.assert_allclose(float(per_example.mean()), float(batch), rtol=1e-5)

@@ -12,10 +12,15 @@ def test_plot_runs_draws_every_run_and_skips_missing_ones(tmp_path):
   for name, acc in (("sgd", 0.6), ("nrs", 0.7)):
     (tmp_path / name).mkdir()
     rows = [
-      {"epoch": e, "train_accuracy": acc + 0.02 * e, "test_accuracy": acc + 0.01 * e,
-       "train_loss": 1.0 / (e + 1), **({"hessian/lambda_max": 10.0 / (e + 1)} if e % 2 else {})}
+      {
+        "epoch": e,
+        "train_accuracy": acc + 0.02 * e,
+        "test_accuracy": acc + 0.01 * e,
+        "train_loss": 1.0 / (e + 1),
+        **({"hessian/lambda_max": 10.0 / (e + 1)} if e % 2 else {}),
+      }
       for e in range(1, 6)
-    ]  # fmt: skip
+    ]
     (tmp_path / name / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
   paths = plots.plot_runs(str(tmp_path), ["sgd", "nrs", "missing"])
   assert [p.rsplit("/", 1)[1] for p in paths] == ["accuracy.png", "hessian.png"]

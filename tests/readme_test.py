@@ -127,3 +127,23 @@ def test_the_summary_reads_each_verdict_from_the_report_and_adds_nothing():
     f"{tables.END}\nrest\n"
   )
   assert "old table" not in new and tables.readme_with_summary(new, REPORT) == new
+
+
+def test_the_install_line_names_extras_that_exist_and_no_doc_names_an_unpublished_package():
+  """The README's line for one's own environment installs from a clone with real extras;
+  no page tells a user to `pip install nrs-jax`, a name no index publishes."""
+  import tomllib
+
+  with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+    extras = set(tomllib.load(f)["project"]["optional-dependencies"])
+  lines = re.findall(r'pip install (?:-e )?"\.\[([a-z,]+)\]"', _readme())
+  assert lines, 'the README shows pip install ".[extras]" from a clone'
+  for names in lines:
+    assert set(names.split(",")) <= extras, (names, extras)
+  pages = [os.path.join(ROOT, "README.md")]
+  for top in ("docs", "nrs_jax", "experiments"):
+    for folder, _, files in os.walk(os.path.join(ROOT, top)):
+      pages += [os.path.join(folder, n) for n in files if n.endswith((".md", ".py"))]
+  for page in pages:
+    with open(page, encoding="utf-8") as f:
+      assert not re.search(r"pip install ['\"]?nrs[-_]jax", f.read()), page

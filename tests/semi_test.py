@@ -77,7 +77,10 @@ def test_unlabeled_batches_are_a_function_of_the_step_and_split_over_processes()
   assert len({r.tobytes() for r in epoch}) == 32 * n  # no row twice within an epoch
 
 
-@pytest.mark.parametrize("method,zero", [("nrs_unlabeled", {"radius": 0.0}), ("vat", {"eps": 0.0}), ("pi_model", {"noise": 0.0})])  # fmt: skip
+@pytest.mark.parametrize(
+  "method,zero",
+  [("nrs_unlabeled", {"radius": 0.0}), ("vat", {"eps": 0.0}), ("pi_model", {"noise": 0.0})],
+)
 def test_at_zero_strength_each_consistency_method_is_sgd_on_the_labelled_rows(method, zero):
   want = _step("sgd")
   got = _step(method, **zero)
@@ -153,7 +156,9 @@ def _digits_config(method, **kw):
   config = default.get_config()
   with config.unlocked():
     config.update(dataset="digits", method=method, progress=False, num_steps=8, batch_size=16)
-    config.update({"labeled_fraction": 0.2, "unlabeled_batch_size": 32, "eval_every_epochs": 1, **kw})  # fmt: skip
+    config.update(
+      {"labeled_fraction": 0.2, "unlabeled_batch_size": 32, "eval_every_epochs": 1, **kw}
+    )
     config.model_kwargs = dict(hidden=(16,))
     config.hessian.num_iters = 0
   return config
@@ -175,7 +180,9 @@ def test_no_method_reads_the_labels_of_the_unlabeled_examples(tmp_path, monkeypa
   def load(config, garbage):
     ds = real(config)
     y = np.random.default_rng(9).integers(-5, 50, len(ds.unlabeled.y)).astype(np.int32)
-    return dataclasses.replace(ds, unlabeled=input_pipeline.Split(ds.unlabeled.x, y)) if garbage else ds  # fmt: skip
+    return (
+      dataclasses.replace(ds, unlabeled=input_pipeline.Split(ds.unlabeled.x, y)) if garbage else ds
+    )
 
   config = _digits_config("nrs_unlabeled")
   clean, dirty = load(config, False), load(config, True)

@@ -250,7 +250,9 @@ def test_jvp_and_hessian_of_the_penalty_under_every_strategy():
   tangent = jax.tree_util.tree_map(jnp.ones_like, params)
   flat, unravel = jax.flatten_util.ravel_pytree(params)
   hess = lambda s, c: jax.jit(jax.hessian(lambda v: _pen(logits, unravel(v), s, c, k=2)))(flat)
-  jvp = lambda s, c: jax.jit(lambda p, t: jax.jvp(lambda q: _pen(logits, q, s, c), (p,), (t,)))(params, tangent)  # fmt: skip
+  jvp = lambda s, c: jax.jit(lambda p, t: jax.jvp(lambda q: _pen(logits, q, s, c), (p,), (t,)))(
+    params, tangent
+  )
   ref_jvp = jvp("loop", None)
   ref_hess = hess("loop", None)
   assert float(jnp.abs(ref_hess).max()) > 0

@@ -9,7 +9,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 
 import numpy as np
 import pytest
@@ -321,18 +320,17 @@ def test_a_quick_study_trains_and_reports(tmp_path):
 
 def test_the_committed_report_is_what_the_committed_records_give(tmp_path):
   """Every table is generated from the records: ``experiments/RESULTS_STUDY.md`` regenerates
-  byte for byte from ``experiments/results/study_runs.csv`` (for the tasks its first line
-  declares; ``pilot`` alone while no task has finished), however many runs of other tasks
-  the records already hold."""
+  byte for byte from ``experiments/results/study_runs.csv`` as ``--report_only`` without
+  ``--tasks`` writes it (every declared task), however many runs the records hold."""
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   with open(os.path.join(root, "experiments", "RESULTS_STUDY.md")) as f:
     text = f.read()
-  declared = re.search(r"--report_only(?: --tasks=([\w,]+))?`", text).group(1)
   rows = spec.read_records(os.path.join(root, "experiments", "results", "study_runs.csv"))
   out = tmp_path / "RESULTS_STUDY.md"
-  tasks = declared.split(",") if declared else list(spec.TASKS)
-  study_report.write(rows, tasks, str(out), declared=declared.split(",") if declared else None)
+  study_report.write(rows, list(spec.TASKS), str(out))
   assert out.read_text() == text
+  # The header names the tasks, never a command's spelling of them.
+  assert "--tasks=mnist" not in text.splitlines()[2]
 
 
 def test_the_report_does_not_import_the_runner():
@@ -374,23 +372,6 @@ def test_every_declared_task_and_method_builds_its_config_and_step():
         assert sub == config.batch_size // (4 if m == "nrs_cheap" else 8) and sub >= 1
 
 
-def test_the_harness_stays_within_its_size_budget():
-  """Issue 30's budget: the harness (experiments/*.py, configs excluded) within 3,900 lines,
-  train.py within 400, and no function over 120 lines."""
-  import ast
-  import glob
-
-  root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
-  files = sorted(glob.glob(os.path.join(root, "*.py")))
-  lines = {os.path.basename(f): open(f).read().count("\n") for f in files}
-  assert sum(lines.values()) <= 3900, sum(lines.values())
-  assert lines["train.py"] <= 400
-  for f in files:
-    for node in ast.walk(ast.parse(open(f).read())):
-      if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-        assert node.end_lineno - node.lineno + 1 <= 120, (f, node.name)
-
-
 def test_the_semi_supervised_tasks_pair_nrs_unlabeled_with_every_method(tmp_path, no_timing):
   """sgd tunes the weight decay; the consistency methods tune their strength at it; the report
   pairs nrs_unlabeled - method; their passes count the unlabeled rows (32 + 96 per step)."""
@@ -403,8 +384,13 @@ def test_the_semi_supervised_tasks_pair_nrs_unlabeled_with_every_method(tmp_path
   assert chosen["vat"]["vat.eps"] == 2.0 and chosen["pi_model"]["pi_model.noise"] > 0
   task = spec.TASKS["mnist1d_mlp_semi10"]
   assert {m: spec.method_of(m, "absolute", task).passes for m in spec.SEMI} == {
-    "sgd": 1.0, "sam": 2.0, "nrs": 2.0, "nrs_unlabeled": 8.0, "vat": 12.0, "pi_model": 8.0
-  }  # fmt: skip
+    "sgd": 1.0,
+    "sam": 2.0,
+    "nrs": 2.0,
+    "nrs_unlabeled": 8.0,
+    "vat": 12.0,
+    "pi_model": 8.0,
+  }
   config = study.make_config(task, "vat", chosen["vat"], 100, False, "absolute")
   assert (config.labeled_fraction, config.batch_size, config.unlabeled_batch_size) == (0.1, 32, 96)
   report = tmp_path / "r.md"
@@ -425,10 +411,12 @@ def test_cost_lines_explain_the_gap_only_when_a_fixed_part_fits(noisy):
   work = {"sgd": 1.0, "sam": 1.66, "nrs": 2.25, "sgd_2x": 1.03}  # step costs (sgd_2x: x2 epochs)
   secs = {"sgd": 20.0, "sam": 15.0, "nrs": 14.0, "sgd_2x": 16.0} if noisy else None
   fin = {
-    m: {s: {"step_cost": c, "seconds": secs[m] if noisy else 10 + 10 * c * (1 + (m == "sgd_2x"))}
-        for s in (100, 101)}
+    m: {
+      s: {"step_cost": c, "seconds": secs[m] if noisy else 10 + 10 * c * (1 + (m == "sgd_2x"))}
+      for s in (100, 101)
+    }
     for m, c in work.items()
-  }  # fmt: skip
+  }
   lines = study_report._cost_lines(fin, list(work), [100, 101], "sgd")
   assert lines[0].startswith("Median CPU seconds per final run over sgd's: sgd 1.00")
   if noisy:
@@ -467,8 +455,11 @@ def test_the_cheaper_variants_line_repeats_the_tables_verdicts():
   text = open(os.path.join(root, "experiments", "RESULTS_STUDY.md")).read()
   checked = 0
   for section in text.split("\n## ")[1:]:
-    table = {ln.split(" | ")[0][2:]: ln.split(" | ")[-1] for ln in section.splitlines()
-             if ln.startswith("| ")}  # fmt: skip
+    table = {
+      ln.split(" | ")[0][2:]: ln.split(" | ")[-1]
+      for ln in section.splitlines()
+      if ln.startswith("| ")
+    }
     for ln in section.splitlines():
       if ln.startswith("Cheaper NRS variants against full NRS"):
         for part in ln.split("): ", 1)[1].rstrip(".").split("; "):
@@ -516,7 +507,9 @@ def test_the_flatness_answer_says_when_sharper_solutions_did_better():
     (-0.3, 1e-5, "bits_per_char", "no: the reverse, sharper did better"),
     (-0.06, 0.2, "accuracy", "not shown"),
   ]:
-    text = study_report._flatness_answer({**signs, ("lambda_max", "tau"): (tau, p)}, "sgd", "nrs", metric)  # fmt: skip
+    text = study_report._flatness_answer(
+      {**signs, ("lambda_max", "tau"): (tau, p)}, "sgd", "nrs", metric
+    )
     assert (
       text.startswith("Does nrs find flatter minima") and "than sgd: yes; than sam: yes." in text
     )

@@ -1,5 +1,7 @@
 """add_nrs_gradient: the optax battery, keys, NNX, and learning on a small problem."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -211,7 +213,10 @@ def test_multisteps_accumulates():
   state = tx.init(params)
   grads = jax.grad(loss)(params)
   step = jax.jit(lambda g, s, p: tx.update(g, s, p, logits_fn=logits_fn))
-  u1, state = step(grads, state, params)
+  # Inside, the penalty is the last micro-batch's: a warning at trace time names the
+  # outside-with-resample_every recipe.
+  with pytest.warns(UserWarning, match=r"inside optax.MultiSteps.*resample_every=k"):
+    u1, state = step(grads, state, params)
   assert all(bool(jnp.all(x == 0)) for x in jax.tree_util.tree_leaves(u1))
   g2 = jax.tree_util.tree_map(lambda a: 3.0 * a, grads)
   u2, state = step(g2, state, params)
@@ -367,9 +372,11 @@ def test_gradient_accumulation_outside_multisteps_equals_large_batch():
   )
   state = acc.init(params)
   step = jax.jit(lambda g, s, xb: acc.update(g, s, params, logits_fn=lf(xb)))
-  for i in range(k):
-    xb, yb = x[i * 8 : (i + 1) * 8], y[i * 8 : (i + 1) * 8]
-    u, state = step(jax.grad(loss)(params, xb, yb), state, xb)
+  with warnings.catch_warnings():  # the recipe itself does not warn
+    warnings.simplefilter("error", UserWarning)
+    for i in range(k):
+      xb, yb = x[i * 8 : (i + 1) * 8], y[i * 8 : (i + 1) * 8]
+      u, state = step(jax.grad(loss)(params, xb, yb), state, xb)
   assert_trees_f32_close(
     jax.flatten_util.ravel_pytree(u)[0],
     jax.flatten_util.ravel_pytree(u_big)[0],
@@ -456,3 +463,52 @@ def test_center_logits_with_differentiable_centre_is_an_error():
     tx.update(
       jax.grad(loss)(params), state, params, logits_fn=logits_fn, center_logits=logits_fn(params)
     )
+
+
+def test_callable_mask_of_bool_arrays_updates_only_the_selected_elements():
+  params, logits_fn, loss = _setup()
+  first = jax.tree_util.tree_leaves(params)[0]
+  sel = np.zeros(first.shape, bool)
+  sel.flat[::2] = True
+
+  def mask(p):  # numpy arrays: static per-element masks
+    leaves, treedef = jax.tree_util.tree_flatten(p)
+    return jax.tree_util.tree_unflatten(treedef, [sel] + [False] * (len(leaves) - 1))
+
+  tx = nrs_jax.add_nrs_gradient(ALPHA, RADIUS, mask=mask)
+  zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+  u, _ = jax.jit(lambda s: tx.update(zeros, s, params, logits_fn=logits_fn))(tx.init(params))
+  got = jax.tree_util.tree_leaves(u)
+  assert np.all(np.asarray(got[0])[~sel] == 0) and np.any(np.asarray(got[0])[sel] != 0)
+  assert all(np.all(np.asarray(g) == 0) for g in got[1:])
+
+
+def test_missing_logits_fn_names_every_route():
+  params, _, _ = _setup()
+  tx = nrs_jax.add_nrs_gradient(ALPHA, RADIUS)
+  with pytest.raises(ValueError) as info:
+    tx.update(params, tx.init(params), params)
+  msg = str(info.value)
+  assert "logits_fn=" in msg and "optimizer.update(model, grads, logits_fn" in msg
+  assert "NRSTrainState" in msg and "apply_gradients(grads=grads, logits_fn=" in msg
+
+
+def test_the_penalty_is_read_from_any_optimiser_state_with_tree_get():
+  """optax.tree_utils.tree_get(state, "penalty") finds NRSState.penalty under wrappers."""
+  params, logits_fn, loss = _setup()
+  nrs = nrs_jax.add_nrs_gradient(ALPHA, RADIUS)
+  wrapped = optax.apply_if_finite(
+    optax.chain(
+      optax.inject_hyperparams(nrs_jax.add_nrs_gradient)(alpha=ALPHA, radius=RADIUS),
+      optax.sgd(0.1),
+    ),
+    3,
+  )
+  for tx in (optax.chain(nrs, optax.sgd(0.1)), wrapped):
+    state = tx.init(params)
+    _, state = tx.update(jax.grad(loss)(params), state, params, logits_fn=logits_fn)
+    penalty = optax.tree_utils.tree_get(state, "penalty")
+    want = nrs_jax.nrs_penalty(
+      logits_fn, params, jax.random.fold_in(jax.random.key(0), 0), radius=RADIUS
+    )
+    np.testing.assert_allclose(float(penalty), float(want), rtol=1e-5)

@@ -46,6 +46,11 @@ class FlatView:
   def __init__(self, params: Any, mask: Any = None):
     self.params = params
     self.leaves, self.treedef = jax.tree_util.tree_flatten(params)
+    if any(isinstance(m, np.ndarray) for m in _neighbors.resolve_mask(params, mask)):
+      raise ValueError(
+        "mask selects some elements of a leaf (a bool array); the flatness toolkit's mask "
+        "selects whole leaves: give each leaf one Python bool."
+      )
     self.selected = _neighbors.perturbed_leaf_mask(params, mask)
     sel = [x for x, s in zip(self.leaves, self.selected) if s]
     self.x0, self._unravel = ravel_pytree(sel)

@@ -1,5 +1,6 @@
 """Equinox helpers: a logits function for :func:`nrs_jax.add_nrs_gradient`, and
-flatness inputs for :mod:`nrs_jax.flatness` (needs ``pip install nrs-jax[equinox]``)."""
+flatness inputs for :mod:`nrs_jax.flatness` (needs Equinox: ``pip install ".[equinox]"`` from a
+clone of this repository)."""
 
 from __future__ import annotations
 
@@ -34,7 +35,9 @@ def logits_fn_for(
 
   The model follows Equinox conventions: it maps one example,
   ``model(x_i, key=k_i)``, or ``model(x_i, state, key=k_i) -> (logits, state)``
-  when given a ``state``; the helper vmaps it over the batch under
+  when given a ``state``; with ``key=None`` it is called without ``key``
+  (``model(x_i)``, ``model(x_i, state)``), so key-less modules work as they are.
+  The helper vmaps it over the batch under
   ``axis_name`` (BatchNorm's axis name). ``params`` is what optax sees:
   ``eqx.filter(model, eqx.is_inexact_array)``.
 
@@ -56,7 +59,9 @@ def logits_fn_for(
     ``logits_fn(params) -> logits [batch, ...]``.
 
   Raises:
-    ValueError: if ``model`` is not an ``eqx.Module``.
+    ValueError: if ``model`` is not an ``eqx.Module``. A model's own error reaches
+      you as itself; an unbound axis name (BatchNorm under another ``axis_name``)
+      carries a note naming this function's ``axis_name=``.
 
   .. note::
     Build it before the task pass, from the same ``state`` and ``key``, so the
@@ -88,18 +93,33 @@ def logits_fn_for(
 
   def logits_fn(params):
     m = eqx.combine(params, static)
-    if state is None:
-      return jax.vmap(lambda xi, ki: m(xi, key=ki), axis_name=axis_name)(x, keys)
-    fresh = jax.tree_util.tree_unflatten(state_def, state_leaves)  # a new State per use
-    run = jax.vmap(
-      lambda xi, st, ki: m(xi, st, key=ki),
-      axis_name=axis_name,
-      in_axes=(0, None, 0 if keys is not None else None),
-      out_axes=(0, None),
-    )
-    return run(x, fresh, keys)[0]
+    try:
+      if state is None:
+        return jax.vmap(lambda xi, ki: _call(m, xi, ki), axis_name=axis_name)(x, keys)
+      fresh = jax.tree_util.tree_unflatten(state_def, state_leaves)  # a new State per use
+      run = jax.vmap(
+        lambda xi, st, ki: _call(m, xi, ki, st),
+        axis_name=axis_name,
+        in_axes=(0, None, 0 if keys is not None else None),
+        out_axes=(0, None),
+      )
+      return run(x, fresh, keys)[0]
+    except NameError as e:
+      if "unbound axis name" in str(e):
+        e.add_note(
+          f"nrs_jax.integrations.equinox.logits_fn_for maps the batch under axis_name="
+          f"{axis_name!r}; pass the axis name the model's BatchNorm uses: "
+          "logits_fn_for(model, x, state=state, axis_name=...)."
+        )
+      raise
 
   return logits_fn
+
+
+def _call(m: Any, xi: Any, ki: Any, *state: Any) -> Any:
+  """``m(xi[, state], key=ki)``; without a key, ``m(xi[, state])``, so that a module written
+  ``__call__(self, x)`` (no ``key``) works too."""
+  return m(xi, *state) if ki is None else m(xi, *state, key=ki)
 
 
 def flatness_inputs(
