@@ -33,8 +33,10 @@ import optax
 from flax import nnx
 
 import nrs_jax
-from experiments import methods
+from experiments import losses
 from experiments import models
+from experiments import optimizers
+from experiments import steps
 from experiments import timing
 from experiments.tables import markdown_table
 
@@ -98,7 +100,7 @@ def row_specs(model: str, ks: list, batch_size: int, accelerator: bool) -> list:
 
 def _config(method: str, nrs: dict) -> ml_collections.ConfigDict:
   base = dict(seed=0, learning_rate=0.1, weight_decay=5e-4, momentum=0.9, method=method)
-  config = ml_collections.ConfigDict({**base, **methods.method_defaults()})
+  config = ml_collections.ConfigDict({**base, **steps.method_defaults()})
   config.nrs.update(nrs)
   return config
 
@@ -122,18 +124,18 @@ def _apply_fn(graphdef, rest, dtype):
 
 def _step(method: str, apply, nrs: dict):
   config = _config("sam" if method == "optax_sam" else method, nrs)
-  tx = methods.make_optimizer(config, 1000)
+  tx = optimizers.make_optimizer(config, 1000)
   if method != "optax_sam":
-    return methods.make_step(method, apply, tx, config), tx
+    return steps.make_step(method, apply, tx, config), tx
   # optax.contrib.sam (opaque mode, sync period 2) around the same SGD chain.
   inner = optax.chain(optax.contrib.normalize(), optax.sgd(config.sam.rho))
   tx = optax.contrib.sam(
-    methods.base_optimizer(config, 1000), inner, sync_period=2, opaque_mode=True
+    optimizers.base_optimizer(config, 1000), inner, sync_period=2, opaque_mode=True
   )
 
   def step(params, bs, opt_state, batch, key):
-    (loss, (_, new_bs)), g = methods._grad_at(apply, params, bs, batch, key)
-    grad_fn = lambda p, _: methods._grad_at(apply, p, bs, batch, key)[1]
+    (loss, (_, new_bs)), g = steps.grad_at(apply, params, bs, batch, key)
+    grad_fn = lambda p, _: steps.grad_at(apply, p, bs, batch, key)[1]
     updates, opt_state = tx.update(g, opt_state, params, grad_fn=grad_fn)
     return optax.apply_updates(params, updates), new_bs, opt_state, {"loss": loss}
 
@@ -310,7 +312,7 @@ def bench_hessian(repeats: int = 10) -> dict:
       jnp.asarray(rng.normal(size=(128, *shape)), jnp.float32),
       jnp.asarray(rng.integers(0, 10, 128)),
     )
-    loss = lambda p, b, g=graphdef, r=rest: methods.cross_entropy(
+    loss = lambda p, b, g=graphdef, r=rest: losses.cross_entropy(
       nnx.merge(g, p, r, copy=True)(b[0]), b[1]
     )
     grad = jax.jit(jax.grad(loss))

@@ -104,9 +104,21 @@ def _digits() -> tuple[Split, Split, int]:
 
 # The packages of the running Python's standard library whose sources make the
 # character-level LM corpus (their test suites excluded); read at run time.
-STDLIB_PACKAGES = tuple(
-  "json email http urllib xml concurrent logging importlib collections html wsgiref tomllib "
-  "zoneinfo re".split()
+STDLIB_PACKAGES = (
+  "json",
+  "email",
+  "http",
+  "urllib",
+  "xml",
+  "concurrent",
+  "logging",
+  "importlib",
+  "collections",
+  "html",
+  "wsgiref",
+  "tomllib",
+  "zoneinfo",
+  "re",
 )
 PAD = -1  # label of padding positions in token datasets (masked out of every loss)
 

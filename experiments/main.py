@@ -40,19 +40,23 @@ def configs() -> dict[str, str]:
 
 
 def listing() -> str:
-  from experiments import methods
+  from experiments import steps
 
   lines = ["Configs (experiments/configs/<name>.py):", ""]
   for name, doc in configs().items():
     lines.append(f"{name}:")
     lines += [f"    {line}" if line else "" for line in doc.splitlines()]
     lines.append("")
-  lines += ["Methods (--config.method=<name>; hyperparameters --config.<name>.<key>=<value>):", ""]
-  defaults = methods.method_defaults()
-  for name in methods.METHODS:
-    own = defaults.get(name, defaults.get(name.split("_")[0], {}))  # nrs_unlabeled: nrs.*
-    params = ", ".join(f"{k}={v!r}" for k, v in own.items()) or "-"
-    lines.append(f"  {name:6s} {params}")
+  lines += [
+    "Methods (--config.method=<name>; hyperparameters --config.<section>.<key>=<value>):",
+    "",
+  ]
+  defaults = steps.method_defaults()
+  for name in steps.METHODS:
+    section = steps.CONFIG_SECTION[name]
+    own = defaults[section] if section else {}
+    params = ", ".join(f"{section}.{k}={v!r}" for k, v in own.items()) or "-"
+    lines.append(f"  {name:13s} {params}")
   lines += [
     "",
     "Common fields: --config.num_epochs, --config.batch_size, --config.learning_rate,",

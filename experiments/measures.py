@@ -15,7 +15,7 @@ import numpy as np
 import optax
 
 import nrs_jax
-from experiments import methods
+from experiments import losses
 from nrs_jax import flatness
 
 SETTINGS = dict(examples=1000, batch=1000, lanczos=20, probes=64, rho=0.05, radius=0.05, draws=8)
@@ -52,7 +52,7 @@ def measure(apply, params, batch_stats, train, test, key, **overrides) -> dict:
   batch_stats)`` (the harness's Model.apply); ``train`` and ``test`` are (x, y) splits."""
   s = {**SETTINGS, **overrides}
   logits_fn = jax.jit(lambda p, x: apply(p, batch_stats, x, False, None)[0])
-  loss = lambda p, b: methods.cross_entropy(logits_fn(p, b[0]), b[1])
+  loss = lambda p, b: losses.cross_entropy(logits_fn(p, b[0]), b[1])
   n, bsz = min(s["examples"], len(train[1])), s["batch"]
   fit = [(train[0][i : min(i + bsz, n)], train[1][i : min(i + bsz, n)]) for i in range(0, n, bsz)]
   tests = [(test[0][i : i + 1000], test[1][i : i + 1000]) for i in range(0, len(test[1]), 1000)]

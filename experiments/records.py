@@ -14,9 +14,15 @@ from flax import traverse_util
 from experiments import parallel
 
 # Keys that say how a run is launched, not what it computes: a resume may change them.
-LAUNCH_KEYS = tuple(
-  "distributed coordinator_address num_processes process_id distributed_timeout_s progress "
-  "data_dir compare_methods".split()
+LAUNCH_KEYS = (
+  "distributed",
+  "coordinator_address",
+  "num_processes",
+  "process_id",
+  "distributed_timeout_s",
+  "progress",
+  "data_dir",
+  "compare_methods",
 )
 CONFIG_FILE = "config.json"
 

@@ -295,7 +295,8 @@ class Study:
     """Tunes ``{method: [(key, values), ...]}`` (on top of ``base``, whose values each setting
     records); returns the chosen settings, each axis extended outward (up to
     ``spec.MAX_EXTENSIONS`` times) while its choice sits at an edge."""
-    axes, base = {m: [(k, list(v)) for k, v in ax] for m, ax in axes.items()}, base or {}
+    axes = {m: [(k, list(v)) for k, v in ax] for m, ax in axes.items()}
+    base = base or {}
     grown = {(m, k): 0 for m, ax in axes.items() for k, _ in ax}
     prod = lambda ax: itertools.product(*dict(ax).values())
     while True:
@@ -310,13 +311,13 @@ class Study:
           i = vals.index(chosen[m][k])
           if len(vals) > 1 and i in (0, len(vals) - 1) and grown[m, k] < self.grow_limit:
             r = vals[1] / vals[0]
-            vals.insert(0 if i == 0 else i + 1, spec._tidy(vals[0] / r if i == 0 else vals[i] * r))
+            vals.insert(0 if i == 0 else i + 1, spec.tidy(vals[0] / r if i == 0 else vals[i] * r))
             grown[m, k], more = grown[m, k] + 1, True
       if not more:
         return chosen
 
 
-def _axes(task_name: str, method: str, family: str, quick: bool, lr=None) -> list:
+def tuning_axes(task_name: str, method: str, family: str, quick: bool, lr=None) -> list:
   """A method's tuning axes: the learning rate (``spec.LR_FACTORS`` around ``lr``, the config's where
   None; none for an ablation) and its own strength."""
   task = spec.task_of(task_name)
@@ -328,7 +329,7 @@ def _axes(task_name: str, method: str, family: str, quick: bool, lr=None) -> lis
     return [(m.strength, cut(list(m.grid)))]
   lr = lr or float(make_config(task, "sgd", {}, 0, False).learning_rate)
   return [
-    ("learning_rate", cut([spec._tidy(lr * f) for f in spec.LR_FACTORS])),
+    ("learning_rate", cut([spec.tidy(lr * f) for f in spec.LR_FACTORS])),
     (m.strength, cut(list(m.grid))),
   ]
 
@@ -336,7 +337,7 @@ def _axes(task_name: str, method: str, family: str, quick: bool, lr=None) -> lis
 def pilot_family(study: Study) -> str:
   """NRS's noise family for the whole study: :func:`study_spec.pilot_choice` of the pilot (at
   the config's weight decay, which its settings record)."""
-  axes = {m: _axes("pilot", m, "", study.quick) for m in spec.PILOT.methods}
+  axes = {m: tuning_axes("pilot", m, "", study.quick) for m in spec.PILOT.methods}
   wd = float(make_config(spec.PILOT, "sgd", {}, 0, False).weight_decay)
   chosen = study.tune("pilot", axes, {"weight_decay": wd})
   best = {m: spec.score(study.rows, "pilot", m, chosen[m]) for m in spec.PILOT.methods}
@@ -348,17 +349,17 @@ def tune_task(study: Study, name: str, family: str) -> dict:
   tune learning rate x weight decay; then every other method tunes learning rate x its own
   strength at the first one's weight decay (on the transformers around AdamW's learning
   rate); each ablation then retunes the radius at NRS's chosen learning rate and decay."""
-  task, quick, study.family = spec.TASKS[name], study.quick, family
+  task, quick = spec.TASKS[name], study.quick
+  study.family = family
   first = [m for m in task.methods if m in spec.TUNES_WD]
-  chosen = study.tune(name, {m: _axes(name, m, family, quick) for m in first})
-  wd, lr = chosen[first[0]]["weight_decay"], None
-  if task.methods == spec.TRANSFORMER:
-    lr = chosen[first[0]]["learning_rate"]
-  rest = {m: _axes(name, m, family, quick, lr) for m in task.methods if m not in first}
+  chosen = study.tune(name, {m: tuning_axes(name, m, family, quick) for m in first})
+  wd = chosen[first[0]]["weight_decay"]
+  lr = chosen[first[0]]["learning_rate"] if task.kind == "transformer" else None
+  rest = {m: tuning_axes(name, m, family, quick, lr) for m in task.methods if m not in first}
   chosen.update(study.tune(name, rest, {"weight_decay": wd}))
   if name == spec.ABLATION_TASK:
     base = {k: v for k, v in chosen["nrs"].items() if k != "nrs.radius"}
-    ablations = {a: _axes(name, a, family, quick) for a in spec.ABLATIONS}
+    ablations = {a: tuning_axes(name, a, family, quick) for a in spec.ABLATIONS}
     chosen.update(study.tune(name, ablations, base))
   return chosen
 
@@ -389,7 +390,8 @@ def step_costs(name: str, family: str, chosen: dict, quick: bool, path: str = CO
     return stored[name]
   import jax
 
-  from experiments import methods as harness
+  from experiments import optimizers
+  from experiments import steps
   from experiments import timing
   from experiments import train
 
@@ -398,18 +400,19 @@ def step_costs(name: str, family: str, chosen: dict, quick: bool, path: str = CO
   ds = train.load_data(base)
   b = base.batch_size
   batch = {"x": ds.train.x[:b], "y": ds.train.y[:b], "idx": jax.numpy.arange(b)}
-  if ds.unlabeled is not None:  # (read by the methods in experiments.methods.SEMI only)
+  if ds.unlabeled is not None:  # (read by the methods in experiments.steps.SEMI only)
     batch["u"] = ds.unlabeled.x[: base.unlabeled_batch_size]
   names = [m for m in chosen if m in task.methods or m in spec.ABLATIONS]
-  fns, n = {}, 4 if quick else 32
+  fns = {}
+  n = 4 if quick else 32
   for m in names:
     config = make_config(task, m, chosen[m], 0, quick, family)
     model = train.Model(config, ds)
-    tx = harness.make_optimizer(config, 1000, len(ds.train.y), ds.num_classes)
-    own = jax.jit(harness.make_step(config.method, model.apply, tx, config, steps_per_epoch=10))
-    plain = jax.jit(harness.make_step("sgd", model.apply, tx, config))
-    p = harness.step_probability(config)
-    steps = [own if harness.takes_expensive_step(0, i, p) else plain for i in range(n)]
+    tx = optimizers.make_optimizer(config, 1000, len(ds.train.y), ds.num_classes)
+    own = jax.jit(steps.make_step(config.method, model.apply, tx, config, steps_per_epoch=10))
+    plain = jax.jit(steps.make_step("sgd", model.apply, tx, config))
+    p = steps.step_probability(config)
+    steps = [own if steps.takes_expensive_step(0, i, p) else plain for i in range(n)]
 
     def run_of_steps(params, bs, opt_state, steps=steps):
       for i, step in enumerate(steps):
@@ -435,7 +438,8 @@ def main(argv):
     raise ValueError(f"--tasks: {unknown} not known; choose from {['pilot', *spec.TASKS]}.")
   tasks = [t for t in FLAGS.tasks if t != "pilot"] if FLAGS.tasks else list(spec.TASKS)
   for name in tasks:  # an unknown method or an empty grid fails before anything trains
-    [_axes(name, m, "absolute", False) for m in [*spec.TASKS[name].methods, *spec.ABLATIONS]]
+    for m in [*spec.TASKS[name].methods, *spec.ABLATIONS]:
+      tuning_axes(name, m, "absolute", False)
   # (the report only reads the records: it may run beside a runner)
   lock = None if FLAGS.report_only else RunnerLock(FLAGS.records, FLAGS.workdir)
   study = Study(FLAGS.records, FLAGS.workdir, FLAGS.workers, FLAGS.quick)

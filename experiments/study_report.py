@@ -120,7 +120,7 @@ def check(rows: dict, tasks: list, quick: bool) -> None:
     need = {m: study.final_seeds(task, quick) for m in task.methods}
     if t == study.ABLATION_TASK:
       need.update({a: study.final_seeds(task, quick, ablation=True) for a in study.ABLATIONS})
-    missing = [m for m, seeds in need.items() if set(seeds) - set(_finals(rows, t, m))]
+    missing = [m for m, seeds in need.items() if set(seeds) - set(finals(rows, t, m))]
     if missing:
       raise ValueError(
         f"records lack final runs of task {t!r} for {missing}: run the study, or declare the "
@@ -128,7 +128,7 @@ def check(rows: dict, tasks: list, quick: bool) -> None:
       )
 
 
-def _finals(rows, task, method) -> dict:
+def finals(rows, task, method) -> dict:
   key = (task, method, "final")
   return {r["seed"]: r for r in rows.values() if (r["task"], r["method"], r["phase"]) == key}
 
@@ -156,7 +156,7 @@ def _fmt(metric):
   return f, lambda trio: "{} [{}, {}]".format(*map(f, trio))
 
 
-def _cost_lines(fin, names, seeds, base) -> list:
+def cost_lines(fin, names, seeds, base) -> list:
   """Step cost against the median CPU seconds per final run, each over the base method's;
   where the two differ by more than 15% (after the run's epochs), the fixed part of a run
   (compiling, evaluating, measuring), fitted over the methods, is what the step leaves out;
@@ -189,7 +189,7 @@ def task_section(rows, t, quick) -> tuple[list, dict, dict, dict]:
   step costs."""
   task = study.TASKS[t]
   seeds = study.final_seeds(task, quick)
-  fin = {m: _finals(rows, t, m) for m in task.methods}
+  fin = {m: finals(rows, t, m) for m in task.methods}
   costs = {m: fin[m][seeds[0]]["step_cost"] for m in task.methods}
   test = {m: [fin[m][s]["test"] for s in seeds] for m in task.methods}
   f, ci = _fmt(task.metric)
@@ -217,7 +217,7 @@ def task_section(rows, t, quick) -> tuple[list, dict, dict, dict]:
   lines = [f"## {t}", "", markdown_table(head, body), ""]
   at_edge = ", ".join(edges) or "none"
   lines += [f"Still at an edge of its grid after the extensions: {at_edge}.", ""]
-  lines += _cost_lines(fin, list(task.methods), seeds, task.methods[0]) + [""]
+  lines += cost_lines(fin, list(task.methods), seeds, task.methods[0]) + [""]
   # the variants against full NRS: the table's own verdicts (one Holm family per task)
   variants = [m for m in study.NRS_FAMILY[1:] if m in task.methods and ref == "nrs"]
   cheap = {m: costs[m] <= CHEAP_COST and cmp[m][6] == "tie" for m in variants}
@@ -265,10 +265,10 @@ def measures_section(rows, t, fin, seeds, test) -> list:
   lines += [markdown_table(head, body), ""]
   if failed:
     lines += [f"Measures that failed (NaN, left out of the pair): {'; '.join(failed)}.", ""]
-  return lines + [_flatness_answer(signs, methods[0], ref, study.TASKS[t].metric), ""]
+  return lines + [flatness_answer(signs, methods[0], ref, study.TASKS[t].metric), ""]
 
 
-def _flatness_answer(signs, base: str, ref: str = "nrs", metric: str = "accuracy") -> str:
+def flatness_answer(signs, base: str, ref: str = "nrs", metric: str = "accuracy") -> str:
   """Flatter: lambda_max and the trace both lower than the base method's (SGD or AdamW) and
   SAM's, each at Holm p < 0.05. Flatness predicts the test value where Kendall's tau says
   flatter goes with better (p < 0.05); a significant tau the other way says so."""
@@ -296,7 +296,7 @@ def ablation_section(rows, t, quick) -> list:
   task = study.TASKS[t]
   seeds = study.final_seeds(task, quick, ablation=True)
   names = ["nrs", *study.ABLATIONS]
-  test = {m: [_finals(rows, t, m)[s]["test"] for s in seeds] for m in names}
+  test = {m: [finals(rows, t, m)[s]["test"] for s in seeds] for m in names}
   cmp = compare(test, "nrs", list(study.ABLATIONS), task.metric)
   f, ci = _fmt(task.metric)
   body = []
@@ -389,7 +389,7 @@ def write(rows: dict, tasks: list, path: str, quick: bool = False) -> None:
   for t in tasks:
     sec, tests[t], cheap[t], costs[t] = task_section(rows, t, quick)
     lines += sec + [machines_line(rows, t), ""]
-  image = [t for t in tasks if study.TASKS[t].methods == study.IMAGE]
+  image = [t for t in tasks if study.TASKS[t].kind == "image"]
   if image:
     reach = [m for m in study.NRS_FAMILY[1:] if all(cheap[t][m] for t in image)]
     lines += [

@@ -16,10 +16,12 @@ from absl import logging
 from flax import nnx
 
 from experiments import input_pipeline
-from experiments import methods
+from experiments import losses
 from experiments import models
+from experiments import optimizers
 from experiments import parallel
 from experiments import records
+from experiments import steps
 from experiments.tables import markdown_table
 from nrs_jax import flatness
 
@@ -91,7 +93,7 @@ def _eval_metrics(eval_step, params, bs, ds, split, batch_size, mesh=None):
   return tot_l / max(n, 1), tot_c / max(n, 1)
 
 
-def _train_eval_view(ds, examples: int):
+def train_eval_view(ds, examples: int):
   """The dataset whose ``train`` split is its first ``examples`` rows (0: all of it)."""
   if not examples or ds.stream is not None or examples >= ds.num_train:
     return ds
@@ -117,7 +119,7 @@ def _hessian(model, params, bs, ds, config, key, mesh=None):
     for i in range(0, len(local.y) - per + 1, per):
       g = parallel.global_batch({"x": local.x[i : i + per], "y": local.y[i : i + per]}, mesh)
       data.append((g["x"], g["y"]))
-  loss = lambda p, b: methods.cross_entropy(model.apply(p, bs, b[0], False, None)[0], b[1])
+  loss = lambda p, b: losses.cross_entropy(model.apply(p, bs, b[0], False, None)[0], b[1])
   return {
     k: float(v)
     for k, v in flatness.hessian_metrics(
@@ -152,7 +154,7 @@ def _check_run(config, mesh, ds=None) -> None:
         "streamed without example indices. Use it with the in-memory datasets."
       )
     u = config.get("unlabeled_batch_size", 0)
-    if config.method in methods.SEMI and (ds.unlabeled is None or not 0 < u <= len(ds.unlabeled.x)):
+    if config.method in steps.SEMI and (ds.unlabeled is None or not 0 < u <= len(ds.unlabeled.x)):
       n = 0 if ds.unlabeled is None else len(ds.unlabeled.x)
       raise ValueError(
         f"method={config.method!r} reads an unlabeled batch each step: it needs "
@@ -171,8 +173,8 @@ def _check_run(config, mesh, ds=None) -> None:
         f"--config.{name}={config[name]} must be divisible by the {mesh.devices.size} "
         f"devices of the data mesh ({n_proc} process(es)); global-batch semantics."
       )
-  if config.method not in methods.METHODS:
-    raise ValueError(f"method={config.method!r} is not known: choose one of {methods.METHODS}.")
+  if config.method not in steps.METHODS:
+    raise ValueError(f"method={config.method!r} is not known: choose one of {steps.METHODS}.")
 
 
 def _evaluate(model, eval_step, state, ds, train_view, mesh) -> dict:
@@ -204,9 +206,9 @@ def train_and_evaluate(config, workdir: str, finish=None) -> dict[str, Any]:
   model = Model(config, ds)
   steps_per_epoch = max(ds.num_train // config.batch_size, 1)
   total_steps = config.get("num_steps") or config.num_epochs * steps_per_epoch
-  tx = methods.make_optimizer(config, total_steps, ds.num_train, ds.num_classes)
-  step_fn = methods.make_step(config.method, model.apply, tx, config, steps_per_epoch)
-  probability = methods.step_probability(config)
+  tx = optimizers.make_optimizer(config, total_steps, ds.num_train, ds.num_classes)
+  step_fn = steps.make_step(config.method, model.apply, tx, config, steps_per_epoch)
+  probability = steps.step_probability(config)
   state = {
     "step": jnp.zeros([], jnp.int32),
     "params": model.params,
@@ -234,11 +236,11 @@ def train_and_evaluate(config, workdir: str, finish=None) -> dict[str, Any]:
 
   train_step = compiled_step(step_fn)
   # Randomized two-pass methods: a plain SGD step on the other steps (two programs).
-  plain_step = compiled_step(methods.make_step("sgd", model.apply, tx, config))
+  plain_step = compiled_step(steps.make_step("sgd", model.apply, tx, config))
   state, start = run.restore(state)
   eval_step = make_eval_step(model.apply)
   # Train metrics on the first config.train_eval_examples rows (0: the whole split).
-  train_view = _train_eval_view(ds, int(config.get("train_eval_examples", 0) or 0))
+  train_view = train_eval_view(ds, int(config.get("train_eval_examples", 0) or 0))
   eval_every = config.eval_every_epochs * steps_per_epoch
   hess_every = config.hessian.get("every_evals", 0)
   hessian_ok = not (n_proc > 1 and config.sharding == "fsdp")
@@ -256,7 +258,7 @@ def train_and_evaluate(config, workdir: str, finish=None) -> dict[str, Any]:
       total=total_steps, initial=start, desc=config.method, dynamic_ncols=True, leave=False
     )
   pending, stream = [], None
-  unlabeled = config.unlabeled_batch_size if config.method in methods.SEMI else 0
+  unlabeled = config.unlabeled_batch_size if config.method in steps.SEMI else 0
   if ds.stream is not None:  # TFDS: this process's stream, resumed at the step
     stream = ds.stream.train_batches(config.seed, start, config.batch_size // n_proc)
   for step in range(start, total_steps):
@@ -267,7 +269,7 @@ def train_and_evaluate(config, workdir: str, finish=None) -> dict[str, Any]:
       batch = input_pipeline.train_batch(ds, step, config.batch_size, config.seed, **procs)
       if unlabeled:  # (the labels of the unlabeled examples do not exist here)
         batch["u"] = input_pipeline.unlabeled_batch(ds, step, unlabeled, config.seed, **procs)
-    expensive = methods.takes_expensive_step(config.seed, step, probability)
+    expensive = steps.takes_expensive_step(config.seed, step, probability)
     state, m = (train_step if expensive else plain_step)(state, parallel.global_batch(batch, mesh))
     pending.append(m)
     done = step + 1

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import methods
+from experiments import optimizers
 from experiments import train
 
 _LAST: dict = {}  # the last run read: its final state, model and data (recomputations share it)
@@ -27,7 +27,7 @@ def final_state(config, workdir):
 def _final_state(config, workdir):
   ds = train.load_data(config)
   model = train.Model(config, ds)
-  tx = methods.make_optimizer(config, 1, ds.num_train, ds.num_classes)
+  tx = optimizers.make_optimizer(config, 1, ds.num_train, ds.num_classes)
   state = {
     "step": jnp.zeros([], jnp.int32),
     "params": model.params,

@@ -8,8 +8,10 @@ from flax import nnx
 from scipy import special
 
 from experiments import input_pipeline
-from experiments import methods
+from experiments import losses
 from experiments import models
+from experiments import optimizers
+from experiments import steps
 from experiments import train
 from experiments.configs import cifar10_vit
 from experiments.configs import imagenet_vit_s16
@@ -107,12 +109,12 @@ def test_token_cross_entropy_and_accuracy_mask_padding_against_numpy(smoothing):
   labels[2, 1:] = PAD
   valid = labels >= 0
   ce = _np_ce(logits, labels, smoothing)
-  got = methods.cross_entropy(jnp.asarray(logits), jnp.asarray(labels), smoothing)
+  got = losses.cross_entropy(jnp.asarray(logits), jnp.asarray(labels), smoothing)
   np.testing.assert_allclose(got, ce[valid].mean(), rtol=1e-5)
   acc = (logits.argmax(-1) == labels)[valid].mean()
-  np.testing.assert_allclose(methods._accuracy(jnp.asarray(logits), jnp.asarray(labels)), acc)
+  np.testing.assert_allclose(losses.accuracy(jnp.asarray(logits), jnp.asarray(labels)), acc)
   # One label per example: the plain batch mean, as before.
-  flat = methods.cross_entropy(jnp.asarray(logits[:, 0]), jnp.asarray(np.abs(labels[:, 0])))
+  flat = losses.cross_entropy(jnp.asarray(logits[:, 0]), jnp.asarray(np.abs(labels[:, 0])))
   np.testing.assert_allclose(flat, _np_ce(logits[:, 0], np.abs(labels[:, 0])).mean(), rtol=1e-5)
 
 
@@ -121,7 +123,7 @@ def test_label_smoothing_is_checked_and_set_in_the_vit_recipes():
   with config.unlocked():
     config.label_smoothing = 1.5
   with pytest.raises(ValueError, match="label_smoothing"):
-    methods.task_loss(config)
+    losses.task_loss(config)
   assert cifar10_vit.get_config().label_smoothing == 0.1
   assert imagenet_vit_s16.get_config().label_smoothing == 0.1
 
@@ -168,8 +170,8 @@ def test_token_level_nrs_step_ignores_padding(implementation, sub):
   if sub:
     with config.unlocked():
       config.nrs.neighbor_batch_size = sub
-  tx = methods.make_optimizer(config, 10)
-  step = jax.jit(methods.make_step("nrs", model.apply, tx, config))
+  tx = optimizers.make_optimizer(config, 10)
+  step = jax.jit(steps.make_step("nrs", model.apply, tx, config))
   state = (model.params, model.batch_stats, tx.init(model.params))
   run = lambda b: step(*state, {k: jnp.asarray(v) for k, v in b.items()}, jax.random.key(5))
   p1, _, _, m1 = run(batch)
@@ -192,8 +194,8 @@ def test_token_level_nrs_step_ignores_padding(implementation, sub):
 
 def test_token_level_penalty_is_the_masked_mean_of_nrs_penalty():
   config, model, batch = _token_setup()
-  tx = methods.make_optimizer(config, 10)
-  step = methods.make_step("nrs", model.apply, tx, config)
+  tx = optimizers.make_optimizer(config, 10)
+  step = steps.make_step("nrs", model.apply, tx, config)
   key = jax.random.key(4)
   b = {k: jnp.asarray(v) for k, v in batch.items()}
   _, _, _, m = jax.jit(step)(model.params, model.batch_stats, tx.init(model.params), b, key)
@@ -273,8 +275,8 @@ def test_every_method_trains_on_the_smoothed_masked_loss(method):
   config, model, batch = _token_setup()
   with config.unlocked():
     config.label_smoothing = 0.1
-  tx = methods.make_optimizer(config, 10)
-  step = jax.jit(methods.make_step(method, model.apply, tx, config))
+  tx = optimizers.make_optimizer(config, 10)
+  step = jax.jit(steps.make_step(method, model.apply, tx, config))
   b = {k: jnp.asarray(v) for k, v in batch.items()}
   key = jax.random.key(6)
   _, _, _, m = step(model.params, model.batch_stats, tx.init(model.params), b, key)
@@ -291,8 +293,8 @@ def test_lm_centre_and_neighbours_share_one_dropout_mask():
     config.model_kwargs.dropout = 0.5
     config.nrs.update(radius=1e-4, num_neighbors=2)
   model = train.Model(config, input_pipeline.Dataset("t", None, None, None, 40, (12,)))
-  tx = methods.make_optimizer(config, 10)
-  step = jax.jit(methods.make_step("nrs", model.apply, tx, config))
+  tx = optimizers.make_optimizer(config, 10)
+  step = jax.jit(steps.make_step("nrs", model.apply, tx, config))
   b = {k: jnp.asarray(v) for k, v in batch.items()}
   _, _, _, m = step(model.params, model.batch_stats, tx.init(model.params), b, jax.random.key(0))
   z1, _ = model.apply(model.params, {}, b["x"], True, jax.random.key(1))
@@ -306,7 +308,7 @@ def test_lm_centre_and_neighbours_share_one_dropout_mask():
 
 def test_train_eval_examples_takes_the_head_of_the_train_split():
   ds = input_pipeline.load("stdlib", block_size=16, max_examples=100)
-  view = train._train_eval_view(ds, 32)
+  view = train.train_eval_view(ds, 32)
   np.testing.assert_array_equal(view.train.x, ds.train.x[:32])
   assert view.validation is ds.validation and ds.num_train == 100
-  assert train._train_eval_view(ds, 0) is ds and train._train_eval_view(ds, 500) is ds
+  assert train.train_eval_view(ds, 0) is ds and train.train_eval_view(ds, 500) is ds

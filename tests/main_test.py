@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-from experiments import methods  # (not experiments.main: its absl flags clash with study's)
+from experiments import steps  # (not experiments.main: its absl flags clash with study's)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,9 +24,15 @@ def test_list_names_every_config_and_method_with_hyperparameters():
   for name in configs:
     assert f"\n{name}:\n" in "\n" + text, name
     assert f"experiments/configs/{name}.py" in text, f"{name}'s docstring has no launch command"
-  for name in methods.METHODS:
+  for name in steps.METHODS:
     assert f"  {name} " in text
-  assert "alpha=1.0, radius=0.05" in text
+  # Each method's options under the config section it reads (an explicit table, not its
+  # name's prefix): nrs_unlabeled reads config.nrs.
+  row = next(line for line in text.splitlines() if line.startswith("  nrs_unlabeled "))
+  assert "nrs.alpha=1.0, nrs.radius=0.05" in row
+  assert "vat.eps=1.0" in next(line for line in text.splitlines() if line.startswith("  vat "))
+  # The demo's docstring states what it is: one seed, about a minute.
+  assert "One seed per method" in text and "about one minute" in text
 
 
 def test_missing_config_is_a_usage_error_naming_list():

@@ -13,12 +13,14 @@ from scipy import special
 
 import nrs_jax
 from experiments import input_pipeline
-from experiments import methods
+from experiments import optimizers
+from experiments import semi_steps
+from experiments import steps
 from experiments import train
 from experiments.configs import default
 from tests.conftest import enable_x64
-from tests.methods_test import _config
-from tests.methods_test import apply_fn
+from tests.steps_test import _config
+from tests.steps_test import apply_fn
 
 RNG = np.random.default_rng(0)
 X, U = RNG.normal(size=(4, 5)).astype(np.float32), RNG.normal(size=(12, 5)).astype(np.float32)
@@ -29,8 +31,8 @@ KEY = jax.random.key(0)
 
 def _step(method, **sub):
   config = _config(method, **sub)
-  tx = methods.base_optimizer(config, 10)
-  step = jax.jit(methods.make_step(method, apply_fn, tx, config))
+  tx = optimizers.base_optimizer(config, 10)
+  step = jax.jit(steps.make_step(method, apply_fn, tx, config))
   return step(PARAMS, {}, tx.init(PARAMS), BATCH, KEY)
 
 
@@ -99,7 +101,9 @@ def test_vat_direction_matches_central_differences_in_float64():
     x = np.concatenate([X, U]).astype(np.float64)
     target = x @ w
     xi, eps, key = 1e-3, 0.7, jax.random.key(5)
-    r = methods.vat_perturbation(lambda v: v @ jnp.asarray(w), jnp.asarray(x), target, key, xi, eps)
+    r = semi_steps.vat_perturbation(
+      lambda v: v @ jnp.asarray(w), jnp.asarray(x), target, key, xi, eps
+    )
     d = np.array(jax.random.normal(key, x.shape, jnp.float32), np.float64)
     d /= np.linalg.norm(d, axis=1, keepdims=True)
     g, h = np.zeros_like(x), 1e-5
@@ -120,7 +124,9 @@ def test_vat_and_pi_model_steps_match_their_losses_written_out():
   # VAT: CE + KL(p(x) fixed || p(x + r_adv)), r_adv drawn with the step's key split.
   dkey, nkey = jax.random.split(KEY)
   r = jax.jit(
-    lambda: methods.vat_perturbation(lambda v: v @ PARAMS["w"], x, x @ PARAMS["w"], nkey, 0.1, 2.0)
+    lambda: semi_steps.vat_perturbation(
+      lambda v: v @ PARAMS["w"], x, x @ PARAMS["w"], nkey, 0.1, 2.0
+    )
   )()
   vat = lambda p: ce(x @ p["w"]) + kl(jax.lax.stop_gradient(x @ p["w"]), (x + r) @ p["w"])
   got = _step("vat", eps=2.0, xi=0.1)  # (a large xi: r_adv resolved to float32 precision)
@@ -142,8 +148,8 @@ def test_vat_and_pi_model_steps_match_their_losses_written_out():
 
 def test_an_unlabeled_batch_of_the_wrong_shape_or_none_is_an_error_naming_it():
   config = _config("vat")
-  tx = methods.base_optimizer(config, 10)
-  step = methods.make_step("vat", apply_fn, tx, config)
+  tx = optimizers.base_optimizer(config, 10)
+  step = steps.make_step("vat", apply_fn, tx, config)
   bad = {**BATCH, "u": jnp.ones((12, 6))}
   with pytest.raises(ValueError, match=r"unlabeled batch batch\['u'\] has shape \(12, 6\)"):
     jax.jit(step)(PARAMS, {}, tx.init(PARAMS), bad, KEY)
@@ -213,9 +219,23 @@ def test_vats_xi_gives_the_small_xi_direction_in_float32():
   w2 = jax.random.normal(k2, (64, 10)) * np.sqrt(2 / 64)
   mlp = lambda v: jax.nn.relu(v @ w1.astype(v.dtype)) @ w2.astype(v.dtype)
   key, xi = jax.random.key(1), default.get_config().vat.xi
-  direction = jax.jit(lambda v, xi: methods.vat_perturbation(mlp, v, mlp(v), key, xi, 1.0))
+  direction = jax.jit(lambda v, xi: semi_steps.vat_perturbation(mlp, v, mlp(v), key, xi, 1.0))
   with enable_x64():
     want = np.asarray(direction(x.astype(jnp.float64), 1e-6))
   cos = lambda xi: np.sum(np.asarray(direction(x, xi)) * want, 1)
   assert cos(xi).min() > 0.999
   assert np.median(cos(1e-6)) < 0.99
+
+
+@pytest.mark.parametrize(
+  "key, value",
+  [("neighbor_batch_size", 8), ("reuse_center_logits", True), ("probability", 0.5)],
+)
+def test_nrs_unlabeled_refuses_the_nrs_options_it_does_not_implement(key, value):
+  """They were dropped silently: a method given an option it ignores fails before training."""
+  config = default.get_config()
+  with config.unlocked():
+    config.method = "nrs_unlabeled"
+    config.nrs[key] = value
+  with pytest.raises(ValueError, match=rf"nrs_unlabeled.*config\.nrs\.{key}="):
+    steps.make_step("nrs_unlabeled", lambda *a: None, optax.sgd(0.1), config)

@@ -60,7 +60,7 @@ def test_tuning_selects_on_the_mean_validation_and_extends_edges_up_to_four_time
   # stop at 12.8, still an edge; its lr optimum (0.1) one step below its low edge.
   train = fake_trainer({"sam": {"sam.rho": 25.6, "learning_rate": 0.1}})
   s = _study(tmp_path, train)
-  axes = {"sam": study._axes("mnist1d_mlp", "sam", "filter", False)}
+  axes = {"sam": study.tuning_axes("mnist1d_mlp", "sam", "filter", False)}
   assert axes["sam"] == [("learning_rate", [0.1, 0.2, 0.4]), ("sam.rho", [0.1, 0.2, 0.4, 0.8])]
   chosen = s.tune("mnist1d_mlp", axes, {"weight_decay": 2e-3})
   assert chosen["sam"] == {"learning_rate": 0.1, "sam.rho": 12.8, "weight_decay": 2e-3}
@@ -170,11 +170,11 @@ def test_the_study_resumes_from_its_records_and_writes_the_report(tmp_path, no_t
   assert text.index("Protocol, fixed before any result") < text.index("## mnist1d_mlp")
   sam = [line for line in text.splitlines() if line.startswith("| sam |")][0]
   # The diverged seed counts at chance (10%) in sam's mean, and is reported.
-  test = study_report._finals(s.rows, "mnist1d_mlp", "sam")
+  test = study_report.finals(s.rows, "mnist1d_mlp", "sam")
   mean = np.mean([test[s]["test"] for s in seeds])
   assert f"{100 * mean:.2f} [" in sam and "| 1 |" in sam
   # NRS is 1 pp ahead of sgd on every seed: Wilcoxon, Holm (written out) over the 10 others.
-  fin = {m: study_report._finals(recs, "mnist1d_mlp", m) for m in spec.IMAGE}
+  fin = {m: study_report.finals(recs, "mnist1d_mlp", m) for m in spec.IMAGE}
   others = [m for m in spec.IMAGE if m != "nrs"]
   raw = {
     m: stats.wilcoxon([fin["nrs"][k]["test"] - fin[m][k]["test"] for k in seeds]).pvalue
@@ -249,7 +249,7 @@ def test_bad_names_and_empty_grids_fail_before_training(monkeypatch):
   empty = lambda *a: dataclasses.replace(spec.METHODS["sam"], grid=())
   monkeypatch.setattr(spec, "method_of", empty)
   with pytest.raises(ValueError, match="method='sam' has an empty grid on task 'mnist1d_mlp'"):
-    study._axes("mnist1d_mlp", "sam", "", False)
+    study.tuning_axes("mnist1d_mlp", "sam", "", False)
 
 
 def test_methods_on_the_transformers_tune_below_the_previous_low_edges():
@@ -355,7 +355,7 @@ def test_every_declared_task_and_method_builds_its_config_and_step():
   """Every task x method (and ablation) of the declarations gives a config that the harness
   accepts before anything trains: a random-half method's probability, a sub-batch that
   divides into whole examples, SGD 2x's doubled epochs."""
-  from experiments import methods
+  from experiments import steps
 
   for t, task in spec.TASKS.items():
     names = [*task.methods, *(spec.ABLATIONS if t == spec.ABLATION_TASK else ())]
@@ -363,9 +363,9 @@ def test_every_declared_task_and_method_builds_its_config_and_step():
     for m in names:
       meth = spec.method_of(m, "absolute", task)
       config = study.make_config(task, m, {meth.strength: meth.grid[0]}, 100, False, "absolute")
-      p = methods.step_probability(config)
+      p = steps.step_probability(config)
       assert p == (0.5 if m in ("nrs_half", "sam_half") else 1.0), (t, m)
-      methods.make_step(config.method, lambda *a: None, None, config, 10)
+      steps.make_step(config.method, lambda *a: None, None, config, 10)
       assert config.num_epochs == base.num_epochs * meth.epochs
       sub = config.get("nrs", {}).get("neighbor_batch_size")
       if m in ("nrs_cheap", "nrs_b8"):
@@ -417,7 +417,7 @@ def test_cost_lines_explain_the_gap_only_when_a_fixed_part_fits(noisy):
     }
     for m, c in work.items()
   }
-  lines = study_report._cost_lines(fin, list(work), [100, 101], "sgd")
+  lines = study_report.cost_lines(fin, list(work), [100, 101], "sgd")
   assert lines[0].startswith("Median CPU seconds per final run over sgd's: sgd 1.00")
   if noisy:
     assert "splits no run into fixed work and steps" in lines[1] and "pull" not in lines[1]
@@ -435,16 +435,16 @@ def test_cost_lines_name_the_methods_whose_final_runs_ran_on_another_machine():
     m: {s: {"step_cost": c, "seconds": 10 + 10 * c, "machine": where[m]} for s in (100, 101)}
     for m, c in work.items()
   }
-  lines = study_report._cost_lines(fin, list(work), [100, 101], "sgd")
+  lines = study_report.cost_lines(fin, list(work), [100, 101], "sgd")
   assert "for nrs, nrs_half:" in lines[1]  # both differ by more than 15% (the fixed 10 s)
   assert lines[1].endswith(
     "And nrs_half ran (some or all) on other machines than sgd, at their speed."
   )
   fin["nrs_half"][101]["machine"] = "A"  # one seed on sgd's machine: still "some"
-  assert "And nrs_half ran" in study_report._cost_lines(fin, list(work), [100, 101], "sgd")[1]
+  assert "And nrs_half ran" in study_report.cost_lines(fin, list(work), [100, 101], "sgd")[1]
   for s in (100, 101):
     fin["nrs_half"][s]["machine"] = "A"
-  assert " ran (some or all)" not in study_report._cost_lines(fin, list(work), [100, 101], "sgd")[1]
+  assert " ran (some or all)" not in study_report.cost_lines(fin, list(work), [100, 101], "sgd")[1]
 
 
 def test_the_cheaper_variants_line_repeats_the_tables_verdicts():
@@ -507,7 +507,7 @@ def test_the_flatness_answer_says_when_sharper_solutions_did_better():
     (-0.3, 1e-5, "bits_per_char", "no: the reverse, sharper did better"),
     (-0.06, 0.2, "accuracy", "not shown"),
   ]:
-    text = study_report._flatness_answer(
+    text = study_report.flatness_answer(
       {**signs, ("lambda_max", "tau"): (tau, p)}, "sgd", "nrs", metric
     )
     assert (

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from experiments import input_pipeline
-from experiments import methods
+from experiments import optimizers
+from experiments import steps
 from experiments import train
 from experiments.configs import cifar10_resnet18
 from experiments.configs import cifar10_vit
@@ -123,12 +124,12 @@ def test_nrs_transform_path_and_linen_path(tmp_path):
 
 
 def test_randomized_schedule_draws_from_seed_and_step():
-  draws = [methods.takes_expensive_step(3, t, 0.25) for t in range(2000)]
-  assert draws == [methods.takes_expensive_step(3, t, 0.25) for t in range(2000)]
+  draws = [steps.takes_expensive_step(3, t, 0.25) for t in range(2000)]
+  assert draws == [steps.takes_expensive_step(3, t, 0.25) for t in range(2000)]
   assert abs(np.mean(draws) - 0.25) < 0.03
-  assert draws != [methods.takes_expensive_step(4, t, 0.25) for t in range(2000)]
-  assert all(methods.takes_expensive_step(0, t, 1.0) for t in range(10))
-  assert not any(methods.takes_expensive_step(0, t, 0.0) for t in range(10))
+  assert draws != [steps.takes_expensive_step(4, t, 0.25) for t in range(2000)]
+  assert all(steps.takes_expensive_step(0, t, 1.0) for t in range(10))
+  assert not any(steps.takes_expensive_step(0, t, 0.0) for t in range(10))
 
 
 @pytest.mark.parametrize(
@@ -290,8 +291,8 @@ def test_nrs_step_running_stats_equal_the_centre_pass_alone(implementation):
   config, model, batch = _bn_setup()
   with config.unlocked():
     config.nrs.implementation = implementation
-  tx = methods.make_optimizer(config, 10)
-  step = methods.make_step("nrs", model.apply, tx, config)
+  tx = optimizers.make_optimizer(config, 10)
+  step = steps.make_step("nrs", model.apply, tx, config)
   key = jax.random.key(3)
   _, new_bs, _, metrics = jax.jit(step)(
     model.params, model.batch_stats, tx.init(model.params), batch, key
@@ -327,8 +328,8 @@ def test_centre_and_neighbours_share_one_dropout_mask(model_name):
   config, model, batch = _bn_setup(dropout=0.5, model=model_name)
   with config.unlocked():
     config.nrs = dict(alpha=1.0, radius=1e-4, num_neighbors=2, noise="gaussian", scale="absolute")
-  tx = methods.make_optimizer(config, 10)
-  step = jax.jit(methods.make_step("nrs", model.apply, tx, config))
+  tx = optimizers.make_optimizer(config, 10)
+  step = jax.jit(steps.make_step("nrs", model.apply, tx, config))
   _, _, _, m = step(
     model.params, model.batch_stats, tx.init(model.params), batch, jax.random.key(0)
   )

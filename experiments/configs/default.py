@@ -14,7 +14,7 @@ workdir reads the finished runs back and says "resumed from <workdir>/<method>".
 
 import ml_collections
 
-from experiments.methods import method_defaults
+from experiments.steps import method_defaults
 
 
 def get_config():

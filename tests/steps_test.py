@@ -8,7 +8,9 @@ import optax
 import pytest
 from scipy import special
 
-from experiments import methods
+from experiments import losses
+from experiments import optimizers
+from experiments import steps
 from experiments.configs import default
 
 X = np.random.default_rng(0).normal(size=(4, 5)).astype(np.float32)
@@ -45,7 +47,7 @@ def _np_soft_kl(teacher, student, tau):
 def test_soft_kl_matches_scipy():
   a, b = np.random.default_rng(2).normal(size=(2, 6, 4))
   for tau in (1.0, 2.5):
-    np.testing.assert_allclose(methods.soft_kl(a, b, tau), _np_soft_kl(a, b, tau), rtol=1e-5)
+    np.testing.assert_allclose(losses.soft_kl(a, b, tau), _np_soft_kl(a, b, tau), rtol=1e-5)
 
 
 def _hand_gradient(teacher_logits, lam, tau, at=PARAMS):
@@ -63,8 +65,8 @@ def _hand_gradient(teacher_logits, lam, tau, at=PARAMS):
 
 def test_saf_step_uses_the_outputs_of_epochs_ago():
   config = _config("saf", lam=0.7, tau=2.0, epochs=1)
-  tx = methods.make_optimizer(config, 10**6, num_train=8, num_classes=3)
-  step = jax.jit(methods.make_step("saf", apply_fn, tx, config, steps_per_epoch=1))
+  tx = optimizers.make_optimizer(config, 10**6, num_train=8, num_classes=3)
+  step = jax.jit(steps.make_step("saf", apply_fn, tx, config, steps_per_epoch=1))
   state = tx.init(PARAMS)
   p1, _, state, _ = step(PARAMS, {}, state, BATCH, jax.random.key(0))
   # Epoch 0 has no past: the step is plain cross-entropy; the memory holds its logits.
@@ -85,8 +87,8 @@ def test_saf_step_uses_the_outputs_of_epochs_ago():
 
 def test_mesa_step_distils_from_the_ema_teacher():
   config = _config("mesa", lam=0.5, tau=1.5, decay=0.9, start_epoch=1)
-  tx = methods.make_optimizer(config, 10**6)
-  step = jax.jit(methods.make_step("mesa", apply_fn, tx, config, steps_per_epoch=1))
+  tx = optimizers.make_optimizer(config, 10**6)
+  step = jax.jit(steps.make_step("mesa", apply_fn, tx, config, steps_per_epoch=1))
   state = tx.init(PARAMS)
   p1, _, state, _ = step(PARAMS, {}, state, BATCH, jax.random.key(0))
   ema = 0.9 * np.asarray(PARAMS["w"]) + 0.1 * np.asarray(p1["w"])
@@ -101,7 +103,7 @@ def test_mesa_step_distils_from_the_ema_teacher():
 
 def test_saf_needs_the_dataset_size():
   with pytest.raises(ValueError, match="num_train"):
-    methods.make_optimizer(_config("saf"), 100)
+    optimizers.make_optimizer(_config("saf"), 100)
 
 
 def test_sam_baseline_matches_optax_contrib_sam_opaque_step_for_step():
@@ -118,16 +120,16 @@ def test_sam_baseline_matches_optax_contrib_sam_opaque_step_for_step():
   config = _config("sam", rho=0.3)
   with config.unlocked():
     config.learning_rate, config.momentum, config.weight_decay = 0.1, 0.9, 1e-3
-  base = methods.base_optimizer(config, 100)
-  ours = jax.jit(methods.make_step("sam", apply, base, config))
+  base = optimizers.base_optimizer(config, 100)
+  ours = jax.jit(steps.make_step("sam", apply, base, config))
   tx = optax.contrib.sam(
     base, optax.chain(optax.contrib.normalize(), optax.sgd(0.3)), sync_period=2, opaque_mode=True
   )
 
   @jax.jit
   def theirs(p, s, batch):
-    g = methods._grad_at(apply, p, {}, batch, KEY)[1]
-    grad_fn = lambda q, _: methods._grad_at(apply, q, {}, batch, KEY)[1]
+    g = steps.grad_at(apply, p, {}, batch, KEY)[1]
+    grad_fn = lambda q, _: steps.grad_at(apply, q, {}, batch, KEY)[1]
     updates, s = tx.update(g, s, p, grad_fn=grad_fn)
     return optax.apply_updates(p, updates), s
 
