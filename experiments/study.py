@@ -92,7 +92,9 @@ def train_one(job: tuple) -> dict:
   task = spec.task_of(task_name)
   config = make_config(task, method, setting, seed, quick, family)
   t0 = time.process_time()
-  finish = (lambda model, state, ds: _measure(model, state, ds, seed)) if phase == "final" else None
+  finish = None
+  if phase == "final":
+    finish = lambda model, state, ds: _measure(model, state, ds, seed, workdir)
   try:
     rec = train.train_and_evaluate(config, workdir, finish)
   except FloatingPointError:
@@ -111,11 +113,13 @@ def train_one(job: tuple) -> dict:
   row.update(setting=json.dumps(setting, sort_keys=True), val=val, test=test, diverged=int(bad))
   # measures: "" on tuning rows; NaN where a final run diverged or a measure failed
   row.update({k: rec.get(k, nan) if phase == "final" else "" for k in spec.MEASURES})
+  row.update({k: rec.get(k, nan) if phase == "final" else "" for k in spec.DIAGNOSTICS[:2]})
+  row["failed_measures"] = rec.get("failed_measures", "")
   seconds = time.process_time() - t0 + rec.get("cpu_seconds_before_resume", 0.0)
   return {**row, "seconds": seconds, "machine": machine()}
 
 
-def _measure(model, state, ds, seed: int) -> dict:
+def _measure(model, state, ds, seed: int, run: str) -> dict:
   """The final solution's flatness and calibration (experiments.measures), with keys fixed
   by the run's seed: every method of a seed measures with the same probes and neighbours."""
   import jax
@@ -124,7 +128,9 @@ def _measure(model, state, ds, seed: int) -> dict:
 
   key = jax.random.fold_in(jax.random.key(seed), 2**30)
   train, test = (ds.train.x, ds.train.y), (ds.test.x, ds.test.y)
-  return measures.measure(model.apply, state["params"], state["batch_stats"], train, test, key)
+  return measures.measure(
+    model.apply, state["params"], state["batch_stats"], train, test, key, run=run
+  )
 
 
 # The XLA flags a row's machine column spells out: those that decide the compiled code.
@@ -144,23 +150,38 @@ def use_study_xla_flags() -> None:
 
 
 # The CPU extensions XLA:CPU and XNNPACK choose code by (in /proc/cpuinfo's spelling).
-ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni")
-ISA_FLAGS += ("avx512_bf16", "amx_bf16")
+ISA_FLAGS = (
+  "sse4_2",
+  "avx",
+  "avx2",
+  "fma",
+  "avx512f",
+  "avx512bw",
+  "avx512vl",
+  "avx512_vnni",
+  "avx512_bf16",
+  "amx_bf16",
+)
 
 
-def machine() -> str:
+def machine(cpuinfo: str | None = None) -> str:
   """Where a row was made: the CPU model, the ISA extensions that XLA:CPU compiles for, the
   jax and jaxlib versions, and the XLA flags that fix the code (docs/evidence.md: rows are
-  bit-for-bit reproducible on one machine, not across CPUs)."""
+  bit-for-bit reproducible on one machine, not across CPUs). ``cpuinfo``: the text of
+  /proc/cpuinfo (read from there when None and it exists)."""
   import jax
   import jaxlib
 
-  model, flags = platform.processor() or platform.machine(), set()
-  if os.path.exists("/proc/cpuinfo"):
+  if cpuinfo is None and os.path.exists("/proc/cpuinfo"):
     with open("/proc/cpuinfo") as f:
-      info = dict(ln.split(":", 1) for ln in f.read().split("\n\n")[0].splitlines() if ":" in ln)
-    info = {k.strip(): v.strip() for k, v in info.items()}
-    model, flags = info.get("model name", model), set(info.get("flags", "").split())
+      cpuinfo = f.read()
+  model = platform.processor() or platform.machine()
+  flags: set = set()
+  if cpuinfo:
+    first = cpuinfo.split("\n\n")[0].splitlines()
+    info = {k.strip(): v.strip() for k, v in (ln.split(":", 1) for ln in first if ":" in ln)}
+    model = info.get("model name", model)
+    flags = set(info.get("flags", "").split())
   isa = " ".join(f for f in ISA_FLAGS if f in flags) or "unknown ISA"
   xla = [f for f in os.environ.get("XLA_FLAGS", "").split() if f.startswith(REPRODUCIBLE_PREFIXES)]
   return "; ".join([model, isa, f"jax {jax.__version__} jaxlib {jaxlib.__version__}", *xla])

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from typing import NamedTuple
 
 import numpy as np
 from scipy import stats
@@ -184,9 +185,17 @@ def cost_lines(fin, names, seeds, base) -> list:
   return lines
 
 
-def task_section(rows, t, quick) -> tuple[list, dict, dict, dict]:
-  """The task's tables; its per-seed test values; whether each cheap variant meets the goal;
-  step costs."""
+class TaskReport(NamedTuple):
+  lines: list  # the task's markdown
+  test: dict  # method -> per-seed test values
+  cheap: dict  # cheap variant -> whether it meets the goal
+  costs: dict  # method -> step cost
+  summary: dict  # the machine-readable summary (study_summary.json) the README renders
+
+
+def task_section(rows, t, quick) -> TaskReport:
+  """The task's section of the report, with what the rest of the report and the summary
+  read from it."""
   task = study.TASKS[t]
   seeds = study.final_seeds(task, quick)
   fin = {m: finals(rows, t, m) for m in task.methods}
@@ -196,7 +205,7 @@ def task_section(rows, t, quick) -> tuple[list, dict, dict, dict]:
   ref = task.subject
   others = [m for m in task.methods if m != ref]
   cmp = compare(test, ref, others, task.metric)
-  body, edges = [], []
+  body, edges, methods = [], [], {}
   for m in task.methods:
     setting, pos, n = chosen(rows, t, m)
     edges += [f"{m} ({p.split(' ')[0]})" for p in pos.split(", ") if "edge" in p]
@@ -204,10 +213,14 @@ def task_section(rows, t, quick) -> tuple[list, dict, dict, dict]:
     div = sum(fin[m][s]["diverged"] for s in seeds)
     row = [m, f"{r0['passes']:.2f}", f"{costs[m]:.2f}", json.dumps(setting, sort_keys=True)]
     row += [pos, str(n), ci(ci95(test[m])), str(div)]
+    methods[m] = {"passes": r0["passes"], "step_cost": costs[m], "chosen": setting}
+    methods[m].update(mean_ci=ci(ci95(test[m])), diverged=div)
     if m == ref:
       row += ["", "", ""]
     else:
       mean, lo, hi, w, _, dd, verdict = cmp[m]
+      methods[m].update(diff_ci=ci((mean, lo, hi)), wilcoxon_holm_p=w, verdict=verdict)
+      methods[m]["mdd"] = f(dd) if verdict == "inconclusive" else None
       verdict += f" (MDD {f(dd)})" if verdict == "inconclusive" else ""
       row += [ci((mean, lo, hi)), f"{w:.3g}", verdict]
     body.append(row)
@@ -224,10 +237,13 @@ def task_section(rows, t, quick) -> tuple[list, dict, dict, dict]:
   goal = f"goal: step cost <= {CHEAP_COST} x and a tie at {TIE[task.metric]}"
   said = "; ".join(f"{m} step {costs[m]:.2f}, {cmp[m][6]}" for m in variants)
   lines += [f"Cheaper NRS variants against full NRS ({goal}): {said}.", ""] if variants else []
-  lines += measures_section(rows, t, fin, seeds, test)
+  measured, flat = measures_section(rows, t, fin, seeds, test)
+  lines += measured
   if t == study.ABLATION_TASK:
     lines += ablation_section(rows, t, quick)
-  return lines, test, cheap, costs
+  summary = {"kind": task.kind, "metric": task.metric, "unit": UNITS[task.metric]}
+  summary.update(subject=ref, head=head, rows=body, methods=methods, edges=edges, flatness=flat)
+  return TaskReport(lines, test, cheap, costs, summary)
 
 
 def measures_section(rows, t, fin, seeds, test) -> list:
@@ -265,10 +281,11 @@ def measures_section(rows, t, fin, seeds, test) -> list:
   lines += [markdown_table(head, body), ""]
   if failed:
     lines += [f"Measures that failed (NaN, left out of the pair): {'; '.join(failed)}.", ""]
-  return lines + [flatness_answer(signs, methods[0], ref, study.TASKS[t].metric), ""]
+  flat = flatness_words(signs, methods[0], study.TASKS[t].metric)
+  return lines + [flatness_answer(flat, methods[0], ref, study.TASKS[t].metric), ""], flat
 
 
-def flatness_answer(signs, base: str, ref: str = "nrs", metric: str = "accuracy") -> str:
+def flatness_words(signs, base: str, metric: str = "accuracy") -> dict:
   """Flatter: lambda_max and the trace both lower than the base method's (SGD or AdamW) and
   SAM's, each at Holm p < 0.05. Flatness predicts the test value where Kendall's tau says
   flatter goes with better (p < 0.05); a significant tau the other way says so."""
@@ -283,12 +300,23 @@ def flatness_answer(signs, base: str, ref: str = "nrs", metric: str = "accuracy"
 
   tau, p = signs["lambda_max", "tau"]
   predicts = "yes" if (tau < 0) == (metric == "accuracy") else "no: the reverse, sharper did better"
+  return {
+    "vs_base": word(base),
+    "vs_sam": word("sam"),
+    "tau": tau,
+    "tau_p": p,
+    "predicts": predicts if p < ALPHA else "not shown",
+  }
+
+
+def flatness_answer(flat: dict, base: str, ref: str = "nrs", metric: str = "accuracy") -> str:
+  """The report's sentence of :func:`flatness_words`."""
   what = "test accuracy" if metric == "accuracy" else "test bits per character"
   return (
     f"Does {ref} find flatter minima (lower lambda_max and trace, Holm p < 0.05) than {base}: "
-    f"{word(base)}; than sam: {word('sam')}. "
+    f"{flat['vs_base']}; than sam: {flat['vs_sam']}. "
     f"Does flatness predict accuracy here (Kendall tau of lambda_max with {what}, p < 0.05): "
-    f"{predicts if p < ALPHA else 'not shown'} (tau {tau:+.2f}, p {p:.2g})."
+    f"{flat['predicts']} (tau {flat['tau']:+.2f}, p {flat['tau_p']:.2g})."
   )
 
 
@@ -385,10 +413,12 @@ def write(rows: dict, tasks: list, path: str, quick: bool = False) -> None:
     markdown_table(["family", "chosen", "grid position", "tuning runs", "validation %"], pilot),
     "",
   ]
-  tests, costs, cheap = {}, {}, {}
+  tests, costs, cheap, summary = {}, {}, {}, {}
   for t in tasks:
-    sec, tests[t], cheap[t], costs[t] = task_section(rows, t, quick)
-    lines += sec + [machines_line(rows, t), ""]
+    section = task_section(rows, t, quick)
+    tests[t], cheap[t], costs[t] = section.test, section.cheap, section.costs
+    summary[t] = section.summary
+    lines += section.lines + [machines_line(rows, t), ""]
   image = [t for t in tasks if study.TASKS[t].kind == "image"]
   if image:
     reach = [m for m in study.NRS_FAMILY[1:] if all(cheap[t][m] for t in image)]
@@ -405,3 +435,12 @@ def write(rows: dict, tasks: list, path: str, quick: bool = False) -> None:
     lines += [f"![cost and accuracy](results/{os.path.basename(png)})", ""]
   with open(path, "w") as f:
     f.write("\n".join(lines))
+  os.makedirs(os.path.dirname(summary_path(path)), exist_ok=True)
+  with open(summary_path(path), "w") as f:
+    json.dump({"tasks": summary}, f, indent=1)  # (in the report's order)
+    f.write("\n")
+
+
+def summary_path(report: str) -> str:
+  """The machine-readable summary beside a report: ``<dir>/results/study_summary.json``."""
+  return os.path.join(os.path.dirname(report) or ".", "results", "study_summary.json")

@@ -172,6 +172,9 @@ MEASURES = (
   "test_ece",
   "weight_norm",
 )
+# How far to trust them (rows made before these columns existed hold ""): the Lanczos
+# residual, Hutchinson's standard error; and the measures that failed (';'-joined names).
+DIAGNOSTICS = ("lanczos_residual", "hessian_trace_se", "failed_measures")
 # machine: where the row was made (study.machine(): CPU model, ISA, jax and jaxlib, XLA flags).
 COLUMNS = (
   "task",
@@ -188,6 +191,7 @@ COLUMNS = (
   "seconds",
   "machine",
   *MEASURES,
+  *DIAGNOSTICS,
 )
 
 
@@ -231,7 +235,7 @@ def read_records(path: str) -> dict:
     raise ValueError(f"{path} has columns {tuple(rows[0])}, expected {COLUMNS}.")
   out = {}
   for r in rows:
-    for k in ("val", "test", "step_cost", "passes", "seconds", *MEASURES):
+    for k in ("val", "test", "step_cost", "passes", "seconds", *MEASURES, *DIAGNOSTICS[:2]):
       r[k] = float(r[k]) if r[k] != "" else float("nan")
     r["seed"], r["diverged"] = int(r["seed"]), int(r["diverged"])
     out[key_of(r["task"], r["method"], r["phase"], r["seed"], json.loads(r["setting"]))] = r

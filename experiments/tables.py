@@ -1,5 +1,5 @@
 """The one markdown-table helper of the harness (reports, benchmarks, the demo); the
-documentation renders its benchmark tables with it (``docs/benchmark_tables.py``)."""
+documentation renders its tables with it (``experiments/result_tables.py``)."""
 
 from __future__ import annotations
 

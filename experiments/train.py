@@ -16,14 +16,13 @@ from absl import logging
 from flax import nnx
 
 from experiments import input_pipeline
-from experiments import losses
+from experiments import measures
 from experiments import models
 from experiments import optimizers
 from experiments import parallel
 from experiments import records
 from experiments import steps
 from experiments.tables import markdown_table
-from nrs_jax import flatness
 
 
 class Model:
@@ -101,7 +100,8 @@ def train_eval_view(ds, examples: int):
 
 
 def _hessian(model, params, bs, ds, config, key, mesh=None):
-  """Top eigenvalue and trace of the training loss (eval mode) on a fixed subset."""
+  """Top eigenvalue and trace of the training loss (eval mode) on a fixed subset, by the
+  study's measures (experiments.measures), on batches laid out for the run's mesh."""
   hc = config.hessian
   n = min(hc.num_examples, ds.num_train)
   bsz = min(hc.batch_size, n)
@@ -119,13 +119,8 @@ def _hessian(model, params, bs, ds, config, key, mesh=None):
     for i in range(0, len(local.y) - per + 1, per):
       g = parallel.global_batch({"x": local.x[i : i + per], "y": local.y[i : i + per]}, mesh)
       data.append((g["x"], g["y"]))
-  loss = lambda p, b: losses.cross_entropy(model.apply(p, bs, b[0], False, None)[0], b[1])
-  return {
-    k: float(v)
-    for k, v in flatness.hessian_metrics(
-      loss, params, data, key, num_iters=hc.num_iters, num_samples=hc.num_samples
-    ).items()
-  }
+  _, loss = measures.eval_fns(model.apply, bs)
+  return measures.hessian(loss, params, data, key, iters=hc.num_iters, probes=hc.num_samples)
 
 
 def load_data(config) -> input_pipeline.Dataset:

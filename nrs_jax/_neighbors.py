@@ -183,8 +183,8 @@ class Perturbations:
   ...                          mask={"w": True, "b": False})
   >>> [None if d is None else d.shape for d in p.deltas]  # flatten order: b, w
   [None, (1, 3)]
-  >>> [round(float(v), 4) for v in p.deltas[1][0]]  # 0.1 * jax.random.normal draws
-  [-0.0575, 0.08, -0.026]
+  >>> bool(jnp.all(p.deltas[1] != 0))  # w moves; b, masked out, has no delta at all
+  True
   """
 
   deltas: list
@@ -234,8 +234,8 @@ def sample_perturbations(
     ...     params, jax.random.key(0), radius=0.1, num_neighbors=4, noise="sphere")
     >>> tree = p.as_tree(params)  # a leading K axis on every leaf
     >>> norms = jnp.sqrt((tree["w"] ** 2).sum((1, 2)) + (tree["b"] ** 2).sum(1))
-    >>> [round(float(n), 4) for n in norms], round(float(tree["w"][0, 0, 0]), 4)
-    ([0.1, 0.1, 0.1, 0.1], -0.0097)
+    >>> [round(float(n), 4) for n in norms]  # on the sphere: length exactly r
+    [0.1, 0.1, 0.1, 0.1]
   """
   k = _options.check_positive_int("num_neighbors", num_neighbors)
   sampler = Sampler(params, radius=radius, noise=noise, scale=scale, mask=mask)

@@ -12,6 +12,7 @@ from jax.flatten_util import ravel_pytree
 
 import nrs_jax
 from experiments import measures
+from experiments.study_spec import DIAGNOSTICS
 from experiments.study_spec import MEASURES
 from nrs_jax import flatness
 from tests.conftest import enable_x64
@@ -102,7 +103,7 @@ def test_token_level_labels_count_each_valid_token_once():
   valid = y >= 0
   want = -np.take_along_axis(logp, np.maximum(y, 0)[..., None], -1)[..., 0][valid].mean()
   assert out["test_nll"] == pytest.approx(want, rel=1e-6)
-  assert all(math.isfinite(v) for v in out.values())
+  assert all(math.isfinite(v) for k, v in out.items() if k != "failed_measures")
 
 
 def test_a_failing_measure_is_nan_and_the_others_stand(monkeypatch):
@@ -113,9 +114,91 @@ def test_a_failing_measure_is_nan_and_the_others_stand(monkeypatch):
 
   monkeypatch.setattr(measures.flatness, "top_hessian_eigenvalues", broken)
   out = measures.measure(apply, params, {}, data, data, jax.random.key(0), lanczos=5, probes=4)
-  assert math.isnan(out["lambda_max"])
-  assert all(math.isfinite(v) for k, v in out.items() if k != "lambda_max")
+  assert math.isnan(out["lambda_max"]) and math.isnan(out["lanczos_residual"])
+  assert out.pop("failed_measures") == "lambda_max"
+  assert all(
+    math.isfinite(v) for k, v in out.items() if k not in ("lambda_max", "lanczos_residual")
+  )
   monkeypatch.undo()
   bad = jax.tree.map(lambda a: a.at[0].set(jnp.nan), params)
   out = measures.measure(apply, bad, {}, data, data, jax.random.key(0), lanczos=5, probes=4)
-  assert set(out) == set(MEASURES) and all(math.isnan(v) for v in out.values())
+  assert set(out) == set(MEASURES) | set(DIAGNOSTICS)
+  assert all(math.isnan(v) for k, v in out.items() if k != "failed_measures")
+
+
+def _bn_model(n=1150, d=4, c=3):
+  """A linear layer and BatchNorm: batch statistics in train mode, the running ones (``bs``,
+  deliberately far from the batch's) in evaluation mode, so the two modes' outputs differ."""
+  k1, k2 = jax.random.split(jax.random.key(5))
+  params = {"w": jax.random.normal(k1, (d, c)), "g": jnp.ones(c), "b": jnp.zeros(c)}
+  bs = {"mean": jnp.full((c,), 0.7), "var": jnp.full((c,), 2.5)}
+  x = np.asarray(jax.random.normal(k2, (n, d)))
+  y = (np.arange(n) * 7) % c
+
+  def apply(p, bs, x, train, key):
+    h = x @ p["w"]
+    mean, var = (h.mean(0), h.var(0)) if train else (bs["mean"], bs["var"])
+    return (h - mean) / jnp.sqrt(var + 1e-5) * p["g"] + p["b"], bs
+
+  return params, bs, apply, (x, y)
+
+
+def test_measures_run_in_evaluation_mode_over_uneven_batches():
+  """BatchNorm's running statistics (not the batch's), 1,150 examples as batches of 1,000 and
+  150, each weighed by its rows: against the exact Hessian and numpy over all rows at once."""
+  with enable_x64(True):
+    params, bs, apply, (x, y) = _bn_model()
+    params = jax.tree.map(lambda a: a.astype(jnp.float64), params)
+    out = measures.measure(
+      apply, params, bs, (x, y), (x, y), jax.random.key(0), examples=1150, lanczos=12
+    )
+    flat, unravel = ravel_pytree(params)
+    eval_logits = lambda v: apply(unravel(v), bs, x, False, None)[0]
+    train_logits = lambda v: apply(unravel(v), bs, x, True, None)[0]
+    nll = lambda z: jnp.mean(jax.nn.logsumexp(z, -1) - z[jnp.arange(len(y)), y])
+    H = np.asarray(jax.jit(jax.hessian(lambda v: nll(eval_logits(v))))(flat))
+    assert out["lambda_max"] == pytest.approx(np.linalg.eigvalsh(H)[-1], rel=1e-6)
+    H_train = np.asarray(jax.jit(jax.hessian(lambda v: nll(train_logits(v))))(flat))
+    assert abs(np.linalg.eigvalsh(H_train)[-1] - out["lambda_max"]) > 1e-3  # the modes differ
+    assert out["test_nll"] == pytest.approx(float(nll(eval_logits(flat))), rel=1e-9)
+    assert abs(float(nll(train_logits(flat))) - out["test_nll"]) > 1e-3
+    assert 0 <= out["lanczos_residual"] < 1e-3 * out["lambda_max"]
+    assert out["hessian_trace_se"] > 0 and out["failed_measures"] == ""
+    # The divergence over all 1,150 rows at once, with the measure's key (same neighbours).
+    key = jax.random.split(jax.random.key(0), 3)[2]
+    whole = nrs_jax.nrs_penalty(
+      lambda q: apply(q, bs, x, False, None)[0], params, key, radius=0.05, num_neighbors=8
+    )
+    assert out["neighborhood_kl"] == pytest.approx(float(whole), rel=1e-9)
+
+
+def test_token_level_divergence_leaves_out_padding():
+  """[B, T] logits with padding labels (< 0): the divergence averages over the valid tokens
+  of every batch (1,000 + 150 sequences), as nrs_penalty's where does over all at once."""
+  params, _, _ = _linear_model(d=4, c=6)
+  apply = lambda p, bs, x, train, key: (x @ p["w"] + p["b"], bs)
+  x = np.array(jax.random.normal(jax.random.key(1), (1150, 3, 4)))
+  y = np.arange(1150 * 3).reshape(1150, 3) % 6
+  y[::3, -1] = -1
+  x[y < 0] *= 30.0  # padding inputs far out: counting them would move the mean
+  out = measures.measure(apply, params, {}, (x, y), (x, y), jax.random.key(0), lanczos=3, probes=2)
+  key = jax.random.split(jax.random.key(0), 3)[2]
+  fn = lambda q: x @ q["w"] + q["b"]
+  valid = nrs_jax.nrs_penalty(fn, params, key, radius=0.05, num_neighbors=8, where=y >= 0)
+  every = nrs_jax.nrs_penalty(fn, params, key, radius=0.05, num_neighbors=8)
+  assert out["neighborhood_kl"] == pytest.approx(float(valid), rel=1e-5)
+  assert abs(float(every) - float(valid)) > 0.1 * float(valid)
+
+
+def test_a_failed_measure_is_logged_with_its_run(monkeypatch):
+  params, apply, data = _linear_model()
+  warnings = []
+  monkeypatch.setattr(measures.logging, "warning", lambda *a: warnings.append(a[0] % a[1:]))
+  monkeypatch.setattr(measures.flatness, "worst_case_sharpness", lambda *a, **k: 1 / 0)
+  out = measures.measure(
+    apply, params, {}, data, data, jax.random.key(0), run="wd/seed100", lanczos=5, probes=4
+  )
+  assert out["failed_measures"] == "sharpness" and math.isnan(out["sharpness"])
+  assert warnings == [
+    "measure sharpness failed for run wd/seed100: ZeroDivisionError: division by zero"
+  ]

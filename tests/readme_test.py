@@ -2,11 +2,13 @@
 section is the study's generated summary and quotes no number the report lacks."""
 
 import functools
-import importlib.util
+import json
 import os
 import re
 
 import numpy as np
+
+from experiments import result_tables as tables
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,77 +58,77 @@ def test_the_readme_stays_a_landing_page_of_at_most_9000_characters():
   assert size <= 9000, f"README.md has {size} characters; move detail to docs/evidence.md"
 
 
-@functools.cache
-def _tables():
-  """docs/benchmark_tables.py, loaded by path (``docs`` is not a package)."""
-  path = os.path.join(ROOT, "docs", "benchmark_tables.py")
-  spec = importlib.util.spec_from_file_location("benchmark_tables", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def test_the_readme_summary_table_is_the_one_generated_from_the_report():
-  tables = _tables()
   readme = _readme()
   assert readme.count(tables.BEGIN) == 1 and readme.count(tables.END) == 1
   assert readme == tables.readme_with_summary(readme), (
-    "README's study table is stale: run `python -m docs.benchmark_tables`."
+    "README's study table is stale: run `python -m experiments.result_tables`."
   )
 
 
-REPORT = """# The evidence study
-
-Protocol.
-
-## task_a
-
-| method | passes | mean [95% CI] (test accuracy, %) | nrs - method [95% CI] | Wilcoxon Holm p | verdict |
-|---|---|---|---|---|---|
-| sgd | 1.00 | 70.00 [69.00, 71.00] | 2.00 [1.00, 3.00] | 0.001 | nrs ahead |
-| sam | 2.00 | 72.00 [71.00, 73.00] | 0.10 [-0.20, 0.40] | 0.5 | tie |
-| nrs | 2.00 | 72.10 [71.10, 73.10] |  |  |  |
-| saf | 1.00 | 74.00 [73.00, 75.00] | -1.90 [-2.50, -1.30] | 0.002 | nrs behind |
-| mesa | 2.00 | 72.50 [70.00, 75.00] | -0.40 [-2.40, 1.60] | 0.7 | inconclusive (MDD 2.10) |
-
-Still at an edge of its grid after the extensions: none.
-
-| method | other | verdict |
-|---|---|---|
-| nrs_k2 | 1 | tie |
-
-Does nrs find flatter minima (lower lambda_max and trace, Holm p < 0.05) than sgd: yes; than sam: no, sharper. Does flatness predict accuracy here (Kendall tau of lambda_max with test accuracy, p < 0.05): not shown (tau -0.02, p 0.8).
-
-## task_b
-
-| method | mean [95% CI] (bits per character, lower is better) | verdict |
-|---|---|---|
-| adamw | 2.50 [2.40, 2.60] | nrs behind |
-| nrs | 2.60 [2.50, 2.70] |  |
-
-Still at an edge of its grid after the extensions: adamw (weight_decay), nrs (nrs.radius).
-"""
+def _method(mean_ci, verdict=None, mdd=None):
+  r = {"mean_ci": mean_ci}
+  return r if verdict is None else {**r, "verdict": verdict, "mdd": mdd}
 
 
-def test_the_summary_reads_each_verdict_from_the_report_and_adds_nothing():
-  tables = _tables()
-  rows = tables.study_summary(REPORT).split("\n")[2:]
+SUMMARY = {
+  "tasks": {
+    "task_a": {
+      "subject": "nrs",
+      "unit": "test accuracy, %",
+      "head": ["method", "mean"],
+      "rows": [["sgd", "70.00"], ["nrs", "72.10"]],
+      "methods": {
+        "sgd": _method("70.00 [69.00, 71.00]", "nrs ahead"),
+        "sam": _method("72.00 [71.00, 73.00]", "tie"),
+        "nrs": _method("72.10 [71.10, 73.10]"),
+        "saf": _method("74.00 [73.00, 75.00]", "nrs behind"),
+        "mesa": _method("72.50 [70.00, 75.00]", "inconclusive", "2.10"),
+      },
+      "edges": [],
+      "flatness": {"vs_base": "yes", "vs_sam": "no, sharper", "tau": -0.02, "tau_p": 0.8},
+    },
+    "task_b": {
+      "subject": "nrs",
+      "unit": "bits per character, lower is better",
+      "head": ["method"],
+      "rows": [["adamw"]],
+      "methods": {
+        "adamw": _method("2.50 [2.40, 2.60]", "nrs behind"),
+        "nrs": _method("2.60 [2.50, 2.70]"),
+      },
+      "edges": ["adamw (weight_decay)", "nrs (nrs.radius)"],
+      "flatness": {"vs_base": "not shown", "vs_sam": "not shown", "tau": 0.21, "tau_p": 0.1},
+    },
+  }
+}
+
+
+def test_the_summary_reads_each_verdict_from_the_json_and_adds_nothing(tmp_path):
+  path = tmp_path / "summary.json"
+  path.write_text(json.dumps(SUMMARY))
+  rows = tables.study_summary(str(path)).split("\n")[2:]
   assert rows == [
     "| `task_a` | nrs 72.10 [71.10, 73.10] % | sam | sgd | saf "
     "| mesa (MDD 2.10) | yes / no, sharper; tau -0.02 |",
-    "| `task_b` | nrs 2.60 [2.50, 2.70] bits/char | none | none | adamw | none |  |",
+    "| `task_b` | nrs 2.60 [2.50, 2.70] bits/char | none | none | adamw | none "
+    "| not shown / not shown; tau +0.21 |",
     "",
     "Chosen values still at an edge of their grid after the extensions (the best may lie "
     "beyond): `task_b`: adamw (weight_decay), nrs (nrs.radius).",
   ]
-  assert tables.study_section("task_c", REPORT) is None
-  assert "no task has finished" in tables.study_summary("# The evidence study\n").lower()
+  assert (
+    tables.study_section("task_a", str(path))
+    == "| method | mean |\n|---|---|\n| sgd | 70.00 |\n| nrs | 72.10 |"
+  )
+  assert tables.study_section("task_c", str(path)) is None
+  assert "no task has finished" in tables.study_summary(str(tmp_path / "none.json")).lower()
   readme = f"intro\n{tables.BEGIN}\nold table\n{tables.END}\nrest\n"
-  new = tables.readme_with_summary(readme, REPORT)
+  new = tables.readme_with_summary(readme, str(path))
   assert new.startswith(f"intro\n{tables.BEGIN}\n| task |") and new.endswith(
     f"{tables.END}\nrest\n"
   )
-  assert "old table" not in new and tables.readme_with_summary(new, REPORT) == new
+  assert "old table" not in new and tables.readme_with_summary(new, str(path)) == new
 
 
 def test_the_install_line_names_extras_that_exist_and_no_doc_names_an_unpublished_package():

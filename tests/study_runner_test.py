@@ -179,7 +179,8 @@ def _fail_seed_101(job):
   time.sleep(0.3)
   row = dict(task=task, method=method, phase=phase, seed=seed, metric="accuracy", val=0.5)
   row.update(setting=json.dumps(setting, sort_keys=True), test=0.5, diverged=0, seconds=0.3)
-  return {**row, **dict.fromkeys(study.spec.MEASURES, 0.5), "machine": "test"}
+  row.update(dict.fromkeys(study.spec.MEASURES, 0.5), lanczos_residual=0.01, hessian_trace_se=0.1)
+  return {**row, "failed_measures": "", "machine": "test"}
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -215,15 +216,21 @@ def test_help_exits_zero_and_lists_the_flags():
     assert f"--{flag}:" in out.stdout or f"--[no]{flag}:" in out.stdout, flag
 
 
-def test_machine_names_the_cpu_isa_and_versions():
-  """The machine column: the CPU model, its ISA extensions and the jax/jaxlib versions."""
+def test_machine_names_the_cpu_isa_and_versions(monkeypatch):
+  """The machine column from a given /proc/cpuinfo: the first processor's model, the ISA
+  extensions XLA:CPU compiles for (in a fixed order), the versions, the code-fixing flags."""
   import jax
+  import jaxlib
 
-  m = study.machine()
-  assert f"jax {jax.__version__} jaxlib" in m
-  if os.path.exists("/proc/cpuinfo"):
-    flags = open("/proc/cpuinfo").read().split("flags", 1)[1].split("\n", 1)[0]
-    assert ("avx2" in m.split("; ")[1].split()) == ("avx2" in flags.split())
+  cpuinfo = (
+    "processor\t: 0\nmodel name\t: Test CPU 9000\nflags\t\t: fpu avx2 sse4_2 fma avx\n\n"
+    "processor\t: 1\nmodel name\t: Other CPU\nflags\t\t: avx512f\n"
+  )
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_max_isa=AVX2 --xla_dump_to=/tmp/x")
+  versions = f"jax {jax.__version__} jaxlib {jaxlib.__version__}"
+  want = f"Test CPU 9000; sse4_2 avx avx2 fma; {versions}; --xla_cpu_max_isa=AVX2"
+  assert study.machine(cpuinfo) == want
+  assert study.machine("").endswith(f"; unknown ISA; {versions}; --xla_cpu_max_isa=AVX2")
 
 
 def test_the_reproducibility_numbers_on_the_evidence_page_are_the_measured_ones():

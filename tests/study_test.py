@@ -39,6 +39,7 @@ def fake_trainer(optima, diverge=()):
       row.update(val=0.1, test=0.1)
     m = {k: (1.0 - row["test"] if k == "lambda_max" else 0.5) for k in spec.MEASURES}
     row.update(m if phase == "final" else dict.fromkeys(spec.MEASURES, ""))
+    row.update(dict.fromkeys(spec.DIAGNOSTICS, ""))
     return {**row, "diverged": int(bad), "seconds": 1.0 + (method == "sgd_2x")}
 
   train.calls = calls
@@ -329,6 +330,9 @@ def test_the_committed_report_is_what_the_committed_records_give(tmp_path):
   out = tmp_path / "RESULTS_STUDY.md"
   study_report.write(rows, list(spec.TASKS), str(out))
   assert out.read_text() == text
+  # ... and so does its machine-readable summary, which the README and docs render.
+  with open(os.path.join(root, "experiments", "results", "study_summary.json")) as f:
+    assert (tmp_path / "results" / "study_summary.json").read_text() == f.read()
   # The header names the tasks, never a command's spelling of them.
   assert "--tasks=mnist" not in text.splitlines()[2]
 
@@ -507,9 +511,9 @@ def test_the_flatness_answer_says_when_sharper_solutions_did_better():
     (-0.3, 1e-5, "bits_per_char", "no: the reverse, sharper did better"),
     (-0.06, 0.2, "accuracy", "not shown"),
   ]:
-    text = study_report.flatness_answer(
-      {**signs, ("lambda_max", "tau"): (tau, p)}, "sgd", "nrs", metric
-    )
+    flat = study_report.flatness_words({**signs, ("lambda_max", "tau"): (tau, p)}, "sgd", metric)
+    assert flat["predicts"] == said and flat["vs_base"] == flat["vs_sam"] == "yes"
+    text = study_report.flatness_answer(flat, "sgd", "nrs", metric)
     assert (
       text.startswith("Does nrs find flatter minima") and "than sgd: yes; than sam: yes." in text
     )

@@ -128,8 +128,8 @@ def loss_landscape_2d(
     >>> loss = lambda p, x: jnp.mean((x @ p["w"]) ** 2)
     >>> out = flatness.loss_landscape_2d(loss, params, jnp.eye(4), jax.random.key(0),
     ...                                  alphas=[-0.5, 0.0, 0.5])
-    >>> [[round(float(v), 3) for v in row] for row in out["losses"]]  # the centre: loss 1
-    [[1.627, 1.39, 1.653], [1.34, 1.0, 1.16], [1.554, 1.11, 1.166]]
+    >>> out["losses"].shape, float(out["losses"][1, 1])  # the centre: the loss at params, 1
+    ((3, 3), 1.0)
   """
   k1, k2 = jax.random.split(key)
   d1 = filter_normalized_direction(params, k1)

@@ -55,8 +55,8 @@ def average_sharpness(
     >>> loss = lambda p, b: 0.5 * jnp.sum(b * p ** 2)  # E[increase] = r^2 tr(H) / 2
     >>> out = flatness.average_sharpness(loss, jnp.zeros(100), jnp.ones(100), jax.random.key(0),
     ...                                  radius=0.1, num_samples=64)
-    >>> f"{float(out['sharpness/average']):.4g}"  # the expectation is 0.5
-    '0.4958'
+    >>> bool(abs(out["sharpness/average"] - 0.5) < 0.05)  # the expectation 0.5, 5 s.e. wide
+    True
   """
   _options.check_nonnegative("radius", radius)
   batches, weights = _data.as_batches(data)
@@ -113,13 +113,15 @@ def nrs_divergence(
     ``{"sharpness/nrs_divergence": value}``.
 
   Examples:
-    >>> import jax, jax.numpy as jnp
+    >>> import jax, jax.numpy as jnp, nrs_jax
     >>> from nrs_jax import flatness
     >>> apply_fn = lambda p, x: x @ p
     >>> out = flatness.nrs_divergence(apply_fn, jnp.ones((3, 4)), jnp.eye(3), jax.random.key(0),
     ...                               radius=0.1, num_neighbors=4)
-    >>> f"{float(out['sharpness/nrs_divergence']):.4g}"
-    '0.002767'
+    >>> want = nrs_jax.nrs_penalty(lambda p: jnp.eye(3) @ p, jnp.ones((3, 4)), jax.random.key(0),
+    ...                            radius=0.1, num_neighbors=4)  # one batch: the penalty itself
+    >>> bool(jnp.isclose(out["sharpness/nrs_divergence"], want, rtol=1e-6))
+    True
   """
   fn = lambda p, b: _penalty.nrs_penalty(
     lambda q: apply_fn(q, b), p, key, radius=radius, num_neighbors=num_neighbors, **options

@@ -82,8 +82,8 @@ def logits_fn_for(
     >>> updates, opt_state = tx.update(grads, opt_state, params,
     ...                                logits_fn=logits_fn_for(model, x))
     >>> model = eqx.apply_updates(model, updates)
-    >>> int(opt_state[0].count), f"{float(opt_state[0].penalty):.3g}"
-    (1, '0.000428')
+    >>> int(opt_state[0].count), float(opt_state[0].penalty) > 0
+    (1, True)
   """
   _check_module(model, "logits_fn_for")
   _, static = eqx.partition(model, eqx.is_inexact_array)
@@ -155,8 +155,10 @@ def flatness_inputs(
     ...     jax.vmap(m)(b[0]), b[1]).mean()
     >>> loss, params = flatness_inputs(model, xent)
     >>> r = flatness.top_hessian_eigenvalues(loss, params, batch, jax.random.key(0))
-    >>> r.eigenvalues.shape, f"{float(r.eigenvalues[0]):.3g}"
-    ((1,), '1.37')
+    >>> flat, unravel = jax.flatten_util.ravel_pytree(params)  # the exact Hessian, by jax
+    >>> exact = jnp.linalg.eigvalsh(jax.hessian(lambda v: loss(unravel(v), batch))(flat))[-1]
+    >>> r.eigenvalues.shape, bool(jnp.isclose(r.eigenvalues[0], exact, rtol=1e-3))
+    ((1,), True)
   """
   _check_module(model, "flatness_inputs")
   params, static = eqx.partition(eqx.nn.inference_mode(model), eqx.is_inexact_array)

@@ -101,8 +101,8 @@ def logits_fn_for(
     ...   grads = nnx.grad(loss)(model)
     ...   optimizer.update(model, grads, logits_fn=logits_fn)
     >>> train_step(model, optimizer, x, y)
-    >>> int(optimizer.opt_state[0].count), f"{float(optimizer.opt_state[0].penalty):.3g}"
-    (1, '0.000321')
+    >>> int(optimizer.opt_state[0].count), float(optimizer.opt_state[0].penalty) > 0
+    (1, True)
   """
   _check_module(model, "logits_fn_for")
   graphdef, _, rest = _frozen_split(model, wrt, ...)
@@ -150,8 +150,10 @@ def flatness_inputs(
     >>> xent = lambda m, b: optax.softmax_cross_entropy_with_integer_labels(m(b[0]), b[1]).mean()
     >>> loss, params = flatness_inputs(model, xent)
     >>> r = flatness.top_hessian_eigenvalues(loss, params, batch, jax.random.key(0))
-    >>> r.eigenvalues.shape, f"{float(r.eigenvalues[0]):.3g}"
-    ((1,), '9.68')
+    >>> flat, unravel = jax.flatten_util.ravel_pytree(params)  # the exact Hessian, by jax
+    >>> exact = jnp.linalg.eigvalsh(jax.hessian(lambda v: loss(unravel(v), batch))(flat))[-1]
+    >>> r.eigenvalues.shape, bool(jnp.isclose(r.eigenvalues[0], exact, rtol=1e-3))
+    ((1,), True)
   """
   _check_module(model, "flatness_inputs")
   frozen = nnx.clone(model)

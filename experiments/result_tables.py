@@ -1,16 +1,13 @@
-"""Markdown tables from the committed benchmark JSON (``experiments/results/``). The
-documentation's benchmark pages render these at build time, so their tables are the measured
-numbers, never copies. Each function takes a JSON path (relative to ``experiments/results/``
-unless absolute) and returns a markdown table. The study's tables are read from its generated
-report, ``experiments/RESULTS_STUDY.md``; ``python -m docs.benchmark_tables`` writes the
-README's summary of it. (Documentation code: it lives with the pages that call it, not in
-the harness.)"""
+"""Markdown tables from the committed result JSON (``experiments/results/``): the benchmarks'
+and the study's machine-readable summary (``study_summary.json``, written with its report).
+The documentation renders these at build time and ``python -m experiments.result_tables``
+writes the README's study table, so every table is the measured numbers, never a copy. Each
+function takes a JSON path (relative to ``experiments/results/`` unless absolute)."""
 
 from __future__ import annotations
 
 import json
 import os
-import re
 
 from experiments.tables import markdown_table
 
@@ -154,74 +151,54 @@ def cpu_tokens(name: str = "benchmark_cpu_tokens.json") -> str:
   return markdown_table(["vocab", "row", "step x cross-entropy step", "XLA temp MiB"], out)
 
 
-STUDY = os.path.join(RESULTS, "..", "RESULTS_STUDY.md")
+SUMMARY = "study_summary.json"  # written by experiments.study_report beside its report
 README = os.path.join(RESULTS, "..", "..", "README.md")
-BEGIN = "<!-- study summary: `python -m docs.benchmark_tables` writes this table; do not edit -->"
-END = "<!-- end of study summary -->"
-_FLAT = re.compile(  # the report's flatness answer: vs the base method, vs SAM, and tau
-  r"^Does \w+ find flatter minima .*?than \w+: ([^;]+); than sam: ([^.]+)\. "
-  r"Does flatness predict accuracy .*?\(tau ([^,]+), p [^)]+\)\.$",
-  re.M,
+BEGIN = (
+  "<!-- study summary: `python -m experiments.result_tables` writes this table; do not edit -->"
 )
+END = "<!-- end of study summary -->"
+SHORT_UNITS = {"test accuracy, %": "%", "bits per character, lower is better": "bits/char"}
 
 
-def _sections(report: str | None) -> dict[str, str]:
-  """Each finished task's section of the study's report (read from STUDY unless given), up
-  to the next task's."""
-  if report is None:
-    with open(STUDY) as f:
-      report = f.read()
-  return dict(re.findall(r"^## (\w+)\n(.*?)(?=^## |\Z)", report, re.S | re.M))
+def study_tasks(name: str = SUMMARY) -> dict:
+  """The study's machine-readable summary, task by task (empty while no task has finished)."""
+  path = name if os.path.isabs(name) else os.path.join(RESULTS, name)
+  return load(path)["tasks"] if os.path.exists(path) else {}
 
 
-def _main_table(section: str) -> str | None:
-  m = re.match(r"\n(\|.*?)(?:\n\n|\n*\Z)", section, re.S)
-  return m.group(1) if m else None
+def study_section(task: str, name: str = SUMMARY) -> str | None:
+  """The main table of ``task`` in the study's report, or None if it has not finished."""
+  t = study_tasks(name).get(task)
+  return None if t is None else markdown_table(t["head"], t["rows"])
 
 
-def study_section(task: str, report: str | None = None) -> str | None:
-  """The main table of ``task``'s section of the study's report, or None if it has none."""
-  section = _sections(report).get(task)
-  return None if section is None else _main_table(section)
+def _summary_row(name: str, t: dict) -> list[str]:
+  by: dict[str, list] = {k: [] for k in ("tie", "ahead", "behind", "inconclusive")}
+  for m, r in t["methods"].items():
+    if m == t["subject"]:
+      continue
+    if r["verdict"] == "inconclusive":
+      by["inconclusive"].append(f"{m} (MDD {r['mdd']})")
+    else:
+      by[r["verdict"].split(" ")[-1]].append(m)
+  subject = t["methods"][t["subject"]]["mean_ci"]
+  subject = f"{t['subject']} {subject} {SHORT_UNITS.get(t['unit'], t['unit'])}"
+  f = t["flatness"]
+  flat = f"{f['vs_base']} / {f['vs_sam']}; tau {f['tau']:+.2f}"
+  return [f"`{name}`", subject] + [", ".join(by[k]) or "none" for k in by] + [flat]
 
 
-def _cells(line: str) -> list[str]:
-  return [c.strip() for c in line.strip().strip("|").split("|")]
-
-
-def study_summary(report: str | None = None) -> str:
-  """One row per finished task of the study's report: the subject's mean [95% CI], which
-  methods it ties (the equivalence test passed), is ahead of or behind (Wilcoxon, Holm), the
-  inconclusive comparisons with their minimum detectable difference, and the report's
-  flatness answer; then a line naming every chosen value still at an edge of its grid. Every
-  cell is read from the report, nothing computed here."""
-  sections = _sections(report)
-  if not sections:
+def study_summary(name: str = SUMMARY) -> str:
+  """One row per finished task of the study: the subject's mean [95% CI], which methods it
+  ties (the equivalence test passed), is ahead of or behind (Wilcoxon, Holm), the
+  inconclusive comparisons with their minimum detectable difference, and the flatness
+  answer; then a line naming every chosen value still at an edge of its grid. Every cell is
+  read from the report's summary (study_summary.json), nothing computed here."""
+  tasks = study_tasks(name)
+  if not tasks:
     return "No task has finished yet: the report holds no result."
-  out, edges = [], []
-  for t, section in sections.items():
-    edge = re.search(r"^Still at an edge of its grid after the extensions: (.*)\.$", section, re.M)
-    edges += [f"`{t}`: {edge[1]}"] if edge and edge[1] != "none" else []
-    header, _, *rows = _main_table(section).split("\n")
-    col = {h: i for i, h in enumerate(_cells(header))}
-    mean = next(h for h in col if h.startswith("mean [95% CI]"))
-    unit = mean[len("mean [95% CI] (") : -1]
-    unit = {"test accuracy, %": "%", "bits per character, lower is better": "bits/char"}.get(
-      unit, unit
-    )
-    by = {k: [] for k in ("tie", "ahead", "behind", "inconclusive")}
-    subject = ""
-    for r in map(_cells, rows):
-      verdict = r[col["verdict"]]
-      if not verdict:
-        subject = f"{r[col['method']]} {r[col[mean]]} {unit}"
-      elif verdict.startswith("inconclusive"):
-        by["inconclusive"].append(f"{r[col['method']]} {verdict[len('inconclusive ') :]}")
-      else:
-        by[verdict.split(" ")[-1]].append(r[col["method"]])
-    flat = _FLAT.search(section)
-    flat = f"{flat[1]} / {flat[2]}; tau {flat[3]}" if flat else ""
-    out.append([f"`{t}`", subject] + [", ".join(by[k]) or "none" for k in by] + [flat])
+  out = [_summary_row(t, v) for t, v in tasks.items()]
+  edges = [f"`{t}`: {', '.join(v['edges'])}" for t, v in tasks.items() if v["edges"]]
   head = ["task", "NRS row, mean [95% CI]", "tied with (equivalence)"]
   head += ["ahead of (Wilcoxon, Holm)", "behind", "inconclusive (MDD)"]
   head += ["flatter than the base / SAM; tau"]
@@ -230,13 +207,13 @@ def study_summary(report: str | None = None) -> str:
   return table + (f"{edge}lie beyond): {'; '.join(edges)}." if edges else "")
 
 
-def readme_with_summary(readme: str, report: str | None = None) -> str:
+def readme_with_summary(readme: str, name: str = SUMMARY) -> str:
   """``readme`` with the block between BEGIN and END replaced by :func:`study_summary`."""
   start, stop = readme.index(BEGIN) + len(BEGIN), readme.index(END)
-  return readme[:start] + "\n" + study_summary(report) + "\n" + readme[stop:]
+  return readme[:start] + "\n" + study_summary(name) + "\n" + readme[stop:]
 
 
-if __name__ == "__main__":  # python -m docs.benchmark_tables: rewrites the README's table
+if __name__ == "__main__":  # python -m experiments.result_tables: rewrites the README's table
   with open(README) as f:
     text = readme_with_summary(f.read())
   with open(README, "w") as f:
