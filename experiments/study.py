@@ -433,10 +433,10 @@ def step_costs(name: str, family: str, chosen: dict, quick: bool, path: str = CO
     own = jax.jit(steps.make_step(config.method, model.apply, tx, config, steps_per_epoch=10))
     plain = jax.jit(steps.make_step("sgd", model.apply, tx, config))
     p = steps.step_probability(config)
-    steps = [own if steps.takes_expensive_step(0, i, p) else plain for i in range(n)]
+    schedule = [own if steps.takes_expensive_step(0, i, p) else plain for i in range(n)]
 
-    def run_of_steps(params, bs, opt_state, steps=steps):
-      for i, step in enumerate(steps):
+    def run_of_steps(params, bs, opt_state, schedule=schedule):
+      for i, step in enumerate(schedule):
         params, bs, opt_state, _ = step(params, bs, opt_state, batch, jax.random.key(i))
       return params
 

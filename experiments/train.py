@@ -65,9 +65,9 @@ def make_eval_step(apply):
   def step(params, bs, x, y, w):
     logits, _ = apply(params, bs, x, False, None)
     weight = w.reshape(w.shape + (1,) * (y.ndim - 1)) * (y >= 0)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(y, 0))
+    per_token = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(y, 0))
     correct = jnp.argmax(logits, -1) == y
-    return jnp.sum(losses * weight), jnp.sum(correct * weight), jnp.sum(weight)
+    return jnp.sum(per_token * weight), jnp.sum(correct * weight), jnp.sum(weight)
 
   return step
 

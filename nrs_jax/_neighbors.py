@@ -135,9 +135,8 @@ def _leaf_mask(m: Any, x: Any, what: str) -> bool | np.ndarray:
 
 
 def perturbed_leaf_mask(params: Any, mask: Any = None) -> list[bool]:
-  """Per leaf of ``params`` (flatten order), whether NRS acts on it (on some of its elements,
-  for a per-element mask): a float leaf ``mask`` selects; a ValueError if there is none or the
-  mask does not fit."""
+  """Per leaf of ``params`` (flatten order), whether NRS acts on (some elements of) it: a float
+  leaf ``mask`` selects; a ValueError if there is none or the mask does not fit."""
   leaves = jax.tree_util.tree_leaves(params)
   floats = [is_float(leaf) for leaf in leaves]
   if not any(floats):
@@ -250,8 +249,10 @@ class Sampler:
     _options.check_choice("noise", noise, _options.NOISES)
     _options.check_choice("scale", scale, _options.SCALES)
     self.treedef = jax.tree_util.tree_structure(params)
-    self.selected = perturbed_leaf_mask(params, mask)
-    self.elements = [m if isinstance(m, np.ndarray) else None for m in resolve_mask(params, mask)]
+    resolved = resolve_mask(params, mask)  # (a callable mask is called once)
+    tree = jax.tree_util.tree_unflatten(self.treedef, resolved)
+    self.selected = perturbed_leaf_mask(params, tree)
+    self.elements = [m if isinstance(m, np.ndarray) else None for m in resolved]
     self.radii = _options.broadcast_prefix(radius, params, "radius", "scalars")
     self.scalar_radius = jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(radius))
     self.moving = [s and not _options.is_static_zero(r) for s, r in zip(self.selected, self.radii)]
@@ -266,9 +267,7 @@ class Sampler:
         np.ones(n, bool) if e is None else e.ravel() for e, n in zip(self.elements, self.sizes)
       ]
       self.keep = np.concatenate([p for p, n in zip(parts, self.sizes) if n])
-    # The draw's dtype: float32, or float64 where a perturbed leaf is (under x64): a float32
-    # draw would carry float32 rounding into float64 results (and differ by an ulp between
-    # programs: XLA compiles the normal's erf_inv differently inside a scan body).
+    # The draw's dtype: float64 where a perturbed leaf is (x64; float32 rounding otherwise).
     wide = [x.dtype for x, m in zip(leaves, self.moving) if m and x.dtype == jnp.float64]
     self.dtype = jnp.float64 if wide else jnp.float32
     self.noise, self.scale = noise, scale

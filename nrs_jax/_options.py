@@ -64,14 +64,9 @@ def check_nonnegative(name: str, value: Any, *, tree: bool = False, schedule: bo
       + (" (a schedule of the step count is for add_nrs_gradient)." if tree else ".")
     )
   leaves = jax.tree_util.tree_leaves(value) if tree else [value]
-  for v in leaves:
-    if isinstance(v, jax.core.Tracer):
-      continue
-    text = (
-      isinstance(v, (str, bytes))
-      or getattr(v, "dtype", None) is not None
-      and (np.dtype(v.dtype).kind in "SUO")
-    )
+  for v in [v for v in leaves if not isinstance(v, jax.core.Tracer)]:  # (traced: unchecked)
+    kind = np.dtype(v.dtype).kind if getattr(v, "dtype", None) is not None else ""
+    text = isinstance(v, (str, bytes)) or kind in ("S", "U", "O")
     try:  # (float("0.05") would accept a string)
       ok = not text and jnp.ndim(v) == 0 and math.isfinite(float(v)) and float(v) >= 0
     except (TypeError, ValueError):

@@ -17,8 +17,7 @@ from nrs_jax import _strategies
 
 
 def _check_logits(logits: Any, what: str, source: str = "logits_fn") -> jax.Array:
-  """``logits`` if they are float ``[..., C]``; else a ValueError naming ``source``, the
-  function the user wrote (``logits_fn``, or ``make_nrs_loss``'s ``apply_fn``)."""
+  """``logits`` if float ``[..., C]``; else a ValueError naming ``source``, the user's function."""
   if isinstance(logits, (tuple, list, dict)):
     raise ValueError(
       f"{source} must return the logits alone, an array [..., num_classes]; {what} got a "
@@ -34,10 +33,10 @@ def _check_logits(logits: Any, what: str, source: str = "logits_fn") -> jax.Arra
     )
   if jnp.ndim(logits) == 1:
     raise ValueError(
-      f"{source} returned 1-d logits of shape {tuple(logits.shape)} for {what}, which could "
-      "be one example's classes or one binary logit per example, so they are refused. For "
-      "one binary logit per example return [B, 1] (logits[:, None]); for one example's "
-      "classes (a function vmapped over examples) return [1, C] (logits[None])."
+      f"{source} returned 1-d logits of shape {tuple(logits.shape)} for {what}, which could be "
+      "one example's classes or one binary logit per example, so they are refused. Return "
+      "[B, 1] (logits[:, None]) for a binary logit per example, [1, C] (logits[None]) for one "
+      "example's classes (a function vmapped over examples)."
     )
   return logits
 
@@ -121,8 +120,9 @@ def nrs_penalty(
     >>> pen = nrs_jax.nrs_penalty(lambda p: x @ p["w"], params, jax.random.key(0),
     ...                           radius=0.1, num_neighbors=2)
     >>> d = nrs_jax.sample_perturbations(params, jax.random.key(0), radius=0.1, num_neighbors=2)
-    >>> kls = [nrs_jax.output_divergence(x @ params["w"], x @ (params["w"] + dw)) for dw in d.deltas[0]]
-    >>> bool(jnp.isclose(pen, (kls[0] + kls[1]) / 2, rtol=1e-5))  # the mean over the K = 2 draws
+    >>> logq = [jax.nn.log_softmax(x @ (params["w"] + dw)) for dw in d.deltas[0]]  # neighbours
+    >>> kl = [jnp.sum(0.25 * (jnp.log(0.25) - q), -1).mean() for q in logq]  # centre: uniform
+    >>> bool(jnp.isclose(pen, (kl[0] + kl[1]) / 2, rtol=1e-4))  # the mean over the K = 2 draws
     True
 
   References:
@@ -339,7 +339,10 @@ def make_nrs_loss(
     ...     {"w": jnp.full((3, 4), 0.1)}, batch, jax.random.key(0))
     >>> sorted(aux), round(float(aux["task_loss"]), 4)  # equal logits: log 4
     (['logits', 'nrs_penalty', 'task_loss'], 1.3863)
-    >>> bool(total == aux["task_loss"] + 1.0 * aux["nrs_penalty"]) and float(aux["nrs_penalty"]) > 0
+    >>> d = nrs_jax.sample_perturbations({"w": jnp.zeros((3, 4))}, jax.random.key(0), radius=0.05)
+    >>> q = jax.nn.log_softmax(batch["x"] @ (0.1 + d.deltas[0][0]))  # centre: uniform
+    >>> kl = jnp.mean(jnp.sum(0.25 * (jnp.log(0.25) - q), -1))
+    >>> bool(jnp.isclose(aux["nrs_penalty"], kl, rtol=1e-4) & jnp.isclose(total, aux["task_loss"] + kl))
     True
   """
   _options.check_nonnegative("alpha", alpha)

@@ -91,6 +91,7 @@ def test_accelerator_entry_point_runs_on_cpu_with_tiny_shapes(tmp_path):
     assert r["value_rel_diff"] < 1e-4 and r["grad_rel_diff"] < 1e-4, (s, r)
 
 
+@pytest.mark.slow
 def test_token_level_rows_run_and_chunked_holds_less_than_the_loop():
   rows = benchmark.bench_tokens([64], k=4, batch=4, length=16, width=8, repeats=1)["V64"]
   assert set(rows) == {"ce", "loop", "vmap", "chunked"}

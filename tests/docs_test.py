@@ -3,6 +3,8 @@
 import re
 from pathlib import Path
 
+import pytest
+
 import nrs_jax
 import nrs_jax.flatness
 import nrs_jax.integrations.equinox
@@ -33,10 +35,16 @@ def test_api_page_lists_every_public_name():
 _NUMBER = re.compile(r"(?<![\w.])-?\d+\.?\d*(?:e-?\d+)?")
 
 
-def _informative(want: str) -> bool:
-  """An expected output with a number other than 0 and 1 (a computed value), not only
-  True/False, names or counts of one."""
-  return any(float(n) not in (0.0, 1.0) for n in _NUMBER.findall(want))
+_CHECK = re.compile(r"\b(isclose|allclose)\(|\babs\(.*\) <")
+
+
+def _informative(want: str, source: str = "") -> bool:
+  """An example that shows a computed number (other than 0 and 1, not only True/False, names
+  or counts of one), or checks one against a reference within a tolerance (``isclose``,
+  ``allclose``, ``abs(...) <``): a closed form, numpy, an exact Hessian."""
+  return bool(_CHECK.search(source)) or any(
+    float(n) not in (0.0, 1.0) for n in _NUMBER.findall(want)
+  )
 
 
 def test_every_public_callable_has_a_docstring_example_that_shows_a_value():
@@ -49,13 +57,15 @@ def test_every_public_callable_has_a_docstring_example_that_shows_a_value():
   weak = []
   for name, obj in _public_callables():
     assert ">>>" in (obj.__doc__ or ""), f"{name} has no example"
-    if not any(_informative(e.want) for e in parser.get_examples(obj.__doc__)):
+    if not any(_informative(e.want, e.source) for e in parser.get_examples(obj.__doc__)):
       weak.append(name)
   assert not weak, f"examples that show no computed value: {weak}"
-  assert not _informative("True\n") and not _informative("(1, 0.0)")
+  assert not _informative("True\n") and not _informative("(1, 0.0)", "pen > 0")
   assert _informative("'0.008411'\n") and _informative("[None, (1, 3)]")
+  assert _informative("True\n", "bool(jnp.isclose(pen, kl, rtol=1e-4))")
 
 
+@pytest.mark.slow
 def test_a_wrong_penalty_fails_the_docstring_examples(monkeypatch):
   """The examples would catch a plausible bug: a KL that is twice too large (or swapped
   with the reverse KL) changes the printed penalty of nrs_penalty, make_nrs_loss and

@@ -159,6 +159,7 @@ def test_an_equinox_module_of_bools_is_a_mask_tree_and_masked_leaves_pass_throug
   assert not np.array_equal(updates.layers[1].weight, grads.layers[1].weight)
 
 
+@pytest.mark.slow
 def test_flatness_inputs_hvp_matches_the_exact_hessian():
   model = eqx.nn.MLP(3, 2, 4, 1, activation=jnp.tanh, key=jax.random.key(0))
   batch = (jax.random.normal(jax.random.key(1), (16, 3)), jnp.arange(16) % 2)

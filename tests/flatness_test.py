@@ -34,6 +34,7 @@ def _exact_hessian(loss_fn, params, batch):
   return np.asarray(jax.hessian(lambda v: loss_fn(unravel(v), batch))(flat))
 
 
+@pytest.mark.slow
 def test_hvp_matches_exact_hessian_product():
   with enable_x64(True):
     params, batch = _tiny64()
@@ -110,6 +111,7 @@ def test_trace_within_three_standard_errors_and_density_moments():
     np.testing.assert_allclose((grid * d).sum() * dx, m1.mean(), rtol=1e-3, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_multi_batch_equals_concatenated_batch():
   with enable_x64(True):
     params, (x, y) = _tiny64(n=30)
@@ -125,6 +127,7 @@ def test_multi_batch_equals_concatenated_batch():
     np.testing.assert_allclose(s1["sharpness/worst_case"], s2["sharpness/worst_case"], rtol=1e-8)
 
 
+@pytest.mark.slow
 def test_per_block_eigenvalues_and_trace_match_exact_sub_blocks():
   with enable_x64(True):
     params, batch = _tiny64()

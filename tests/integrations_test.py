@@ -74,6 +74,7 @@ def train_step_fixed_centre(model, optimizer, x, y):
 
 
 @pytest.mark.parametrize("fixed_centre", [False, True])
+@pytest.mark.slow_cases("True")
 def test_nnx_tutorial_cnn_trains_in_train_mode(fixed_centre):
   model = CNN(rngs=nnx.Rngs(0))
   model.train()
@@ -166,6 +167,7 @@ def test_logits_fn_for_rejects_what_is_not_a_module():
     logits_fn_for(lambda x: x, jnp.ones(3))
 
 
+@pytest.mark.slow
 def test_flatness_inputs_match_a_split_by_hand():
   from nrs_jax import flatness
 

@@ -28,6 +28,7 @@ def _lm(**kw):
   return models.create_model("lm", (16,), 50, 0, **kw)
 
 
+@pytest.mark.slow
 def test_lm_is_causal_with_a_tied_or_untied_head_and_rejects_long_inputs():
   m = _lm()
   x = jax.random.randint(jax.random.key(0), (2, 16), 0, 50)
@@ -45,6 +46,7 @@ def test_lm_is_causal_with_a_tied_or_untied_head_and_rejects_long_inputs():
     models.create_model("lm", (32,), 50, 0, max_len=16, dim=16, depth=1, heads=2)
 
 
+@pytest.mark.slow
 def test_lm_dropout_follows_its_key_and_is_off_in_eval():
   m = _lm(dropout=0.5)
   x = jax.random.randint(jax.random.key(0), (2, 16), 0, 50)
@@ -165,6 +167,7 @@ def _token_setup(**nrs):
 
 @pytest.mark.parametrize("implementation", ["loss", "transform"])
 @pytest.mark.parametrize("sub", [None, 2])
+@pytest.mark.slow_cases("2-loss", "None-loss", "None-transform", "2-transform")
 def test_token_level_nrs_step_ignores_padding(implementation, sub):
   config, model, batch = _token_setup(implementation=implementation)
   if sub:
@@ -192,6 +195,7 @@ def test_token_level_nrs_step_ignores_padding(implementation, sub):
   )
 
 
+@pytest.mark.slow
 def test_token_level_penalty_is_the_masked_mean_of_nrs_penalty():
   config, model, batch = _token_setup()
   tx = optimizers.make_optimizer(config, 10)
@@ -239,6 +243,7 @@ def small_corpus(monkeypatch):
 
 
 @pytest.mark.parametrize("method", ["sgd", "sam", "nrs", "mesa"])
+@pytest.mark.slow_cases("sgd", "sam", "mesa")
 def test_stdlib_lm_trains_a_few_steps(method, tmp_path, small_corpus):
   config = _shrunk_lm(method)
   if method == "nrs":
@@ -271,6 +276,7 @@ def test_stdlib_lm_bad_inputs(tmp_path):
 
 
 @pytest.mark.parametrize("method", ["sgd", "sam", "nrs"])
+@pytest.mark.slow_cases("sam", "sgd", "nrs")
 def test_every_method_trains_on_the_smoothed_masked_loss(method):
   config, model, batch = _token_setup()
   with config.unlocked():
@@ -287,6 +293,7 @@ def test_every_method_trains_on_the_smoothed_masked_loss(method):
   np.testing.assert_allclose(m["loss"], want, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_lm_centre_and_neighbours_share_one_dropout_mask():
   config, model, batch = _token_setup()
   with config.unlocked():

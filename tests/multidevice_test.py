@@ -122,6 +122,7 @@ print("RESULT" + json.dumps(out))
     pytest.param(False, ("none", "replicated", "fsdp"), marks=pytest.mark.slow),
   ],
 )
+@pytest.mark.slow_cases("True-modes0")
 def test_eight_devices_replicated_and_fsdp_match_one_device(small, modes):
   env = {
     **os.environ,

@@ -73,6 +73,7 @@ def _mixed(dtype):
 
 
 @pytest.mark.parametrize("strategy,chunk", _strategies())
+@pytest.mark.slow_cases("chunked-2")
 def test_battery(strategy, chunk):
   # 1. Extra args (unknown ones are ignored) and no recompilation on a second call.
   tx = optax.chain(_nrs(strategy, chunk), optax.adam(0.05))
@@ -128,6 +129,7 @@ def test_battery(strategy, chunk):
 
 
 @pytest.mark.parametrize("strategy,chunk,dtype", _dtype_cases())
+@pytest.mark.slow_cases("chunked-2-bfloat16", "auto-None-float16")
 def test_dtype_state_and_gradient_accumulation(strategy, chunk, dtype):
   tx = optax.chain(_nrs(strategy, chunk), optax.sgd(0.1, momentum=0.9))
   params, _, obj = _parabola(dtype)

@@ -65,6 +65,7 @@ def test_every_key_implementation_typed_and_raw_is_deterministic(tiny, impl):
 
 
 @pytest.mark.parametrize("default", ["rbg", "unsafe_rbg"])
+@pytest.mark.slow_cases("unsafe_rbg")
 def test_jax_default_prng_impl_set_in_a_fresh_process(default):
   # The import must not fix the implementation (it used to compare against the
   # threefry impl built at import time and sent rbg keys down the threefry kernel).

@@ -83,6 +83,7 @@ def test_unlabeled_batches_are_a_function_of_the_step_and_split_over_processes()
   "method,zero",
   [("nrs_unlabeled", {"radius": 0.0}), ("vat", {"eps": 0.0}), ("pi_model", {"noise": 0.0})],
 )
+@pytest.mark.slow_cases("nrs_unlabeled-zero0", "pi_model-zero2")
 def test_at_zero_strength_each_consistency_method_is_sgd_on_the_labelled_rows(method, zero):
   want = _step("sgd")
   got = _step(method, **zero)

@@ -86,6 +86,7 @@ RANDOM_CASES = [
 
 
 @pytest.mark.parametrize("seed,k", RANDOM_CASES)
+@pytest.mark.slow_cases("3-1", "3-4", "1-2", "0-2")
 def test_every_strategy_equals_the_loop_on_random_pytrees(seed, k):
   params, mask, logits_fn = _random_tree(seed)
   variants = [(s, c) for s, c in VARIANTS if c is None or k % c == 0]
@@ -180,6 +181,7 @@ def test_every_strategy_equals_the_loop_in_float64_under_x64(seed):
     for s, c in [("loop", None), *VARIANTS]
   ],
 )
+@pytest.mark.slow_cases("chunked-2", "auto-None")
 def test_penalty_and_gradient_under_vmap_over_keys_equal_a_loop_over_keys(strategy, chunk):
   params, mask, logits_fn = _random_tree(7)
   keys = jax.random.split(KEY, 3)
@@ -223,6 +225,7 @@ def _pen(logits, params, strategy, chunk, radius=0.3, k=4):
   )
 
 
+@pytest.mark.slow
 def test_gradients_with_respect_to_closed_over_values_under_every_strategy():
   params, x, apply = _tiny()
   # The input (adversarial use): logits_fn closes over x, which is being differentiated.

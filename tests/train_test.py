@@ -68,6 +68,9 @@ def _shrink(config, steps=2, hessian=False, **overrides):
     pytest.param(mnist1d_vit.get_config, "sam", False, marks=pytest.mark.slow),
   ],
 )
+@pytest.mark.slow_cases(
+  "get_config-nrs-False2", "get_config-rwp-False", "get_config-asam-False", "get_config-nrs-False1"
+)
 def test_offline_configs_run(get_config, method, hessian, tmp_path):
   small = {}  # the ViT with one block, as the TFDS ViT configs below run
   if get_config is mnist1d_cnn.get_config:  # the same layers, narrower (compiles faster)
@@ -136,6 +139,7 @@ def test_randomized_schedule_draws_from_seed_and_step():
   "method",
   ["nrs", pytest.param("sam", marks=pytest.mark.slow)],  # one schedule, shared
 )
+@pytest.mark.slow_cases("nrs")
 def test_randomized_two_pass_method_runs_a_plain_step_otherwise(method, tmp_path):
   def run(name, method, probability=None, steps=4):
     config = _shrink(default.get_config(), steps=steps, method=method)
@@ -171,6 +175,7 @@ def test_bad_probability_is_a_config_error(value, tmp_path):
 
 
 @pytest.mark.parametrize("implementation", ["loss", "transform"])
+@pytest.mark.slow_cases("transform")
 def test_nrs_neighbours_on_a_sub_batch(implementation, tmp_path):
   config = _shrink(default.get_config(), method="nrs")
   with config.unlocked():
@@ -210,6 +215,7 @@ def test_nrs_neighbours_on_a_sub_batch(implementation, tmp_path):
     ),
   ],
 )
+@pytest.mark.slow_cases("get_config-overrides0")
 def test_tfds_configs_under_mock_data(get_config, overrides, tmp_path):
   import tensorflow_datasets as tfds
 
@@ -243,6 +249,7 @@ def test_unknown_names_list_the_choices(field, value, match, tmp_path):
     train.train_and_evaluate(config, str(tmp_path))
 
 
+@pytest.mark.slow
 def test_compare_writes_summary_table_and_plots(tmp_path, capsys):
   config = _shrink(default.get_config(), hessian=True)
   summary = train.compare(config, str(tmp_path))
@@ -287,6 +294,7 @@ def _bn_setup(dropout=0.0, model="bn_mlp"):
 
 
 @pytest.mark.parametrize("implementation", ["loss", "transform"])
+@pytest.mark.slow_cases("transform")
 def test_nrs_step_running_stats_equal_the_centre_pass_alone(implementation):
   config, model, batch = _bn_setup()
   with config.unlocked():
@@ -324,6 +332,7 @@ def test_nrs_step_running_stats_equal_the_centre_pass_alone(implementation):
   "model_name",
   ["mlp", pytest.param("vit", marks=pytest.mark.slow)],  # (the LM tests it too)
 )
+@pytest.mark.slow_cases("mlp")
 def test_centre_and_neighbours_share_one_dropout_mask(model_name):
   config, model, batch = _bn_setup(dropout=0.5, model=model_name)
   with config.unlocked():
@@ -443,8 +452,8 @@ def test_sigkill_then_restart_is_bit_identical_to_uninterrupted(tmp_path):
   p.send_signal(signal.SIGKILL)
   p.wait()
   assert not (run / "final_state.npz").exists(), "the run ended before it could be killed"
-  steps = sorted(int(d.name) for d in ckpt.iterdir() if d.name.isdigit())
-  assert steps and steps[-1] < 400
+  saved = sorted(int(d.name) for d in ckpt.iterdir() if d.name.isdigit())
+  assert saved and saved[-1] < 400
   _run_main(run)
   a, b = np.load(ref / "final_state.npz"), np.load(run / "final_state.npz")
   assert sorted(a.files) == sorted(b.files)
@@ -452,6 +461,7 @@ def test_sigkill_then_restart_is_bit_identical_to_uninterrupted(tmp_path):
     np.testing.assert_array_equal(a[k], b[k])
 
 
+@pytest.mark.slow
 def test_vit_patches_shapes_pooling_and_bad_sizes():
   from experiments import models
 

@@ -110,6 +110,7 @@ def test_radius_zero_is_exactly_identity():
 
 
 @pytest.mark.parametrize("opt", ["sgd", "adamw"])
+@pytest.mark.slow_cases("adamw")
 def test_inside_chain_with_sgd_and_adamw(opt):
   params, logits_fn, loss = _setup()
   inner = optax.sgd(0.1, momentum=0.9) if opt == "sgd" else optax.adamw(1e-2, weight_decay=1e-4)
@@ -317,6 +318,7 @@ def test_nnx_optimizer_update_with_logits_fn():
   assert int(optimizer.opt_state[0].count) == 10
 
 
+@pytest.mark.slow
 def test_learning_reaches_baseline_accuracy_with_lower_divergence():
   """Two-moons-like problem: NRS matches SGD's accuracy and ends flatter in output space."""
   rng = np.random.default_rng(0)
@@ -354,6 +356,7 @@ def test_learning_reaches_baseline_accuracy_with_lower_divergence():
   assert div(p_nrs) < 0.7 * div(p_sgd), (div(p_nrs), div(p_sgd))
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_outside_multisteps_equals_large_batch():
   """chain(add_nrs_gradient(resample_every=k), MultiSteps(sgd, k)) == one large batch."""
   params = mlp_init(jax.random.key(0))
@@ -386,6 +389,7 @@ def test_gradient_accumulation_outside_multisteps_equals_large_batch():
     nrs_jax.add_nrs_gradient(ALPHA, RADIUS, resample_every=0)
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_is_finite_and_close_to_float32():
   """Params in float32, compute in bfloat16, divergence accumulated in float32."""
   params = mlp_init(jax.random.key(0), (5, 64, 10))

@@ -79,10 +79,12 @@ def logits_fn_for(
     >>> loss = lambda m: optax.softmax_cross_entropy_with_integer_labels(
     ...     jax.vmap(m)(x), y).mean()
     >>> grads = eqx.filter_grad(loss)(model)
-    >>> updates, opt_state = tx.update(grads, opt_state, params,
-    ...                                logits_fn=logits_fn_for(model, x))
+    >>> logits_fn = logits_fn_for(model, x)
+    >>> updates, opt_state = tx.update(grads, opt_state, params, logits_fn=logits_fn)
     >>> model = eqx.apply_updates(model, updates)
-    >>> int(opt_state[0].count), float(opt_state[0].penalty) > 0
+    >>> want = nrs_jax.nrs_penalty(logits_fn, params, jax.random.fold_in(jax.random.key(0), 0),
+    ...                            radius=0.05)  # the transform's first update: fold_in(key, 0)
+    >>> int(opt_state[0].count), bool(jnp.isclose(opt_state[0].penalty, want, rtol=1e-5))
     (1, True)
   """
   _check_module(model, "logits_fn_for")

@@ -30,9 +30,12 @@ class NRSTrainState(train_state.TrainState):
     >>> logits_fn = lambda p: state.apply_fn({"params": p}, x)
     >>> loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(
     ...     logits_fn(p), y).mean()
+    >>> params0 = state.params
     >>> state = state.apply_gradients(grads=jax.grad(loss)(state.params),
     ...                               logits_fn=logits_fn)
-    >>> int(state.step), float(state.opt_state[0].penalty) > 0
+    >>> want = nrs_jax.nrs_penalty(logits_fn, params0, jax.random.fold_in(jax.random.key(0), 0),
+    ...                            radius=0.05)  # the transform's first update: fold_in(key, 0)
+    >>> int(state.step), bool(jnp.isclose(state.opt_state[0].penalty, want, rtol=1e-5))
     (1, True)
   """
 

@@ -100,8 +100,11 @@ def logits_fn_for(
     ...   loss = lambda m: optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
     ...   grads = nnx.grad(loss)(model)
     ...   optimizer.update(model, grads, logits_fn=logits_fn)
+    >>> before = nnx.clone(model)  # the same weights, statistics and dropout RNG state
     >>> train_step(model, optimizer, x, y)
-    >>> int(optimizer.opt_state[0].count), float(optimizer.opt_state[0].penalty) > 0
+    >>> want = nrs_jax.nrs_penalty(logits_fn_for(before, x), nnx.state(before, nnx.Param),
+    ...                            jax.random.fold_in(jax.random.key(0), 0), radius=0.05)
+    >>> int(optimizer.opt_state[0].count), bool(jnp.isclose(optimizer.opt_state[0].penalty, want, rtol=1e-4))
     (1, True)
   """
   _check_module(model, "logits_fn_for")
