@@ -179,8 +179,13 @@ def _summary_row(name: str, t: dict) -> list[str]:
       continue
     if r["verdict"] == "inconclusive":
       by["inconclusive"].append(f"{m} (MDD {r['mdd']})")
+    elif r["verdict"] == "too few pairs":
+      by["inconclusive"].append(f"{m} (too few pairs)")
     else:
-      by[r["verdict"].split(" ")[-1]].append(m)
+      notes = [
+        n for n, on in (("difference detected", r["detected"]), ("fragile", not r["robust"])) if on
+      ]
+      by[r["verdict"].split(" ")[-1]].append(m + (f" ({', '.join(notes)})" if notes else ""))
   subject = t["methods"][t["subject"]]["mean_ci"]
   subject = f"{t['subject']} {subject} {SHORT_UNITS.get(t['unit'], t['unit'])}"
   f = t["flatness"]
@@ -190,9 +195,10 @@ def _summary_row(name: str, t: dict) -> list[str]:
 
 def study_summary(name: str = SUMMARY) -> str:
   """One row per finished task of the study: the subject's mean [95% CI], which methods it
-  ties (the equivalence test passed), is ahead of or behind (Wilcoxon, Holm), the
-  inconclusive comparisons with their minimum detectable difference, and the flatness
-  answer; then a line naming every chosen value still at an edge of its grid. Every cell is
+  ties (the equivalence test passed), is ahead of or behind (exact signed-rank test, Holm),
+  each marked where it is fragile (not under the other test or without some seed) or an
+  equivalence with a detected difference, the inconclusive comparisons with their minimum
+  detectable difference, and the flatness answer (the within-method tau); then a line naming every chosen value still at an edge of its grid. Every cell is
   read from the report's summary (study_summary.json), nothing computed here."""
   tasks = study_tasks(name)
   if not tasks:
@@ -200,8 +206,8 @@ def study_summary(name: str = SUMMARY) -> str:
   out = [_summary_row(t, v) for t, v in tasks.items()]
   edges = [f"`{t}`: {', '.join(v['edges'])}" for t, v in tasks.items() if v["edges"]]
   head = ["task", "NRS row, mean [95% CI]", "tied with (equivalence)"]
-  head += ["ahead of (Wilcoxon, Holm)", "behind", "inconclusive (MDD)"]
-  head += ["flatter than the base / SAM; tau"]
+  head += ["ahead of (exact test, Holm)", "behind", "inconclusive (MDD)"]
+  head += ["flatter than the base / SAM; within-method tau"]
   table = markdown_table(head, out)
   edge = "\n\nChosen values still at an edge of their grid after the extensions (the best may "
   return table + (f"{edge}lie beyond): {'; '.join(edges)}." if edges else "")

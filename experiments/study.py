@@ -29,6 +29,7 @@ import time
 
 from absl import app
 from absl import flags
+from absl import logging
 
 from experiments import study_spec as spec  # the declarations (the report imports them too)
 
@@ -302,6 +303,7 @@ class Study:
   def run(self, jobs: list) -> None:
     """``jobs``: (task, method, phase, seed, setting) tuples; one row each, kept as it ends."""
     todo = list({spec.key_of(*j): j for j in jobs if spec.key_of(*j) not in self.rows}.values())
+    self._warn_of_straddles(todo)
     tag = lambda st: "_".join(f"{k}={v}" for k, v in sorted(st.items())) or "base"
     path = lambda j: os.path.join(self.workdir, *j[:3], tag(j[4]), f"seed{j[3]}")
     for row in self._results([(*j, self.family, self.quick, path(j)) for j in todo]):
@@ -311,6 +313,30 @@ class Study:
       row["machine"] = row.get("machine") or machine()  # (a worker's row names its own)
       self.rows[spec.key_of(*[row[k] for k in spec.COLUMNS[:4]], json.loads(row["setting"]))] = row
       _append(self.path, row)
+
+  def _warn_of_straddles(self, jobs: list) -> None:
+    """A warning before a final run whose seed's other final rows ran on another machine
+    kind: its pairs would straddle kinds (a run moves across CPUs as across seeds), and the
+    report would compare them unpaired."""
+    here = spec.machine_kind(machine())
+    for task, method, phase, seed, _ in jobs:
+      if phase != "final":
+        continue
+      kinds = {
+        spec.machine_kind(r["machine"])
+        for r in self.rows.values()
+        if (r["task"], r["phase"], r["seed"]) == (task, "final", seed) and r["machine"]
+      }
+      if kinds - {here}:
+        logging.warning(
+          "%s/%s seed %d runs on %s, but this seed's other final rows ran on %s: its pairs "
+          "will straddle machine kinds (compared unpaired in the report).",
+          task,
+          method,
+          seed,
+          here,
+          "; ".join(sorted(kinds - {here})),
+        )
 
   def tune(self, task: str, axes: dict, base: dict | None = None) -> dict:
     """Tunes ``{method: [(key, values), ...]}`` (on top of ``base``, whose values each setting

@@ -13,6 +13,7 @@ import numpy as np
 from scipy import stats
 
 from experiments import study_spec as study
+from experiments import study_stats as stats_
 from experiments.tables import markdown_table
 
 MARGIN = {"accuracy": 0.01, "bits_per_char": 0.01}  # the equivalence margins (1 pp, 0.01 bpc)
@@ -20,91 +21,162 @@ ALPHA, POWER, CHEAP_COST = 0.05, 0.8, 1.15
 UNITS = {"bits_per_char": "bits per character, lower is better", "accuracy": "test accuracy, %"}
 TIE = {"bits_per_char": "+-0.01 bits per character", "accuracy": "+-1 pp"}
 PROTOCOL = (
-  "Protocol, fixed before any result. Tuning: the weight-decay methods (sgd and sgd_2x, or adamw) "
+  "Protocol: the tuning and the runs were fixed before any result; the statistics were revised "
+  "after them (exact tests on rounded differences, robustness checks, within-method flatness), "
+  "which changed no run. Tuning: the weight-decay methods (sgd and sgd_2x, or adamw) "
   "tune learning rate x weight decay; every other method tunes learning rate x its own strength at "
   "the first one's weight decay (on the transformers at AdamW's learning rate x 0.5, 1, 2); each "
   "ablation retunes the radius at NRS's chosen learning rate and weight decay. A setting scores its "
   "mean validation value over the 2 tuning seeds; a choice at an edge extends that axis, up to "
   f"{study.MAX_EXTENSIONS} times. Final seeds are disjoint from the tuning seeds and shared by every "
   "method, so NRS - method pairs by seed: positive means NRS ahead in accuracy, negative means NRS "
-  "ahead in bits per character. Primary test: two-sided Wilcoxon signed-rank, Holm-corrected over "
-  "the task's comparisons (p < 0.05); effect sizes: paired 95% t-intervals. A tie is claimed only "
-  "where two one-sided paired t-tests at +-1 pp (+-0.01 bits per character), Holm-corrected, pass; "
-  "otherwise the verdict is inconclusive, with the minimum detectable difference (paired t, 80% "
-  "power, alpha 0.05). A diverged run (a non-finite loss, or validation at chance) counts at chance "
-  "(1/C, 8 bits per character), and each method's are counted in their own column. On the "
-  "semi-supervised tasks (10% of the training labels kept) the pairs are nrs_unlabeled - method, "
-  "and nrs_unlabeled, vat and pi_model weigh their consistency term 1 and tune its strength."
+  "ahead in bits per character. Paired differences are rounded to the metric's resolution (1/N "
+  "for accuracy over N test examples) before any test. Primary test: the exact two-sided "
+  "sign-flip permutation test on the Wilcoxon signed-rank statistic (all 2^n sign patterns; zero "
+  "differences dropped, tied magnitudes at their average rank), Holm-corrected over the task's "
+  "comparisons (p < 0.05); where a comparison's seeds ran on different machine kinds, "
+  "Mann-Whitney and a Welch TOST instead (unpaired). Effect sizes: paired 95% t-intervals. A tie "
+  "is claimed only where two one-sided paired t-tests at +-1 pp (+-0.01 bits per character), "
+  "Holm-corrected, pass; a tie whose 90% interval excludes zero reads 'equivalent, difference x "
+  "detected'. Otherwise the verdict is inconclusive, with the minimum detectable difference of the "
+  "exact test at its Holm level (simulated, 80% power). Each ahead, behind or tie is robust when "
+  "it also holds under the other test (the paired t-test for ahead and behind, the exact "
+  "signed-rank TOST for a tie) and with any one seed left out; otherwise fragile, and the report "
+  f"says what breaks it. Fewer than {stats_.MIN_PAIRS} pairs: too few pairs, no p-value. A diverged "
+  "run (a non-finite loss, or validation at chance) counts at chance (1/C, 8 bits per character) "
+  "in the test value, its measures are left out, and each method's are counted in their own "
+  "column. On the semi-supervised tasks (10% of the training labels kept) the pairs are "
+  "nrs_unlabeled - method, and nrs_unlabeled, vat and pi_model weigh their consistency term 1 and "
+  "tune its strength."
 )
 
 
 def ci95(xs) -> tuple[float, float, float]:
   """Mean and the 95% t-interval of the mean."""
-  xs = np.asarray(xs, float)
-  m = float(xs.mean())
-  if len(xs) < 2 or np.all(xs == xs[0]):
-    return m, m, m
-  lo, hi = stats.t.interval(0.95, len(xs) - 1, loc=m, scale=stats.sem(xs))
-  return m, float(lo), float(hi)
+  return stats_.ci(xs)
 
 
-def paired(a, b) -> tuple[float, float, float, float]:
-  """Mean of ``a - b`` (paired by seed), its 95% interval, and the two-sided t-test's p."""
-  d = np.asarray(a, float) - np.asarray(b, float)
-  m, lo, hi = ci95(d)
-  p = 1.0 if np.all(d == d[0]) and d[0] == 0 else float(stats.ttest_1samp(d, 0.0).pvalue)
-  return m, lo, hi, (0.0 if np.isnan(p) else p)
+class Comparison(NamedTuple):
+  """``ref - method`` on one task: the mean difference and its 95% interval; the primary
+  test's Holm p (the exact signed-rank test, or Mann-Whitney where the pairs straddle machine
+  kinds) and TOST's Holm p; the verdict; how it was tested; whether it survives the other
+  test and the loss of any one seed; the MDD of an inconclusive one."""
+
+  mean: float
+  lo: float
+  hi: float
+  p: float
+  tie_p: float
+  verdict: str  # "<ref> ahead", "<ref> behind", "tie", "inconclusive" or "too few pairs"
+  paired: bool
+  detected: bool  # a tie whose 90% interval excludes zero: a difference, within the margin
+  robust: bool | None  # None: nothing claimed (inconclusive, too few pairs)
+  fragile: str  # what breaks a fragile verdict
+  mdd: float
 
 
-def wilcoxon(d) -> float:
-  """Two-sided Wilcoxon signed-rank p of paired differences (1 where all are zero)."""
-  d = np.asarray(d, float)
-  return 1.0 if np.all(d == 0) else float(stats.wilcoxon(d).pvalue)
-
-
-def tost(d, margin: float) -> float:
-  """Two one-sided paired t-tests that the mean of ``d`` lies within +-``margin``: the larger
-  p (equivalence at level alpha where it is below alpha)."""
-  d = np.asarray(d, float)
-  se = float(np.std(d, ddof=1) / np.sqrt(len(d)))
-  if se == 0:
-    return 0.0 if abs(d.mean()) < margin else 1.0
-  lower = stats.t.sf((d.mean() + margin) / se, len(d) - 1)
-  upper = stats.t.cdf((d.mean() - margin) / se, len(d) - 1)
-  return float(max(lower, upper))
-
-
-def mdd(d) -> float:
-  """The smallest mean difference a paired t-test (alpha 0.05, two-sided) detects with 80%
-  power at this spread and number of pairs."""
-  n = len(d)
-  t = stats.t.ppf(1 - ALPHA / 2, n - 1) + stats.t.ppf(POWER, n - 1)
-  return float(t * np.std(np.asarray(d, float), ddof=1) / np.sqrt(n))
-
-
-def holm(ps: list[float]) -> list[float]:
-  """Holm's step-down adjustment (controls the family-wise error over ``ps``)."""
-  order, out, running = np.argsort(ps), [0.0] * len(ps), 0.0
-  for rank, i in enumerate(order):
-    running = max(running, min(1.0, (len(ps) - rank) * ps[i]))
-    out[i] = running
-  return out
-
-
-def compare(test: dict, ref: str, others: list, metric: str) -> dict:
-  """``ref - m`` for each of ``others``: (mean, lo, hi, Wilcoxon Holm p, TOST Holm p, MDD,
-  verdict), Holm over ``others``."""
-  d = {m: np.subtract(test[ref], test[m]) for m in others}
-  w = dict(zip(others, holm([wilcoxon(d[m]) for m in others])))
-  e = dict(zip(others, holm([tost(d[m], MARGIN[metric]) for m in others])))
-  out = {}
+def _family(test, ref, others, metric, step, unpaired) -> dict:
+  """The primary verdicts of one Holm family: ``m -> (verdict, p, tie_p, raw p)``."""
+  raw_p, raw_e = [], []
   for m in others:
-    mean, lo, hi, _ = paired(test[ref], test[m])
-    ahead = (mean > 0) == (metric == "accuracy")
-    verdict = "tie" if e[m] < ALPHA else "inconclusive"
-    verdict = f"{ref} {'ahead' if ahead else 'behind'}" if w[m] < ALPHA else verdict
-    out[m] = (mean, lo, hi, w[m], e[m], mdd(d[m]), verdict)
+    if unpaired[m]:
+      raw_p.append(float(stats.mannwhitneyu(test[ref], test[m]).pvalue))
+      raw_e.append(stats_.unpaired_tost(test[ref], test[m], MARGIN[metric]))
+    else:
+      d = stats_.differences(test[ref], test[m], step)
+      raw_p.append(stats_.signed_rank_exact(d))
+      raw_e.append(stats_.tost(d, MARGIN[metric]))
+  w, e = stats_.holm(raw_p), stats_.holm(raw_e)
+  out = {}
+  for i, m in enumerate(others):
+    ahead = (np.mean(test[ref]) - np.mean(test[m]) > 0) == (metric == "accuracy")
+    verdict = "tie" if e[i] < ALPHA else "inconclusive"
+    verdict = f"{ref} {'ahead' if ahead else 'behind'}" if w[i] < ALPHA else verdict
+    out[m] = (verdict, w[i], e[i], raw_p)
   return out
+
+
+def _other_test(test, ref, others, metric, step, unpaired) -> dict:
+  """Whether each verdict also holds under the other test: an ahead or behind under the
+  (paired, or Welch) t-test, a tie under the exact (sign-flip) TOST; Holm over the family."""
+  t_p, eq_p = [], []
+  for m in others:
+    d = stats_.differences(test[ref], test[m], step)
+    if unpaired[m]:
+      t_p.append(float(stats.ttest_ind(test[ref], test[m], equal_var=False).pvalue))
+    else:
+      t_p.append(stats_.t_test(d))
+    eq_p.append(stats_.exact_tost(d, MARGIN[metric]))
+  return dict(zip(others, zip(stats_.holm(t_p), stats_.holm(eq_p))))
+
+
+def compare(
+  test: dict, ref: str, others: list, metric: str, kinds: dict | None = None, seeds=None
+) -> dict:
+  """``ref - m`` for each of ``others`` (:class:`Comparison`), Holm over ``others``: test
+  values rounded to the metric's resolution; pairs whose seeds ran on different machine kinds
+  (``kinds``: method -> kind per seed) compared unpaired; each verdict checked under the
+  other test and with each seed left out."""
+  n = len(test[ref])
+  step = stats_.resolution([v for m in (ref, *others) for v in test[m]])
+  kinds = kinds or {}
+  unpaired = {m: kinds.get(m, [None] * n) != kinds.get(ref, [None] * n) for m in others}
+  if n < stats_.MIN_PAIRS:
+    nan = math.nan
+    return {
+      m: Comparison(nan, nan, nan, nan, nan, "too few pairs", True, False, None, "", nan)
+      for m in others
+    }
+  primary = _family(test, ref, others, metric, step, unpaired)
+  other = _other_test(test, ref, others, metric, step, unpaired)
+  drops = [
+    _family({m: np.delete(test[m], s) for m in test}, ref, others, metric, step, unpaired)
+    for s in range(n)
+  ]
+  out = {}
+  for i, m in enumerate(others):
+    verdict, w, e, raw_p = primary[m]
+    d = stats_.differences(test[ref], test[m], step)
+    mean, lo, hi = stats_.ci(d)
+    _, lo90, hi90 = stats_.ci(d, 0.90)
+    robust, fragile, dd = None, "", math.nan
+    if verdict == "inconclusive":
+      dd = _mdd(test[ref], test[m], d, stats_.holm_level(raw_p, i), unpaired[m])
+    else:
+      t_ok = other[m][1] < ALPHA if verdict == "tie" else other[m][0] < ALPHA
+      lost = [(seeds or list(range(n)))[s] for s in range(n) if drops[s][m][0] != verdict]
+      many = f", {len(lost)} of {n} seeds" if len(lost) > 1 else ""
+      fragile = "; ".join(
+        ([] if t_ok else ["not under the other test"])
+        + ([f"not without seed {lost[0]}{many}"] if lost else [])
+      )
+      robust = not fragile
+    detected = verdict == "tie" and (lo90 > 0 or hi90 < 0)
+    out[m] = Comparison(mean, lo, hi, w, e, verdict, not unpaired[m], detected, robust, fragile, dd)
+  return out
+
+
+def _p_text(c: Comparison) -> str:
+  return "" if math.isnan(c.p) else f"{c.p:.3g}"
+
+
+def verdict_text(c: Comparison, f, tie: str) -> str:
+  """The verdict as the report prints it: robust or fragile (and what breaks it), an
+  equivalence with a detected difference, an inconclusive one's MDD."""
+  if c.verdict == "inconclusive":
+    return f"inconclusive (MDD {f(c.mdd)})"
+  if c.robust is None:
+    return c.verdict
+  text = f"equivalent at {tie}, difference {f(c.mean)} detected" if c.detected else c.verdict
+  return f"{text}, robust" if c.robust else f"{text}, fragile ({c.fragile})"
+
+
+def _mdd(a, b, d, level: float, unpaired: bool) -> float:
+  """The minimum detectable difference of the primary test at ``level`` (80% power)."""
+  if not unpaired:
+    return stats_.mdd(d, level)
+  se = math.sqrt(np.var(a, ddof=1) / len(a) + np.var(b, ddof=1) / len(b))
+  return float((stats.norm.ppf(1 - level / 2) + stats.norm.ppf(stats_.POWER)) * se)
 
 
 def check(rows: dict, tasks: list, quick: bool) -> None:
@@ -204,7 +276,8 @@ def task_section(rows, t, quick) -> TaskReport:
   f, ci = _fmt(task.metric)
   ref = task.subject
   others = [m for m in task.methods if m != ref]
-  cmp = compare(test, ref, others, task.metric)
+  kinds = {m: [study.machine_kind(fin[m][s]["machine"]) for s in seeds] for m in task.methods}
+  cmp = compare(test, ref, others, task.metric, kinds, seeds)
   body, edges, methods = [], [], {}
   for m in task.methods:
     setting, pos, n = chosen(rows, t, m)
@@ -218,24 +291,34 @@ def task_section(rows, t, quick) -> TaskReport:
     if m == ref:
       row += ["", "", ""]
     else:
-      mean, lo, hi, w, _, dd, verdict = cmp[m]
-      methods[m].update(diff_ci=ci((mean, lo, hi)), wilcoxon_holm_p=w, verdict=verdict)
-      methods[m]["mdd"] = f(dd) if verdict == "inconclusive" else None
-      verdict += f" (MDD {f(dd)})" if verdict == "inconclusive" else ""
-      row += [ci((mean, lo, hi)), f"{w:.3g}", verdict]
+      c = cmp[m]
+      methods[m].update(diff_ci=ci((c.mean, c.lo, c.hi)), holm_p=c.p, verdict=c.verdict)
+      methods[m].update(robust=c.robust, fragile=c.fragile, paired=c.paired)
+      methods[m].update(detected=c.detected, mdd=f(c.mdd) if math.isfinite(c.mdd) else None)
+      row += [ci((c.mean, c.lo, c.hi)), _p_text(c), verdict_text(c, f, TIE[task.metric])]
     body.append(row)
   head = ["method", "passes", "step cost", "chosen", "grid position", "tuning runs"]
   head += [f"mean [95% CI] ({UNITS[task.metric]})", "diverged", f"{ref} - method [95% CI]"]
-  head += ["Wilcoxon Holm p", "verdict"]
+  head += ["Holm p", "verdict"]
   lines = [f"## {t}", "", markdown_table(head, body), ""]
+  if not all(c.paired for c in cmp.values()):
+    straddle = ", ".join(m for m, c in cmp.items() if not c.paired)
+    lines += [
+      f"Unpaired (Mann-Whitney, Welch TOST): {straddle}, whose final runs ran on other machine "
+      f"kinds than {ref}'s for some seeds (a run moves across kinds; docs: evidence).",
+      "",
+    ]
   at_edge = ", ".join(edges) or "none"
   lines += [f"Still at an edge of its grid after the extensions: {at_edge}.", ""]
   lines += cost_lines(fin, list(task.methods), seeds, task.methods[0]) + [""]
   # the variants against full NRS: the table's own verdicts (one Holm family per task)
   variants = [m for m in study.NRS_FAMILY[1:] if m in task.methods and ref == "nrs"]
-  cheap = {m: costs[m] <= CHEAP_COST and cmp[m][6] == "tie" for m in variants}
+  cheap = {m: costs[m] <= CHEAP_COST and cmp[m].verdict == "tie" for m in variants}
   goal = f"goal: step cost <= {CHEAP_COST} x and a tie at {TIE[task.metric]}"
-  said = "; ".join(f"{m} step {costs[m]:.2f}, {cmp[m][6]}" for m in variants)
+  f_ = _fmt(task.metric)[0]
+  said = "; ".join(
+    f"{m} step {costs[m]:.2f}, {verdict_text(cmp[m], f_, TIE[task.metric])}" for m in variants
+  )
   lines += [f"Cheaper NRS variants against full NRS ({goal}): {said}.", ""] if variants else []
   measured, flat = measures_section(rows, t, fin, seeds, test)
   lines += measured
@@ -246,43 +329,89 @@ def task_section(rows, t, quick) -> TaskReport:
   return TaskReport(lines, test, cheap, costs, summary)
 
 
-def measures_section(rows, t, fin, seeds, test) -> list:
-  """Per measure: each method's mean [95% CI], NRS - method (Wilcoxon, Holm), and Kendall's
-  tau against test accuracy over all final runs; then the task's plain answers."""
-  methods, ref = list(study.TASKS[t].methods), study.TASKS[t].subject
-  val = {(m, k): [fin[m][s][k] for s in seeds] for m in methods for k in study.MEASURES}
-  failed = sorted(
+NORMALISED = {"lambda_max x |w|^2": "lambda_max", "hessian_trace x |w|^2": "hessian_trace"}
+
+
+def _measure_values(fin, methods, seeds) -> tuple[dict, list, list]:
+  """Each (method, measure) per seed, NaN for a diverged run (its measures describe no
+  trained solution), with the weight-norm-normalised views; the diverged and failed runs."""
+  nan = math.nan
+  val, diverged = {}, []
+  for m in methods:
+    for s in seeds:
+      if fin[m][s]["diverged"]:
+        diverged.append(f"{m}/seed {s}")
+  for m in methods:
+    for k in study.MEASURES:
+      val[m, k] = [nan if fin[m][s]["diverged"] else fin[m][s][k] for s in seeds]
+    for view, k in NORMALISED.items():
+      val[m, view] = [v * w**2 for v, w in zip(val[m, k], val[m, "weight_norm"])]
+  failed = [
     f"{m}/seed {s}: {k}"
     for m in methods
-    for s in seeds
+    for i, s in enumerate(seeds)
     for k in study.MEASURES
-    if not math.isfinite(fin[m][s][k])
-  )
+    if not fin[m][s]["diverged"] and not math.isfinite(fin[m][s][k])
+  ]
+  return val, diverged, sorted(failed)
+
+
+def measures_section(rows, t, fin, seeds, test) -> tuple[list, dict]:
+  """Per measure: each method's mean [95% CI], NRS - method (exact signed-rank, Holm), and
+  Kendall's tau against the test value, within methods (stratified: the answer) and pooled
+  over methods (between methods); then the task's plain answers."""
+  methods, ref = list(study.TASKS[t].methods), study.TASKS[t].subject
+  val, diverged, failed = _measure_values(fin, methods, seeds)
   body, signs = [], {}
-  for k in study.MEASURES:
+  for k in [*study.MEASURES, *NORMALISED]:
     ok = [i for i in range(len(seeds)) if all(math.isfinite(val[m, k][i]) for m in methods)]
     row = [k]
     for m in methods:
       row.append("{:.3g} [{:.3g}, {:.3g}]".format(*ci95([val[m, k][i] for i in ok])) if ok else "")
     others = [m for m in methods if m != ref]
-    ps = holm([wilcoxon([val[ref, k][i] - val[m, k][i] for i in ok]) for m in others])
+    ps = stats_.holm(
+      [stats_.signed_rank_exact([val[ref, k][i] - val[m, k][i] for i in ok]) for m in others]
+    )
     for m, p in zip(others, ps):
       mean = float(np.mean([val[ref, k][i] - val[m, k][i] for i in ok])) if ok else math.nan
       signs[k, m] = (mean, p)
+    signs[k, "tau"] = stats_.stratified_kendall([(val[m, k], test[m]) for m in methods])
     x = [val[m, k][i] for m in methods for i in range(len(seeds))]
     y = [test[m][i] for m in methods for i in range(len(seeds))]
     keep = [j for j in range(len(x)) if math.isfinite(x[j])]
     tau, p_tau = stats.kendalltau([x[j] for j in keep], [y[j] for j in keep])
-    signs[k, "tau"] = (float(tau), float(p_tau))
+    signs[k, "tau_pooled"] = (float(tau), float(p_tau))
     cmp = ", ".join(f"{m} {signs[k, m][0]:+.3g} (p {signs[k, m][1]:.2g})" for m in others)
-    body.append(row + [cmp, f"{tau:+.2f} (p {p_tau:.2g})"])
-  head = ["measure", *methods, f"{ref} - method (Wilcoxon Holm p)", "Kendall tau with test"]
+    within = "{:+.2f} (p {:.2g})".format(*signs[k, "tau"])
+    body.append(row + [cmp, within, f"{tau:+.2f} (p {p_tau:.2g})"])
+  head = ["measure", *methods, f"{ref} - method (exact signed-rank, Holm p)"]
+  head += ["Kendall tau with test, within methods", "pooled (between methods)"]
   lines = [f"### Flatness and calibration of the final solutions ({t})", ""]
   lines += [markdown_table(head, body), ""]
+  lines += [_measures_explained(rows, t), ""]
+  if diverged:
+    lines += [f"Diverged runs, whose measures are left out: {', '.join(diverged)}.", ""]
   if failed:
     lines += [f"Measures that failed (NaN, left out of the pair): {'; '.join(failed)}.", ""]
   flat = flatness_words(signs, methods[0], study.TASKS[t].metric)
   return lines + [flatness_answer(flat, methods[0], ref, study.TASKS[t].metric), ""], flat
+
+
+def _measures_explained(rows, t) -> str:
+  """Which measure is NRS's own objective, and at which radius each sharpness was taken."""
+  from experiments import measures
+
+  s = measures.SETTINGS
+  nrs = chosen(rows, t, "nrs")[0] if "nrs" in study.TASKS[t].methods else {}
+  sam = chosen(rows, t, "sam")[0].get("sam.rho")
+  own = f"NRS's chosen radius on this task is {nrs['nrs.radius']:g}" if nrs else "NRS is not run"
+  return (
+    f"neighborhood_kl is NRS's own objective: the KL to neighbours at radius {s['radius']:g} "
+    f"(absolute Gaussian noise, {s['draws']} draws) on the test inputs ({own}); sharpness is "
+    f"SAM's ascent step at rho {s['rho']:g}, while SAM trained at rho {sam:g}. The "
+    "|w|^2 rows scale lambda_max and the trace by the squared weight norm (a rescaling of the "
+    "weights that leaves the function unchanged moves the raw ones)."
+  )
 
 
 def flatness_words(signs, base: str, metric: str = "accuracy") -> dict:
@@ -300,12 +429,15 @@ def flatness_words(signs, base: str, metric: str = "accuracy") -> dict:
 
   tau, p = signs["lambda_max", "tau"]
   predicts = "yes" if (tau < 0) == (metric == "accuracy") else "no: the reverse, sharper did better"
+  pooled, pooled_p = signs.get(("lambda_max", "tau_pooled"), (math.nan, math.nan))
   return {
     "vs_base": word(base),
     "vs_sam": word("sam"),
     "tau": tau,
     "tau_p": p,
     "predicts": predicts if p < ALPHA else "not shown",
+    "tau_pooled": pooled,
+    "tau_pooled_p": pooled_p,
   }
 
 
@@ -315,8 +447,10 @@ def flatness_answer(flat: dict, base: str, ref: str = "nrs", metric: str = "accu
   return (
     f"Does {ref} find flatter minima (lower lambda_max and trace, Holm p < 0.05) than {base}: "
     f"{flat['vs_base']}; than sam: {flat['vs_sam']}. "
-    f"Does flatness predict accuracy here (Kendall tau of lambda_max with {what}, p < 0.05): "
-    f"{flat['predicts']} (tau {flat['tau']:+.2f}, p {flat['tau_p']:.2g})."
+    f"Does flatness predict accuracy within a method here (Kendall tau of lambda_max with {what}, "
+    f"stratified by method, p < 0.05): {flat['predicts']} (tau {flat['tau']:+.2f}, p "
+    f"{flat['tau_p']:.2g}; pooled between methods {flat['tau_pooled']:+.2f}, p "
+    f"{flat['tau_pooled_p']:.2g})."
   )
 
 
@@ -325,20 +459,23 @@ def ablation_section(rows, t, quick) -> list:
   seeds = study.final_seeds(task, quick, ablation=True)
   names = ["nrs", *study.ABLATIONS]
   test = {m: [finals(rows, t, m)[s]["test"] for s in seeds] for m in names}
-  cmp = compare(test, "nrs", list(study.ABLATIONS), task.metric)
+  fin = {m: finals(rows, t, m) for m in names}
+  kinds = {m: [study.machine_kind(fin[m][s]["machine"]) for s in seeds] for m in names}
+  cmp = compare(test, "nrs", list(study.ABLATIONS), task.metric, kinds, seeds)
   f, ci = _fmt(task.metric)
   body = []
   for a in study.ABLATIONS:
     setting, pos, _ = chosen(rows, t, a)
-    mean, lo, hi, w, _, dd, verdict = cmp[a]
+    c = cmp[a]
+    c = c._replace(mean=-c.mean, lo=-c.hi, hi=-c.lo)  # ablation - nrs
+    verdict = verdict_text(c, f, TIE[task.metric])
     verdict = verdict.replace("nrs ahead", "ablation behind").replace(
       "nrs behind", "ablation ahead"
     )
-    verdict += f" (MDD {f(dd)})" if verdict == "inconclusive" else ""
     row = [a, json.dumps(study.ABLATIONS[a]), str(setting.get("nrs.radius")), pos]
-    body.append(row + [ci(ci95(test[a])), ci((-mean, -hi, -lo)), f"{w:.3g}", verdict])
+    body.append(row + [ci(ci95(test[a])), ci((c.mean, c.lo, c.hi)), _p_text(c), verdict])
   head = ["ablation", "changed from nrs", "radius (retuned)", "grid position", "mean [95% CI]"]
-  head += ["ablation - nrs [95% CI]", "Wilcoxon Holm p", "verdict"]
+  head += ["ablation - nrs [95% CI]", "Holm p", "verdict"]
   title = f"### Ablations of nrs, each with its radius retuned ({t}, the first {len(seeds)} seeds)"
   return [title, "", markdown_table(head, body), ""]
 

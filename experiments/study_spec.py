@@ -222,6 +222,18 @@ def method_of(name: str, family: str = "", task: Task | None = None) -> Method:
   return m
 
 
+def machine_kind(machine: str) -> str:
+  """The kind of machine a row ran on: its CPU model and ISA (the machine column's first two
+  fields); a clear error for a row without one."""
+  parts = (machine or "").split("; ")
+  if len(parts) < 3 or not parts[0] or not parts[1]:
+    raise ValueError(
+      f"records: a final row's machine field {machine!r} does not read 'CPU model; ISA; "
+      "versions': pairs cannot be matched to machine kinds. Fix or rerun that row."
+    )
+  return "; ".join(parts[:2])
+
+
 def key_of(task, method, phase, seed, setting) -> tuple:
   return (task, method, phase, int(seed), json.dumps(setting, sort_keys=True))
 

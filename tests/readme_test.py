@@ -66,9 +66,10 @@ def test_the_readme_summary_table_is_the_one_generated_from_the_report():
   )
 
 
-def _method(mean_ci, verdict=None, mdd=None):
+def _method(mean_ci, verdict=None, mdd=None, robust=True, detected=False):
   r = {"mean_ci": mean_ci}
-  return r if verdict is None else {**r, "verdict": verdict, "mdd": mdd}
+  extra = {"verdict": verdict, "mdd": mdd, "robust": robust, "detected": detected}
+  return r if verdict is None else {**r, **extra}
 
 
 SUMMARY = {
@@ -80,7 +81,8 @@ SUMMARY = {
       "rows": [["sgd", "70.00"], ["nrs", "72.10"]],
       "methods": {
         "sgd": _method("70.00 [69.00, 71.00]", "nrs ahead"),
-        "sam": _method("72.00 [71.00, 73.00]", "tie"),
+        "sam": _method("72.00 [71.00, 73.00]", "tie", detected=True),
+        "asam": _method("71.00 [70.00, 72.00]", "nrs ahead", robust=False),
         "nrs": _method("72.10 [71.10, 73.10]"),
         "saf": _method("74.00 [73.00, 75.00]", "nrs behind"),
         "mesa": _method("72.50 [70.00, 75.00]", "inconclusive", "2.10"),
@@ -109,7 +111,7 @@ def test_the_summary_reads_each_verdict_from_the_json_and_adds_nothing(tmp_path)
   path.write_text(json.dumps(SUMMARY))
   rows = tables.study_summary(str(path)).split("\n")[2:]
   assert rows == [
-    "| `task_a` | nrs 72.10 [71.10, 73.10] % | sam | sgd | saf "
+    "| `task_a` | nrs 72.10 [71.10, 73.10] % | sam (difference detected) | sgd, asam (fragile) | saf "
     "| mesa (MDD 2.10) | yes / no, sharper; tau -0.02 |",
     "| `task_b` | nrs 2.60 [2.50, 2.70] bits/char | none | none | adamw | none "
     "| not shown / not shown; tau +0.21 |",
@@ -149,3 +151,29 @@ def test_the_install_line_names_extras_that_exist_and_no_doc_names_an_unpublishe
   for page in pages:
     with open(page, encoding="utf-8") as f:
       assert not re.search(r"pip install ['\"]?nrs[-_]jax", f.read()), page
+
+
+def _prose_decimals(path: str, skip_section: str | None = None) -> set[str]:
+  """The decimals a page's prose states (code cells excluded; one section left out)."""
+  with open(os.path.join(ROOT, path), encoding="utf-8") as f:
+    text = f.read()
+  text = re.sub(r"```.*?```", "", text, flags=re.S)
+  if skip_section:
+    text = re.sub(rf"^### {skip_section}.*?(?=^### )", "", text, flags=re.S | re.M)
+  return set(re.findall(r"(?<![\w.])[+-]?\d+\.\d+(?![\d.])", text))
+
+
+def test_every_number_on_the_evidence_page_and_in_the_tutorials_is_in_the_report():
+  """As the README's: the evidence page (but its reproducibility section, which quotes the ISA
+  check, tested in study_runner_test) and the settings and unlabeled tutorials quote the
+  study's generated report, never a number typed by hand."""
+  with open(os.path.join(ROOT, "experiments", "RESULTS_STUDY.md")) as f:
+    report = f.read()
+  pages = {
+    "docs/evidence.md": "Reproducibility",
+    "docs/tutorials/settings.md": None,
+    "docs/tutorials/unlabeled.md": None,
+  }
+  for page, skip in pages.items():
+    loose = sorted(n for n in _prose_decimals(page, skip) if n.lstrip("+") not in report)
+    assert not loose, f"{page} quotes numbers the report lacks: {loose}"

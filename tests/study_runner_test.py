@@ -254,3 +254,33 @@ def test_the_reproducibility_numbers_on_the_evidence_page_are_the_measured_ones(
   assert {"max_isa_AVX2", "no_xnnpack", "no_platform_math", "study"} <= set(
     summary["identical_to_default"]
   )
+
+
+def test_the_runner_warns_before_a_final_run_that_would_straddle_machine_kinds(
+  tmp_path, monkeypatch
+):
+  """A seed whose other final rows ran on another CPU kind: the new run's pairs would
+  straddle kinds (the report then compares them unpaired); the runner says so first."""
+  s = study.Study(str(tmp_path / "runs.csv"), str(tmp_path / "wd"), 1, True)
+  other = "Other CPU; avx512f; jax 0 jaxlib 0"
+  s.rows[study.spec.key_of("mnist1d_mlp", "sgd", "final", 100, {})] = {
+    "task": "mnist1d_mlp",
+    "phase": "final",
+    "seed": 100,
+    "machine": other,
+  }
+  said = []
+  monkeypatch.setattr(study.logging, "warning", lambda msg, *a: said.append(msg % a))
+  s._warn_of_straddles([("mnist1d_mlp", "nrs", "final", 100, {})])
+  s._warn_of_straddles(
+    [("mnist1d_mlp", "nrs", "final", 101, {}), ("mnist1d_mlp", "nrs", "tune", 100, {})]
+  )
+  assert len(said) == 1 and "mnist1d_mlp/nrs seed 100" in said[0] and "Other CPU; avx512f:" in said[0]
+
+
+def test_a_records_row_without_a_machine_is_a_clear_error():
+  with pytest.raises(ValueError, match="machine field"):
+    study.spec.machine_kind("")
+  assert (
+    study.spec.machine_kind("AMD EPYC; avx2 fma; jax 0.10.2 jaxlib 0.10.2") == "AMD EPYC; avx2 fma"
+  )

@@ -18,6 +18,7 @@ from experiments import input_pipeline
 from experiments import study
 from experiments import study_report
 from experiments import study_spec as spec
+from experiments import study_stats as stats_
 
 
 def fake_trainer(optima, diverge=()):
@@ -168,17 +169,17 @@ def test_the_study_resumes_from_its_records_and_writes_the_report(tmp_path, no_t
   recs = spec.read_records(str(tmp_path / "runs.csv"))
   study_report.write(recs, ["mnist1d_mlp"], str(report))
   text = report.read_text()
-  assert text.index("Protocol, fixed before any result") < text.index("## mnist1d_mlp")
+  assert text.index("Protocol: the tuning and the runs were fixed") < text.index("## mnist1d_mlp")
   sam = [line for line in text.splitlines() if line.startswith("| sam |")][0]
   # The diverged seed counts at chance (10%) in sam's mean, and is reported.
   test = study_report.finals(s.rows, "mnist1d_mlp", "sam")
   mean = np.mean([test[s]["test"] for s in seeds])
   assert f"{100 * mean:.2f} [" in sam and "| 1 |" in sam
-  # NRS is 1 pp ahead of sgd on every seed: Wilcoxon, Holm (written out) over the 10 others.
+  # NRS is 1 pp ahead of sgd on every seed: the exact test, Holm (written out) over the 10.
   fin = {m: study_report.finals(recs, "mnist1d_mlp", m) for m in spec.IMAGE}
   others = [m for m in spec.IMAGE if m != "nrs"]
   raw = {
-    m: stats.wilcoxon([fin["nrs"][k]["test"] - fin[m][k]["test"] for k in seeds]).pvalue
+    m: _brute_signed_rank([fin["nrs"][k]["test"] - fin[m][k]["test"] for k in seeds])
     for m in others
   }
   order = sorted(others, key=raw.get)
@@ -188,12 +189,10 @@ def test_the_study_resumes_from_its_records_and_writes_the_report(tmp_path, no_t
   }
   sgd = [line for line in text.splitlines() if line.startswith("| sgd |")][0]
   assert "nrs ahead" in sgd and f"| {adj['sgd']:.3g} |" in sgd
-  x = [
-    r["lambda_max"] for r in recs.values() if r["phase"] == "final" and r["method"] in spec.IMAGE
-  ]
-  y = [r["test"] for r in recs.values() if r["phase"] == "final" and r["method"] in spec.IMAGE]
-  tau = stats.kendalltau(x, y)
-  assert f"{tau.statistic:+.2f} (p {tau.pvalue:.2g})" in text
+  # Flatness: the within-method tau (the answer) and the pooled one, both printed.
+  fin_runs = [r for r in recs.values() if r["phase"] == "final" and r["method"] in spec.IMAGE]
+  tau = stats.kendalltau([r["lambda_max"] for r in fin_runs], [r["test"] for r in fin_runs])
+  assert f"pooled between methods {tau.statistic:+.2f}" in text
   assert "Ablations of nrs, each with its radius retuned" in text
   assert "Rows of mnist1d_mlp were made on 1 machine(s)" in text
   assert "at an edge of its grid after the extensions" in text
@@ -262,30 +261,121 @@ def test_methods_on_the_transformers_tune_below_the_previous_low_edges():
   assert config.nrs.stop_gradient_center and config.seed == 3 and config.method == "nrs"
 
 
-def test_statistics_match_scipy():
-  a, b = [0.75, 0.76, 0.77, 0.76, 0.78], [0.70, 0.72, 0.71, 0.74, 0.73]
-  m, lo, hi, p = study_report.paired(a, b)
-  t = stats.ttest_rel(a, b)
-  assert np.isclose(m, np.mean(np.subtract(a, b))) and np.isclose(p, t.pvalue)
-  ci = t.confidence_interval()
-  assert np.isclose(lo, ci.low) and np.isclose(hi, ci.high)
-  assert study_report.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
-  assert study_report.holm([0.5, 0.001]) == pytest.approx([0.5, 0.002])
+def _brute_signed_rank(d):
+  """Every sign pattern of the nonzero differences, enumerated: the exact two-sided p."""
+  import itertools
+
+  d = np.asarray([x for x in d if x != 0])
+  r = stats.rankdata(np.abs(d))
+  centre, obs = r.sum() / 2, r[d > 0].sum()
+  hits = sum(
+    abs(sum(ri for ri, on in zip(r, signs) if on) - centre) >= abs(obs - centre) - 1e-9
+    for signs in itertools.product([0, 1], repeat=len(d))
+  )
+  return hits / 2 ** len(d)
+
+
+def test_the_exact_signed_rank_test_against_enumeration_and_scipy():
+  rng = np.random.default_rng(0)
+  for n in (4, 9, 12):
+    d = np.round(rng.normal(0.4, 1.0, n) * 4) / 4  # ties among magnitudes, and zeros
+    d[0] = 0.0
+    assert stats_.signed_rank_exact(d) == pytest.approx(_brute_signed_rank(d), abs=1e-12)
+  d = rng.normal(0.5, 1.0, 16)  # untied, no zeros: scipy's exact distribution
+  assert stats_.signed_rank_exact(d) == pytest.approx(stats.wilcoxon(d, method="exact").pvalue)
+  for side in ("greater", "less"):
+    want = stats.wilcoxon(d, alternative=side, method="exact").pvalue
+    assert stats_.signed_rank_exact(d, side) == pytest.approx(want)
+  assert stats_.signed_rank_exact([0.0, 0.0, 0.0]) == 1.0
+  # 20 pairs: 2^20 patterns, counted exactly (a float sum would round).
+  assert 0 < stats_.signed_rank_exact(rng.normal(0, 1, 20)) <= 1
+
+
+def test_rounding_to_the_resolution_turns_float_noise_into_true_ties():
+  """Accuracies are k/N (float32 rounded); their differences are multiples of 1/N."""
+  a = np.float32(np.array([876, 900, 880, 850]) / 1150).astype(float)
+  b = np.float32(np.array([876, 890, 881, 850]) / 1150).astype(float)
+  step = stats_.resolution([*a, *b])
+  assert step == pytest.approx(1 / 1150)
+  d = stats_.differences(a, b, step)
+  assert list(np.round(d * 1150)) == [0, 10, -1, 0] and d[0] == 0 and d[3] == 0
+  assert stats_.resolution([2.55, 2.56]) == 0.0  # bits per character: continuous
+
+
+def test_t_interval_tost_holm_and_the_mdd_of_the_exact_test():
+  a, b = [0.75, 0.76, 0.77, 0.76, 0.78, 0.74], [0.70, 0.72, 0.71, 0.74, 0.73, 0.74]
   d = np.subtract(a, b)
-  assert study_report.wilcoxon(d) == stats.wilcoxon(d).pvalue
-  assert study_report.wilcoxon([0.0, 0.0]) == 1.0
-  # TOST: the larger of two one-sided t-tests against -+ the margin.
-  for margin in (0.01, 0.05, 0.1):
+  t = stats.ttest_rel(a, b)
+  m, lo, hi = stats_.ci(d)
+  ci = t.confidence_interval()
+  assert np.isclose(m, d.mean()) and np.isclose(lo, ci.low) and np.isclose(hi, ci.high)
+  assert stats_.t_test(d) == pytest.approx(t.pvalue)
+  assert stats_.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+  assert stats_.holm([0.5, 0.001]) == pytest.approx([0.5, 0.002])
+  for margin in (0.01, 0.05, 0.1):  # the larger of two one-sided t-tests against -+ margin
     lower = stats.ttest_1samp(d, -margin, alternative="greater").pvalue
     upper = stats.ttest_1samp(d, margin, alternative="less").pvalue
-    assert study_report.tost(d, margin) == pytest.approx(max(lower, upper), rel=1e-9)
-  # MDD: a true mean difference of one MDD gives a paired t-test about 80% power.
-  rng = np.random.default_rng(0)
+    assert stats_.tost(d, margin) == pytest.approx(max(lower, upper), rel=1e-9)
+  # The MDD at a Holm level: at that true difference the exact test rejects in about 80% of
+  # fresh normal samples (an independent simulation, other draws than the MDD's own).
+  rng = np.random.default_rng(1)
   diffs = rng.normal(0.0, 0.02, 20)
-  mdd = study_report.mdd(diffs)
-  nc, crit = mdd / (np.std(diffs, ddof=1) / np.sqrt(20)), stats.t.ppf(0.975, 19)
-  power = stats.nct.sf(crit, 19, nc) + stats.nct.cdf(-crit, 19, nc)
-  assert power == pytest.approx(0.8, abs=0.01)
+  level = 0.05 / 8
+  mdd = stats_.mdd(diffs, level)
+  sd = np.std(diffs, ddof=1)
+  hits = [stats_.signed_rank_exact(rng.normal(mdd, sd, 20)) <= level for _ in range(400)]
+  assert np.mean(hits) == pytest.approx(0.8, abs=0.07)
+  # ... larger than the unadjusted paired t-test's, which the report used to print.
+  t_mdd = (stats.t.ppf(0.975, 19) + stats.t.ppf(0.8, 19)) * sd / np.sqrt(20)
+  assert mdd > 1.3 * t_mdd
+
+
+def test_stratified_kendall_is_within_methods_only():
+  """Two methods, each with flatness unrelated to accuracy inside it but offset between them:
+  the pooled tau is strong, the stratified one is not; a within-method trend is found."""
+  rng = np.random.default_rng(2)
+  x1, x2 = rng.normal(0, 1, 20), rng.normal(5, 1, 20)
+  y1, y2 = rng.normal(0, 1, 20), rng.normal(5, 1, 20)
+  pooled = stats.kendalltau([*x1, *x2], [*y1, *y2])
+  tau, p = stats_.stratified_kendall([(x1, y1), (x2, y2)])
+  assert pooled.pvalue < 1e-4 and p > 0.01
+  w1, w2 = stats.kendalltau(x1, y1), stats.kendalltau(x2, y2)
+  assert tau == pytest.approx((w1.statistic + w2.statistic) / 2, abs=1e-12)  # equal sizes
+  t_one, p_one = stats_.stratified_kendall([(x1, y1)])
+  w1_normal = stats.kendalltau(x1, y1, method="asymptotic").pvalue  # (the normal approximation)
+  assert t_one == pytest.approx(w1.statistic) and p_one == pytest.approx(w1_normal, rel=1e-6)
+  tau, p = stats_.stratified_kendall([(x1, x1 + 0.1 * y1), (x2, x2 + 0.1 * y2)])
+  assert tau > 0.5 and p < 1e-4
+
+
+def test_verdicts_are_marked_robust_or_fragile_and_few_pairs_get_no_p():
+  rng = np.random.default_rng(3)
+  base = rng.normal(0.80, 0.01, 20)
+  test = {
+    "nrs": base + 0.02,  # ahead on every seed: robust
+    "far": base - rng.normal(0.0, 0.001, 20),  # within 0.1 pp: a robust tie
+    "edge": base + 0.02 - np.r_[np.full(12, 0.004), np.full(8, -0.002)],  # a fragile lead
+  }
+  test = {m: np.round(v * 1000) / 1000 for m, v in test.items()}
+  cmp = study_report.compare(test, "nrs", ["far", "edge"], "accuracy", seeds=list(range(100, 120)))
+  assert cmp["far"].verdict == "nrs ahead" and cmp["far"].robust
+  few = study_report.compare({m: v[:5] for m, v in test.items()}, "nrs", ["far"], "accuracy")
+  assert few["far"].verdict == "too few pairs" and math.isnan(few["far"].p)
+  # Each verdict is the primary rule's on every leave-one-seed-out subset, or marked fragile.
+  for c in cmp.values():
+    if c.robust is False:
+      assert c.fragile
+
+
+def test_pairs_across_machine_kinds_are_compared_unpaired():
+  rng = np.random.default_rng(4)
+  test = {"nrs": rng.normal(0.8, 0.01, 20), "b": rng.normal(0.79, 0.01, 20)}
+  kinds = {"nrs": ["Intel; avx512f"] * 20, "b": ["Intel; avx512f"] * 9 + ["AMD; avx2"] * 11}
+  c = study_report.compare(test, "nrs", ["b"], "accuracy", kinds)["b"]
+  assert not c.paired
+  assert c.p == pytest.approx(stats.mannwhitneyu(test["nrs"], test["b"]).pvalue)
+  with pytest.raises(ValueError, match="machine field"):
+    study_report.machine_kind("")
 
 
 def test_mnist5k_is_real_digits_with_a_clean_validation_split():
@@ -402,8 +492,8 @@ def test_the_semi_supervised_tasks_pair_nrs_unlabeled_with_every_method(tmp_path
   text = report.read_text()
   assert "nrs_unlabeled - method [95% CI]" in text and "Cheaper NRS variants" not in text
   row = {line.split(" | ")[0][2:]: line for line in text.splitlines() if line.startswith("| ")}
-  assert row["sgd"].endswith("| 0.00 [0.00, 0.00] | 1 | tie |")  # the fake's equal values
-  assert row["nrs"].endswith("| nrs_unlabeled behind |")  # the fake's nrs: +1 pp per seed
+  assert row["sgd"].endswith("| 0.00 [0.00, 0.00] | 1 | tie, robust |")  # equal values
+  assert row["nrs"].endswith("| nrs_unlabeled behind, robust |")  # the fake's nrs: +1 pp
   assert "Does nrs_unlabeled find flatter minima" in text
 
 
@@ -466,9 +556,8 @@ def test_the_cheaper_variants_line_repeats_the_tables_verdicts():
     }
     for ln in section.splitlines():
       if ln.startswith("Cheaper NRS variants against full NRS"):
-        for part in ln.split("): ", 1)[1].rstrip(".").split("; "):
-          m, verdict = part.split(" ")[0], part.split(", ", 1)[1]
-          assert table[m].rstrip(" |").split(" (MDD")[0] == verdict, (section[:30], m)
+        for m in ("nrs_cheap", "nrs_b8", "nrs_half"):
+          assert f"{m} step " in ln and f", {table[m].rstrip(' |')}" in ln, (section[:30], m)
           checked += 1
   assert checked >= 3
 
@@ -495,9 +584,10 @@ def test_the_lm_report_reads_bits_per_character_as_lower_is_better(tmp_path, no_
   text = (tmp_path / "R.md").read_text()
   row = {ln.split(" | ")[0][2:]: ln for ln in text.splitlines() if ln.startswith("| ")}
   assert "| -0.010 [-0.010, -0.010] |" in row["adamw"] and "nrs ahead" in row["adamw"]
-  assert row["sam"].endswith("| nrs behind |")  # sam: up to 0.001 fewer bits on every seed
+  assert row["sam"].endswith("| nrs behind, robust |")  # sam: up to 0.001 fewer bits on every seed
   assert "a tie at +-0.01 bits per character)" in text
-  assert "with test bits per character, p < 0.05): yes (tau +1.00" in text
+  assert "with test bits per character, stratified by method, p < 0.05): yes (tau +0.9" in text
+  assert "pooled between methods +1.00" in text
 
 
 def test_the_flatness_answer_says_when_sharper_solutions_did_better():
@@ -511,10 +601,11 @@ def test_the_flatness_answer_says_when_sharper_solutions_did_better():
     (-0.3, 1e-5, "bits_per_char", "no: the reverse, sharper did better"),
     (-0.06, 0.2, "accuracy", "not shown"),
   ]:
-    flat = study_report.flatness_words({**signs, ("lambda_max", "tau"): (tau, p)}, "sgd", metric)
+    taus = {("lambda_max", "tau"): (tau, p), ("lambda_max", "tau_pooled"): (0.2, 0.3)}
+    flat = study_report.flatness_words({**signs, **taus}, "sgd", metric)
     assert flat["predicts"] == said and flat["vs_base"] == flat["vs_sam"] == "yes"
     text = study_report.flatness_answer(flat, "sgd", "nrs", metric)
     assert (
       text.startswith("Does nrs find flatter minima") and "than sgd: yes; than sam: yes." in text
     )
-    assert f"p < 0.05): {said} (tau {tau:+.2f}, p {p:.2g})." in text
+    assert f"p < 0.05): {said} (tau {tau:+.2f}, p {p:.2g}; pooled between methods +0.20" in text
