@@ -275,7 +275,9 @@ def test_the_runner_warns_before_a_final_run_that_would_straddle_machine_kinds(
   s._warn_of_straddles(
     [("mnist1d_mlp", "nrs", "final", 101, {}), ("mnist1d_mlp", "nrs", "tune", 100, {})]
   )
-  assert len(said) == 1 and "mnist1d_mlp/nrs seed 100" in said[0] and "Other CPU; avx512f:" in said[0]
+  assert (
+    len(said) == 1 and "mnist1d_mlp/nrs seed 100" in said[0] and "Other CPU; avx512f:" in said[0]
+  )
 
 
 def test_a_records_row_without_a_machine_is_a_clear_error():

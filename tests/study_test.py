@@ -375,7 +375,7 @@ def test_pairs_across_machine_kinds_are_compared_unpaired():
   assert not c.paired
   assert c.p == pytest.approx(stats.mannwhitneyu(test["nrs"], test["b"]).pvalue)
   with pytest.raises(ValueError, match="machine field"):
-    study_report.machine_kind("")
+    spec.machine_kind("")
 
 
 def test_mnist5k_is_real_digits_with_a_clean_validation_split():
