@@ -609,3 +609,21 @@ def test_the_flatness_answer_says_when_sharper_solutions_did_better():
       text.startswith("Does nrs find flatter minima") and "than sgd: yes; than sam: yes." in text
     )
     assert f"p < 0.05): {said} (tau {tau:+.2f}, p {p:.2g}; pooled between methods +0.20" in text
+
+
+def test_declarations_refuse_a_task_without_a_kind_and_a_grid_of_the_wrong_type():
+  """Bad declarations fail when the module is read, before anything trains."""
+  with pytest.raises(TypeError, match="kind"):
+    spec.Task("default", {}, spec.IMAGE, 20)  # no kind
+  with pytest.raises(ValueError, match=r"kind='cnn' must be one of \('image', 'transformer'"):
+    spec.Task("default", {}, spec.IMAGE, 20, "cnn")
+  with pytest.raises(ValueError, match=r"Method\('sam'\)\.grid=\[0.1, 0.2\] must be a tuple"):
+    spec.Method("sam", "sam.rho", [0.1, 0.2], 2.0)
+  with pytest.raises(ValueError, match="transformer_grid=.*must be a tuple of positive numbers"):
+    spec.Method("sam", "sam.rho", (0.1,), 2.0, transformer_grid=("0.01",))
+  with pytest.raises(ValueError, match="transformer_scale=0 must be > 0"):
+    spec.Method("nrs", "nrs.radius", (), 2.0, transformer_scale=0)
+  # A transformer task of any method list gets the transformer grids (by its kind).
+  lm_like = spec.Task("stdlib_lm", {}, ("adamw", "sam"), 10, "transformer")
+  assert spec.method_of("sam", "absolute", lm_like).grid == (0.0025, 0.005, 0.01, 0.02)
+  assert spec.method_of("nrs", "absolute", lm_like).grid == (0.00125, 0.0025, 0.005, 0.01)
