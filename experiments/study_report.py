@@ -17,7 +17,7 @@ from experiments import study_stats as stats_
 from experiments.tables import markdown_table
 
 MARGIN = {"accuracy": 0.01, "bits_per_char": 0.01}  # the equivalence margins (1 pp, 0.01 bpc)
-ALPHA, POWER, CHEAP_COST = 0.05, 0.8, 1.15
+ALPHA, CHEAP_COST = stats_.ALPHA, 1.15
 UNITS = {"bits_per_char": "bits per character, lower is better", "accuracy": "test accuracy, %"}
 TIE = {"bits_per_char": "+-0.01 bits per character", "accuracy": "+-1 pp"}
 PROTOCOL = (

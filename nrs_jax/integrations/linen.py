@@ -35,7 +35,7 @@ class NRSTrainState(train_state.TrainState):
     ...                               logits_fn=logits_fn)
     >>> want = nrs_jax.nrs_penalty(logits_fn, params0, jax.random.fold_in(jax.random.key(0), 0),
     ...                            radius=0.05)  # the transform's first update: fold_in(key, 0)
-    >>> int(state.step), bool(jnp.isclose(state.opt_state[0].penalty, want, rtol=1e-5))
+    >>> int(state.step), bool(jnp.isclose(state.opt_state[0].penalty, want, rtol=1e-3))
     (1, True)
   """
 
