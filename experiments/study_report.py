@@ -12,13 +12,14 @@ from typing import NamedTuple
 import numpy as np
 from scipy import stats
 
+from experiments import study_plots
 from experiments import study_spec as study
 from experiments import study_stats as stats_
 from experiments.tables import markdown_table
 
 MARGIN = {"accuracy": 0.01, "bits_per_char": 0.01}  # the equivalence margins (1 pp, 0.01 bpc)
 ALPHA, CHEAP_COST = stats_.ALPHA, 1.15
-UNITS = {"bits_per_char": "bits per character, lower is better", "accuracy": "test accuracy, %"}
+UNITS = study_plots.UNITS
 TIE = {"bits_per_char": "+-0.01 bits per character", "accuracy": "+-1 pp"}
 PROTOCOL = (
   "Protocol: the tuning and the runs were fixed before any result; the statistics were revised "
@@ -494,35 +495,6 @@ def machines_line(rows, t) -> str:
   )
 
 
-def plot(tests: dict, costs: dict, path: str) -> None:
-  """One panel per task: each method's median test value and interquartile range against its
-  step cost; a legend, not labels, names them (a colour and marker each; the subjects black)."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  names = list(dict.fromkeys([*study.IMAGE, *study.TRANSFORMER, *study.SEMI]))
-  style = {m: dict(c=plt.get_cmap("tab20")(i), marker="os^D"[i % 4]) for i, m in enumerate(names)}
-  style.update(nrs=dict(c="k", marker="*"), nrs_unlabeled=dict(c="k", marker="P"))  # subjects
-  ncol, nrow, leg = min(3, len(tests)), -(-len(tests) // 3), 0.25 * -(-len(names) // 7) + 0.2
-  fig, axes = plt.subplots(nrow, ncol, figsize=(5 * ncol, 3.8 * nrow + leg), squeeze=False)
-  for ax in axes.flat[len(tests) :]:
-    ax.axis("off")
-  for ax, (t, test) in zip(axes.flat, tests.items()):
-    scale = 1 if study.TASKS[t].metric == "bits_per_char" else 100
-    for m, xs in test.items():
-      q1, med, q3 = np.percentile(np.asarray(xs) * scale, [25, 50, 75])
-      ax.errorbar([costs[t][m]], [med], [[med - q1], [q3 - med]], ls="", capsize=3, **style[m])
-    ax.set(title=t, xlabel="step time / base method's", ylabel=UNITS[study.TASKS[t].metric])
-  handles = [plt.Line2D([], [], ls="", **style[m]) for m in names]
-  fig.legend(handles, names, loc="lower center", ncol=min(len(names), 7), fontsize=8)
-  fig.suptitle("median and interquartile range over the final seeds", fontsize=9)
-  fig.tight_layout(rect=(0, leg / (3.8 * nrow + leg), 1, 0.97))  # (the legend's inches free)
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-
-
 def write(rows: dict, tasks: list, path: str, quick: bool = False) -> None:
   """The report of ``tasks``; its header names them (not the command's spelling), so the
   report reproduces whichever way the same tasks were asked for."""
@@ -556,6 +528,17 @@ def write(rows: dict, tasks: list, path: str, quick: bool = False) -> None:
     tests[t], cheap[t], costs[t] = section.test, section.cheap, section.costs
     summary[t] = section.summary
     lines += section.lines + [machines_line(rows, t), ""]
+    png = os.path.join(os.path.dirname(path) or ".", "results", f"sensitivity_{t}.png")
+    os.makedirs(os.path.dirname(png), exist_ok=True)
+    study_plots.sensitivity(rows, t, png)
+    lines += [
+      f"How carefully each strength must be tuned ({t}): the mean validation value over "
+      "the tuning seeds against the method's strength, at its chosen learning rate and "
+      "weight decay (the chosen value filled).",
+      "",
+      f"![sensitivity of {t}](results/{os.path.basename(png)})",
+      "",
+    ]
   image = [t for t in tasks if study.TASKS[t].kind == "image"]
   if image:
     reach = [m for m in study.NRS_FAMILY[1:] if all(cheap[t][m] for t in image)]
@@ -568,7 +551,7 @@ def write(rows: dict, tasks: list, path: str, quick: bool = False) -> None:
   if tests:
     png = os.path.join(os.path.dirname(path) or ".", "results", "study_cost_accuracy.png")
     os.makedirs(os.path.dirname(png), exist_ok=True)
-    plot(tests, costs, png)
+    study_plots.cost_accuracy(tests, costs, png)
     lines += [f"![cost and accuracy](results/{os.path.basename(png)})", ""]
   with open(path, "w") as f:
     f.write("\n".join(lines))

@@ -16,6 +16,7 @@ from scipy import stats
 
 from experiments import input_pipeline
 from experiments import study
+from experiments import study_plots
 from experiments import study_report
 from experiments import study_spec as spec
 from experiments import study_stats as stats_
@@ -211,7 +212,8 @@ def test_the_plot_shows_medians_and_quartiles_so_a_diverged_seed_does_not_stretc
   try:
     seeds = np.linspace(0.70, 0.74, 20)
     tests = {"mnist1d_mlp": {"sgd": list(seeds), "nrs": [0.1, *seeds[1:] + 0.02]}}
-    study_report.plot(tests, {"mnist1d_mlp": {"sgd": 1.0, "nrs": 1.8}}, str(tmp_path / "p.png"))
+    costs = {"mnist1d_mlp": {"sgd": 1.0, "nrs": 1.8}}
+    study_plots.cost_accuracy(tests, costs, str(tmp_path / "p.png"))
   finally:
     plt.Figure.savefig = monkey
   ax = drawn[0].axes[0]
@@ -423,8 +425,26 @@ def test_the_committed_report_is_what_the_committed_records_give(tmp_path):
   # ... and so does its machine-readable summary, which the README and docs render.
   with open(os.path.join(root, "experiments", "results", "study_summary.json")) as f:
     assert (tmp_path / "results" / "study_summary.json").read_text() == f.read()
+  for t in spec.TASKS:  # each task's sensitivity figure, linked from its section
+    assert (tmp_path / "results" / f"sensitivity_{t}.png").stat().st_size > 1000
+    assert f"](results/sensitivity_{t}.png)" in text
   # The header names the tasks, never a command's spelling of them.
   assert "--tasks=mnist" not in text.splitlines()[2]
+
+
+def test_each_sensitivity_curve_peaks_at_the_chosen_strength():
+  """The curves read the tuning rows the selection read: along the chosen setting's slice,
+  the chosen strength has the best mean validation value (lowest bits on the LM)."""
+  from experiments import study_plots
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  rows = spec.read_records(os.path.join(root, "experiments", "results", "study_runs.csv"))
+  for t in ("mnist1d_mlp", "stdlib_lm"):
+    for m in spec.TASKS[t].methods:
+      xs, ys, best = study_plots.strength_curve(rows, t, m, study_report.chosen(rows, t, m)[0])
+      assert len(xs) >= 3 and best in xs, (t, m)
+      pick = max if spec.TASKS[t].metric == "accuracy" else min
+      assert ys[xs.index(best)] == pick(ys), (t, m)
 
 
 def test_the_report_does_not_import_the_runner():
