@@ -97,18 +97,18 @@ def _family(test, ref, others, metric, step, unpaired) -> dict:
   return out
 
 
-def _other_test(test, ref, others, metric, step, unpaired) -> dict:
+def _other_test(test, ref, diffs, metric, unpaired) -> dict:
   """Whether each verdict also holds under the other test: an ahead or behind under the
-  (paired, or Welch) t-test, a tie under the exact (sign-flip) TOST; Holm over the family."""
+  (paired, or Welch) t-test, a tie under the exact (sign-flip) TOST; Holm over the family
+  (``diffs``: method -> rounded ``ref - method``)."""
   t_p, eq_p = [], []
-  for m in others:
-    d = stats_.differences(test[ref], test[m], step)
+  for m, d in diffs.items():
     if unpaired[m]:
       t_p.append(float(stats.ttest_ind(test[ref], test[m], equal_var=False).pvalue))
     else:
       t_p.append(stats_.t_test(d))
     eq_p.append(stats_.exact_tost(d, MARGIN[metric]))
-  return dict(zip(others, zip(stats_.holm(t_p), stats_.holm(eq_p))))
+  return dict(zip(diffs, zip(stats_.holm(t_p), stats_.holm(eq_p))))
 
 
 def compare(
@@ -128,16 +128,17 @@ def compare(
       m: Comparison(nan, nan, nan, nan, nan, "too few pairs", True, False, None, "", nan)
       for m in others
     }
+  diffs = {m: stats_.differences(test[ref], test[m], step) for m in others}
   primary = _family(test, ref, others, metric, step, unpaired)
-  other = _other_test(test, ref, others, metric, step, unpaired)
+  other = _other_test(test, ref, diffs, metric, unpaired)
   drops = [
     _family({m: np.delete(test[m], s) for m in test}, ref, others, metric, step, unpaired)
     for s in range(n)
   ]
-  out = {}
+  out, names = {}, seeds or list(range(n))
   for i, m in enumerate(others):
     verdict, w, e, raw_p = primary[m]
-    d = stats_.differences(test[ref], test[m], step)
+    d = diffs[m]
     mean, lo, hi = stats_.ci(d)
     _, lo90, hi90 = stats_.ci(d, 0.90)
     robust, fragile, dd = None, "", math.nan
@@ -145,7 +146,7 @@ def compare(
       dd = _mdd(test[ref], test[m], d, stats_.holm_level(raw_p, i), unpaired[m])
     else:
       t_ok = other[m][1] < ALPHA if verdict == "tie" else other[m][0] < ALPHA
-      lost = [(seeds or list(range(n)))[s] for s in range(n) if drops[s][m][0] != verdict]
+      lost = [names[s] for s in range(n) if drops[s][m][0] != verdict]
       many = f", {len(lost)} of {n} seeds" if len(lost) > 1 else ""
       fragile = "; ".join(
         ([] if t_ok else ["not under the other test"])

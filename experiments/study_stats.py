@@ -45,19 +45,25 @@ def differences(a, b, step: float = 0.0) -> np.ndarray:
   return d if not step else np.round(d / step) * step
 
 
+def _sign_pattern_counts(weights) -> np.ndarray:
+  """Exact counts, over all 2^n sign patterns, of the sum of the integer ``weights`` whose
+  sign is positive: entry s is how many patterns sum to s (Python ints: no rounding)."""
+  counts = np.zeros(int(np.sum(weights)) + 1, dtype=object)
+  counts[0] = 1
+  for r in weights:
+    shifted = np.zeros_like(counts)
+    shifted[r:] = counts[: len(counts) - r]
+    counts = counts + shifted
+  return counts
+
+
 def _signed_rank_counts(d) -> tuple[np.ndarray, int, int]:
   """For the nonzero ``d``: the exact counts of 2 T+ over all 2^n sign patterns (average
   ranks are halves at most, so 2 T+ is an integer), the observed 2 T+, and n."""
   d = np.asarray(d, float)
   d = d[d != 0]
   ranks = stats.rankdata(np.abs(d))
-  twice = np.round(2 * ranks).astype(np.int64)
-  counts = np.zeros(int(twice.sum()) + 1, dtype=object)  # exact integer counts
-  counts[0] = 1
-  for r in twice:
-    shifted = np.zeros_like(counts)
-    shifted[r:] = counts[: len(counts) - r]
-    counts = counts + shifted
+  counts = _sign_pattern_counts(np.round(2 * ranks).astype(np.int64))
   return counts, int(np.round(2 * ranks[d > 0].sum())), len(d)
 
 
@@ -147,13 +153,7 @@ def tost(d, margin: float) -> float:
 
 def _critical_counts(n: int, level: float) -> tuple[int, int]:
   """The exact test's rejection region for n untied nonzero differences: T+ <= lo or >= hi."""
-  counts = np.zeros(n * (n + 1) // 2 + 1, dtype=object)
-  counts[0] = 1
-  for r in range(1, n + 1):
-    shifted = np.zeros_like(counts)
-    shifted[r:] = counts[: len(counts) - r]
-    counts = counts + shifted
-  cdf = np.cumsum(counts) / 2**n
+  cdf = np.cumsum(_sign_pattern_counts(range(1, n + 1))) / 2**n
   lo = int(np.searchsorted(cdf, level / 2, side="right")) - 1  # P(T <= lo) <= level / 2
   return lo, n * (n + 1) // 2 - lo
 
