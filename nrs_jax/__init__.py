@@ -12,12 +12,14 @@ from nrs_jax._neighbors import Perturbations
 from nrs_jax._neighbors import sample_perturbations
 from nrs_jax._options import AGGREGATIONS
 from nrs_jax._options import NOISES
+from nrs_jax._options import REUSE_RULES
 from nrs_jax._options import SCALES
 from nrs_jax._options import STRATEGIES
 from nrs_jax._penalty import make_nrs_loss
 from nrs_jax._penalty import nrs_penalty
 from nrs_jax._penalty import strided_subset
 from nrs_jax._transform import NRSState
+from nrs_jax._transform import RefreshSchedule
 from nrs_jax._transform import add_nrs_gradient
 
 __version__ = "0.2.0"
@@ -28,6 +30,8 @@ __all__ = (
   "NOISES",
   "NRSState",
   "Perturbations",
+  "REUSE_RULES",
+  "RefreshSchedule",
   "SCALES",
   "STRATEGIES",
   "add_nrs_gradient",

@@ -91,6 +91,14 @@ def standard_normal(keys: jax.Array, n: int, fused: bool = True, dtype: Any = jn
   )
 
 
+def standard_rademacher(keys: jax.Array, n: int, dtype: Any = jnp.float32) -> jax.Array:
+  """Row ``i``: ``n`` independent signs +-1 from ``keys[i]``, 32 per drawn ``uint32`` word (a
+  word's bit ``j`` is the sign of its element ``j``): 1/32 of a normal draw's hashing."""
+  words = jax.vmap(lambda k: jax.random.bits(k, (-(-n // 32),), jnp.uint32))(keys)
+  bits = (words[:, :, None] >> jnp.arange(32, dtype=jnp.uint32)) & np.uint32(1)
+  return (1 - 2 * bits.reshape(keys.shape[0], -1)[:, :n].astype(dtype)).astype(dtype)
+
+
 def _takes_two_args(fn: Callable) -> bool:
   try:
     params = inspect.signature(fn).parameters.values()
@@ -167,7 +175,7 @@ def _scale_factor(w: jax.Array, scale: str, noise: str) -> float | jax.Array:
     axes = tuple(range(w.ndim - 1))
     s = jnp.broadcast_to(jnp.sqrt(jnp.sum(jnp.square(w), axis=axes, keepdims=True)), w.shape)
     fan = w.size // w.shape[-1]
-  return s / math.sqrt(max(fan, 1)) if noise == "gaussian" else s
+  return s if noise in ("ball", "sphere") else s / math.sqrt(max(fan, 1))
 
 
 @functools.partial(
@@ -276,11 +284,14 @@ class Sampler:
     """Per leaf, deltas ``[len(keys), ...]`` (neighbour ``i`` from ``keys[i]``) or None."""
     n, total, dtype = keys.shape[0], sum(self.sizes), self.dtype
     key_dir, key_len = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)
-    v = standard_normal(key_dir, total, fused, dtype)
+    if self.noise == "rademacher":
+      v = standard_rademacher(key_dir, total, dtype)
+    else:
+      v = standard_normal(key_dir, total, fused, dtype)
     if self.keep is not None:
       v, total = v * self.keep.astype(dtype), int(self.keep.sum())
     length: Any = 1.0
-    if self.noise != "gaussian":
+    if self.noise in ("ball", "sphere"):
       norm = jnp.sqrt(jnp.sum(jnp.square(v), axis=1, keepdims=True))
     if self.noise == "ball":
       u = jax.vmap(lambda k: jax.random.uniform(k, (), dtype))(key_len)
@@ -288,7 +299,7 @@ class Sampler:
 
     def scaled(v, r):  # radius r times the unit-radius sample
       r = jnp.asarray(r, dtype)
-      return r * v if self.noise == "gaussian" else v * ((r * length) / norm)
+      return v * ((r * length) / norm) if self.noise in ("ball", "sphere") else r * v
 
     if self.scalar_radius:
       v = scaled(v, self.radii[0])

@@ -18,10 +18,11 @@ import numpy as np
 
 from nrs_jax import _divergence
 
-NOISES = ("gaussian", "ball", "sphere")
+NOISES = ("gaussian", "ball", "sphere", "rademacher")
 SCALES = ("absolute", "tensor", "filter", "elementwise")
 AGGREGATIONS = ("mean", "max")
 STRATEGIES = ("auto", "vmap", "loop", "chunked")
+REUSE_RULES = ("plain", "orthogonal")
 
 
 def check_choice(name: str, value: Any, allowed: Sequence[str]) -> None:

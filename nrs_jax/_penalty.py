@@ -79,10 +79,11 @@ def nrs_penalty(
       unlike one ``mask`` leaves out, gets the gradient of its centre effect.
     num_neighbors: K, a static int >= 1.
     noise: ``v`` in ``delta = r * s(w) * v``: ``"gaussian"`` N(0, 1) per element,
-      ``"ball"`` / ``"sphere"`` uniform in / on the unit L2 ball over all of them.
+      ``"rademacher"`` +-1 per element (the same variance, a cheaper draw: one hash per
+      32 elements), ``"ball"`` / ``"sphere"`` uniform in / on the unit L2 ball over all.
     scale: ``s(w)``: ``"absolute"`` 1; ``"tensor"`` the leaf's norm (over
-      sqrt(size) for gaussian); ``"filter"`` the norm of the element's output
-      unit, the last axis (over sqrt(fan-in) for gaussian; the leaf norm for
+      sqrt(size) for gaussian, rademacher); ``"filter"`` the norm of the element's output
+      unit, the last axis (over sqrt(fan-in) for those two; the leaf norm for
       0-d and 1-d leaves); ``"elementwise"`` ``|w_i| + 0.01``.
     divergence: ``"kl"`` KL(p_w || p_w'), ``"reverse_kl"``, ``"symmetric_kl"``,
       ``"js"``, or ``(center_logits, neighbor_logits) -> per-position values``.

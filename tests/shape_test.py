@@ -1,6 +1,6 @@
 """The code's shape (issue 50: it replaces the harness's old line cap): ruff owns the layout,
 no function runs over 120 lines, train.py stays within 400 lines and the library core
-(nrs_jax/ without flatness/ and integrations/) within 1,500."""
+(nrs_jax/ without flatness/ and integrations/) within 1,700 (1,500 before issue 52)."""
 
 import ast
 import glob
@@ -34,7 +34,11 @@ def test_no_function_runs_over_120_lines():
 def test_line_budgets_of_train_and_the_library_core():
   assert _read(os.path.join(ROOT, "experiments", "train.py")).count("\n") <= 400
   core = [p for p in glob.glob(os.path.join(ROOT, "nrs_jax", "*.py"))]
-  assert sum(_read(p).count("\n") for p in core) <= 1500
+  # 1,500 when issue 50 set it (the core had reached it); issue 52 added a feature, the
+  # penalty gradient reused between steps with its host-side schedule, and the Rademacher
+  # draw (about 150 lines with their docs), so the budget grew by them rather than the
+  # rest being squeezed (the line cap this replaced is what squeezing led to).
+  assert sum(_read(p).count("\n") for p in core) <= 1700
 
 
 def test_ruff_owns_the_layout():
