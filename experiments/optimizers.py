@@ -44,10 +44,13 @@ def base_optimizer(config, total_steps: int) -> optax.GradientTransformation:
 
 class SAFState(NamedTuple):
   """SAF's memory: ``count`` steps taken; ``outputs [epochs, num_train, num_classes]`` (float32),
-  slot ``e % epochs`` holding epoch ``e``'s logits until epoch ``e + epochs`` replaces them."""
+  slot ``e % epochs`` holding epoch ``e``'s logits until epoch ``e + epochs`` replaces them;
+  ``stamps [epochs, num_train]`` (int32), ``e + 1`` where epoch ``e`` wrote the example's
+  logits, 0 where none was written (an example an epoch's drop-last batching skipped)."""
 
   count: jax.Array
   outputs: jax.Array
+  stamps: jax.Array
 
 
 class TeacherState(NamedTuple):
@@ -55,6 +58,18 @@ class TeacherState(NamedTuple):
 
   count: jax.Array
   ema: Any
+
+
+class StepCount(NamedTuple):
+  """The steps taken (the Pi-model's ramp-up reads it)."""
+
+  count: jax.Array
+
+
+class LookState(NamedTuple):
+  """LookSAM's memory: ``gv``, the part of the last SAM gradient orthogonal to the task's."""
+
+  gv: Any
 
 
 def state_holder(init_fn) -> optax.GradientTransformation:
@@ -73,7 +88,8 @@ def make_optimizer(
 
     def saf_init(params):
       del params
-      return SAFState(jnp.zeros([], jnp.int32), jnp.zeros((e, num_train, c), jnp.float32))
+      outputs = jnp.zeros((e, num_train, c), jnp.float32)
+      return SAFState(jnp.zeros([], jnp.int32), outputs, jnp.zeros((e, num_train), jnp.int32))
 
     return optax.chain(state_holder(saf_init), base)
   if config.method == "mesa":
@@ -81,6 +97,10 @@ def make_optimizer(
       jnp.zeros([], jnp.int32), jax.tree_util.tree_map(jnp.asarray, params)
     )
     return optax.chain(state_holder(teacher), base)
+  if config.method == "pi_model":  # (its ramp-up reads the steps taken)
+    return optax.chain(state_holder(lambda p: StepCount(jnp.zeros([], jnp.int32))), base)
+  if config.method == "looksam":
+    return optax.chain(state_holder(lambda p: LookState(jax.tree.map(jnp.zeros_like, p))), base)
   if config.method == "nrs" and config.nrs.get("implementation", "loss") == "transform":
     opts = nrs_options(config)
     for name in LOSS_ONLY:
@@ -95,8 +115,10 @@ LOSS_ONLY = ("neighbor_batch_size", "reuse_center_logits")
 
 def nrs_options(config) -> dict:
   opts = dict(config.nrs)
-  opts.pop("implementation", None)
-  opts.pop("probability", None)
+  for name in ("implementation", "probability", "refresh_every"):
+    opts.pop(name, None)
+  if opts.get("reuse", "") is None:
+    del opts["reuse"]  # (the transform's default; make_nrs_loss has no reuse)
   return opts
 
 

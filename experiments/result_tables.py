@@ -108,6 +108,25 @@ def cpu_subbatch(name: str = "benchmark_cpu_subbatch.json") -> str:
   return markdown_table(header, out)
 
 
+def step_profile(name: str = "step_profile_cpu.json", table: str = "parts") -> str:
+  """``experiments.step_profile``'s JSON: where an NRS step's time goes (``table="parts"``), or
+  each method's step (``"steps"``), per study model, in units of one base step."""
+  d = load(name)
+  tasks = d["tasks"]
+  if table == "parts":
+    parts = list(next(iter(tasks.values()))["parts"])
+    out = []
+    for t in tasks.values():
+      total = sum(t["parts"].values())
+      out.append(
+        [t["model"], str(t["batch_size"]), *(_fmt(t["parts"][p]) for p in parts), _fmt(total)]
+      )
+    return markdown_table(["model", "batch", *parts, "NRS gradient"], out)
+  labels = list(dict.fromkeys(k for t in tasks.values() for k in t["steps"]))
+  out = [[t["model"], *(_fmt(t["steps"].get(k)) for k in labels)] for t in tasks.values()]
+  return markdown_table(["model", *(f"`{k}`" for k in labels)], out)
+
+
 def strategies_before_after(
   before: str = "benchmark_cpu_strategies_before.json",
   after: str = "benchmark_cpu_strategies_after.json",

@@ -23,13 +23,14 @@ from experiments.losses import is_token_level
 from experiments.losses import soft_kl
 from experiments.losses import task_loss
 from experiments.losses import valid_tokens
+from experiments.optimizers import LookState
 from experiments.optimizers import SAFState
 from experiments.optimizers import TeacherState
 from experiments.optimizers import apply_update
 from experiments.optimizers import nrs_options
 
 SEMI = semi_steps.SEMI
-METHODS = ("sgd", "nrs", "sam", "asam", "rwp", "saf", "mesa", *SEMI)
+METHODS = ("sgd", "nrs", "sam", "asam", "rwp", "saf", "mesa", "looksam", *SEMI)
 
 
 def grad_at(apply_fn, params, bs, batch, dkey, loss=cross_entropy):
@@ -40,7 +41,7 @@ def grad_at(apply_fn, params, bs, batch, dkey, loss=cross_entropy):
   return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
 
-TWO_PASS = ("nrs", "sam", "asam", "rwp")
+TWO_PASS = ("nrs", "sam", "asam", "rwp", "looksam")
 
 
 def step_probability(config) -> float:
@@ -64,6 +65,46 @@ def step_probability(config) -> float:
   return float(p)
 
 
+def refresh_every(config) -> int:
+  """Every how many steps a reuse method refreshes (``config.nrs.refresh_every`` with
+  ``config.nrs.reuse`` set, ``config.looksam.every``); 1 for every other method. Raises a
+  ValueError naming the key for a value that is not an int >= 1, and for NRS reuse off the
+  transform path or with a probability below 1."""
+  if config.method == "looksam":
+    key, k = "looksam.every", config.looksam.get("every", 5)
+  elif config.method == "nrs" and config.nrs.get("reuse") is not None:
+    key, k = "nrs.refresh_every", config.nrs.get("refresh_every", 1)
+    if config.nrs.get("implementation", "loss") != "transform" or step_probability(config) < 1:
+      raise ValueError(
+        "config.nrs.reuse needs config.nrs.implementation='transform' and probability 1: the "
+        "stored penalty gradient lives in the transform's state."
+      )
+  else:
+    return 1
+  if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    raise ValueError(f"config.{key}={k!r} must be an int >= 1 (1: refresh on every step).")
+  return k
+
+
+def runs_own_step(config, step: int) -> bool:
+  """Whether ``step`` runs the method's own step (:func:`make_step`), else its cheap one
+  (:func:`make_cheap_step`): decided on the host, from the config, seed and step alone."""
+  every = refresh_every(config)
+  if every > 1:
+    return nrs_jax.RefreshSchedule(every)(step)
+  return takes_expensive_step(config.seed, step, step_probability(config))
+
+
+def make_cheap_step(method: str, apply_fn: Callable, tx, config) -> Callable:
+  """The step a method runs where it does not run its own: a reuse step (LookSAM, NRS with
+  ``reuse``), else a plain SGD step (the randomized two-pass methods)."""
+  if method == "looksam":
+    return _looksam(apply_fn, tx, config, refresh=False)
+  if method == "nrs" and config.nrs.get("reuse") is not None:
+    return _nrs(apply_fn, tx, config, refresh=False)
+  return make_step("sgd", apply_fn, tx, config)
+
+
 def takes_expensive_step(seed: int, step: int, probability: float) -> bool:
   """Whether ``step`` runs the method's step: a host draw from (seed, step) alone.
 
@@ -84,18 +125,20 @@ CONFIG_SECTION = {
   "rwp": "rwp",
   "saf": "saf",
   "mesa": "mesa",
+  "looksam": "looksam",
   "nrs_unlabeled": "nrs",
   "vat": "vat",
   "pi_model": "pi_model",
+  "vat_nrs": "nrs",  # (and VAT's own, config.vat)
 }
-UNSUPPORTED = {
-  "nrs_unlabeled": {
-    "probability": 1.0,
-    "neighbor_batch_size": None,
-    "reuse_center_logits": False,
-    "implementation": "loss",
-  },
+_PENALTY_ONLY = {
+  "probability": 1.0,
+  "neighbor_batch_size": None,
+  "reuse_center_logits": False,
+  "implementation": "loss",
+  "reuse": None,
 }
+UNSUPPORTED = {"nrs_unlabeled": _PENALTY_ONLY, "vat_nrs": _PENALTY_ONLY}
 
 
 def check_options(method: str, config) -> None:
@@ -117,19 +160,29 @@ def make_step(method: str, apply_fn: Callable, tx, config, steps_per_epoch: int 
   if method in ("saf", "mesa"):
     return {"saf": _saf, "mesa": _mesa}[method](apply_fn, tx, config, steps_per_epoch)
   if method in SEMI:
-    return semi_steps.make_semi_step(method, apply_fn, tx, config)
-  return {"sgd": _sgd, "nrs": _nrs, "sam": _sam, "asam": _asam, "rwp": _rwp}[method](
-    apply_fn, tx, config
-  )
+    return semi_steps.make_semi_step(method, apply_fn, tx, config, steps_per_epoch)
+  builders = {
+    "sgd": _sgd,
+    "nrs": _nrs,
+    "sam": _sam,
+    "asam": _asam,
+    "rwp": _rwp,
+    "looksam": _looksam,
+  }
+  return builders[method](apply_fn, tx, config)
 
 
-def _distilled_grad(apply_fn, params, bs, batch, key, teacher_logits, weight, tau, loss):
-  """Gradient of the task loss + weight * soft_kl(teacher, logits, tau).
+def _distilled_grad(
+  apply_fn, params, bs, batch, key, teacher_logits, weight, tau, loss, where=None
+):
+  """Gradient of the task loss + weight * soft_kl(teacher, logits, tau), the KL's mean over
+  the examples ``where`` selects (all by default).
 
   Returns (task, logits, bs, g); token-level labels mask the KL at padding.
   """
   y = batch["y"]
-  where = valid_tokens(y) if is_token_level(y) else None
+  if is_token_level(y):
+    where = valid_tokens(y)
 
   def loss_fn(p):
     logits, new_bs = apply_fn(p, bs, batch["x"], True, key)
@@ -142,10 +195,11 @@ def _distilled_grad(apply_fn, params, bs, batch, key, teacher_logits, weight, ta
 
 def _saf(apply_fn, tx, config, steps_per_epoch):
   """SAF (Du et al., NeurIPS 2022): KL to each example's own outputs ``epochs`` epochs ago. loss =
-  CE + lam * KL(softmax(z_{e - E} / tau) || softmax(z / tau)) from epoch E on (before that
-  there is nothing to compare with), where ``z_{e - E}`` are the logits the example got when it
-  was seen E epochs earlier. One forward and backward pass per step, plus the memory of E x N x
-  C logits."""
+  CE + lam * KL(softmax(z_{e - E} / tau) || softmax(z / tau)), where ``z_{e - E}`` are the
+  logits the example got when it was seen E epochs earlier; the KL's mean runs over the
+  batch's examples that have such logits (none before epoch E; none for an example that epoch
+  ``e - E``'s drop-last batching skipped: never a stale or zero target). One forward and
+  backward pass per step, plus the memory of E x N x C logits."""
   lam, tau, epochs = config.saf.lam, config.saf.tau, int(config.saf.epochs)
   loss = task_loss(config)
 
@@ -159,13 +213,15 @@ def _saf(apply_fn, tx, config, steps_per_epoch):
     epoch = mem.count // steps_per_epoch
     slot = epoch % epochs
     old = mem.outputs[slot, batch["idx"]]
-    active = (epoch >= epochs).astype(jnp.float32)
+    # Written at epoch e - E (stamps are the writing epoch + 1; 0 where none was written).
+    fresh = (mem.stamps[slot, batch["idx"]] == epoch - epochs + 1) & (epoch >= epochs)
     task, logits, new_bs, g = _distilled_grad(
-      apply_fn, params, bs, batch, key, old, lam * active, tau, loss
+      apply_fn, params, bs, batch, key, old, lam, tau, loss, where=fresh
     )
     params, opt_state = apply_update(tx, params, opt_state, g)
     outputs = mem.outputs.at[slot, batch["idx"]].set(logits.astype(jnp.float32))
-    opt_state = (SAFState(mem.count + 1, outputs), *opt_state[1:])
+    stamps = mem.stamps.at[slot, batch["idx"]].set(epoch + 1)
+    opt_state = (SAFState(mem.count + 1, outputs, stamps), *opt_state[1:])
     return params, new_bs, opt_state, {"loss": task, "accuracy": accuracy(logits, batch["y"])}
 
   return step
@@ -207,10 +263,10 @@ def _sgd(apply_fn, tx, config):
   return step
 
 
-def _nrs(apply_fn, tx, config):
+def _nrs(apply_fn, tx, config, refresh=True):
   """NRS through make_nrs_loss (default) or the optax transform. Token-level labels ``[B, T]``:
   the penalty averages over the valid (non-PAD) positions, through ``where_fn`` / the
-  transform's ``where``."""
+  transform's ``where``. ``refresh=False``: the transform's reuse step (``logits_fn=None``)."""
   opts = nrs_options(config)
   task = task_loss(config)
   if config.nrs.get("implementation", "loss") == "transform":
@@ -221,12 +277,12 @@ def _nrs(apply_fn, tx, config):
       (loss, (logits, new_bs)), g = grad_at(apply_fn, params, bs, batch, key, task)
       # The library's sub-batch (make_nrs_loss's neighbor_batch_size) of the batch and logits.
       pen, centre = (batch, logits) if m is None else nrs_jax.strided_subset((batch, logits), m)
-      extra = {"logits_fn": lambda p: apply_fn(p, bs, pen["x"], True, key)[0]}
+      extra: dict = {"logits_fn": lambda p: apply_fn(p, bs, pen["x"], True, key)[0]}
       if is_token_level(batch["y"]):
         extra["where"] = valid_tokens(pen["y"])
       if opts.get("stop_gradient_center", False) and (m is None or reuse):
         extra["center_logits"] = centre  # a fixed target: share the task pass
-      params, opt_state = apply_update(tx, params, opt_state, g, extra)
+      params, opt_state = apply_update(tx, params, opt_state, g, extra if refresh else {})
       return params, new_bs, opt_state, {"loss": loss, "accuracy": accuracy(logits, batch["y"])}
 
     return step
@@ -282,16 +338,47 @@ def _sam(apply_fn, tx, config):
 
 
 def _asam(apply_fn, tx, config):
-  """Adaptive SAM (Kwon et al., 2021): e = rho * T^2 g / ||T g||, T = |w| + eta."""
+  """Adaptive SAM (Kwon et al., 2021): e = rho * T^2 g / ||T g||, T = |w| + eta on the weights
+  (leaves of 2 or more dims), T = 1 on biases and normalisation parameters, as in the
+  official code (github.com/SamsungLabs/ASAM)."""
   rho, eta = config.asam.rho, config.asam.eta
 
-  def perturb(params, g):
-    t = jax.tree_util.tree_map(lambda w: jnp.abs(w) + eta, params)
+  def perturb(params, g):  # (as its official code: weights rescaled, not biases or norms)
+    t = jax.tree_util.tree_map(
+      lambda w: jnp.abs(w) + eta if w.ndim > 1 else jnp.ones_like(w), params
+    )
     tg = jax.tree_util.tree_map(jnp.multiply, t, g)
     n = optax.tree_utils.tree_norm(tg)
     return jax.tree_util.tree_map(lambda ti, x: rho * ti * x / jnp.maximum(n, 1e-12), t, tg)
 
   return _ascent_step(apply_fn, tx, perturb, task_loss(config))
+
+
+def _looksam(apply_fn, tx, config, refresh=True):
+  """LookSAM (Liu et al., CVPR 2022): every ``every`` steps a SAM step (``rho``), storing the
+  part of its gradient orthogonal to the task gradient, ``g_v = g_s - (g . g_s / |g|^2) g``;
+  in between, ``g + alpha * |g| / |g_v| * g_v`` from one pass (the paper's rule and alpha)."""
+  rho, alpha = config.looksam.rho, config.looksam.get("alpha", 0.7)
+  task = task_loss(config)
+  dot = lambda a, b: sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+  def step(params, bs, opt_state, batch, key):
+    (loss, (logits, new_bs)), g = grad_at(apply_fn, params, bs, batch, key, task)
+    gn = optax.tree_utils.tree_norm(g)
+    if refresh:
+      shifted = jax.tree.map(lambda p, x: p + rho * x / jnp.maximum(gn, 1e-12), params, g)
+      _, gs = grad_at(apply_fn, shifted, bs, batch, key, task)
+      c = dot(g, gs) / jnp.maximum(gn**2, 1e-24)
+      stored = LookState(jax.tree.map(lambda a, b: a - c * b, gs, g))
+    else:
+      stored, gv = opt_state[0], opt_state[0].gv
+      scale = alpha * gn / jnp.maximum(optax.tree_utils.tree_norm(gv), 1e-12)
+      gs = jax.tree.map(lambda a, b: a + scale * b, g, gv)
+    params, opt_state = apply_update(tx, params, opt_state, gs)
+    opt_state = (stored, *opt_state[1:])
+    return params, new_bs, opt_state, {"loss": loss, "accuracy": accuracy(logits, batch["y"])}
+
+  return step
 
 
 def _rwp(apply_fn, tx, config):
@@ -325,6 +412,8 @@ def method_defaults() -> dict[str, Any]:
       alpha=1.0, radius=0.05, num_neighbors=1, noise="gaussian", scale="absolute", probability=1.0
     ),
     "sam": dict(rho=0.2, probability=1.0),
+    # LookSAM: a SAM step every `every` steps, its orthogonal part reused with weight alpha.
+    "looksam": dict(rho=0.2, every=5, alpha=0.7),
     "asam": dict(rho=1.0, eta=0.01, probability=1.0),
     "rwp": dict(radius=0.05, scale="filter", mix=0.5, probability=1.0),
     # SAF: KL to the outputs of `epochs` epochs earlier; MESA: to an EMA teacher from `start_epoch`.
@@ -335,5 +424,7 @@ def method_defaults() -> dict[str, Any]:
     # xi: the paper's 1e-6 is below float32's resolution of x + xi d (tests/semi_test.py);
     # 1e-3 gives its direction in float32 (the float64 direction is the same for both).
     "vat": dict(eps=1.0, xi=1e-3, weight=1.0),
-    "pi_model": dict(noise=0.1, weight=1.0),
+    # The Pi-model: input noise 0.15 (Laine and Aila's), its squared-error weight ramped up
+    # over the first `rampup` of training (their 80 of 300 epochs) to `weight`.
+    "pi_model": dict(noise=0.15, weight=1.0, rampup=80 / 300),
   }

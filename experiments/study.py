@@ -372,7 +372,7 @@ def tuning_axes(task_name: str, method: str, family: str, quick: bool, lr=None) 
   if not m.grid:
     raise ValueError(f"method={method!r} has an empty grid on task {task_name!r}.")
   cut = (lambda v: v[1:3]) if quick else (lambda v: v)
-  if method in spec.ABLATIONS:
+  if method in spec.ABLATIONS or method in spec.ON_TOP_OF:
     return [(m.strength, cut(list(m.grid)))]
   lr = lr or float(make_config(task, "sgd", {}, 0, False).learning_rate)
   return [
@@ -402,13 +402,34 @@ def tune_task(study: Study, name: str, family: str) -> dict:
   chosen = study.tune(name, {m: tuning_axes(name, m, family, quick) for m in first})
   wd = chosen[first[0]]["weight_decay"]
   lr = chosen[first[0]]["learning_rate"] if task.kind == "transformer" else None
-  rest = {m: tuning_axes(name, m, family, quick, lr) for m in task.methods if m not in first}
+  later = [m for m in task.methods if m in spec.ON_TOP_OF]
+  rest = {
+    m: tuning_axes(name, m, family, quick, lr) for m in task.methods if m not in (*first, *later)
+  }
   chosen.update(study.tune(name, rest, {"weight_decay": wd}))
+  for m in later:  # the strength alone, at the other method's chosen setting
+    chosen.update(
+      study.tune(name, {m: tuning_axes(name, m, family, quick)}, chosen[spec.ON_TOP_OF[m]])
+    )
   if name == spec.ABLATION_TASK:
     base = {k: v for k, v in chosen["nrs"].items() if k != "nrs.radius"}
     ablations = {a: tuning_axes(name, a, family, quick) for a in spec.ABLATIONS}
     chosen.update(study.tune(name, ablations, base))
   return chosen
+
+
+def run_reuse_pilot(study: Study, family: str) -> None:
+  """The reuse pilot's runs (``spec.REUSE_PILOTS``): every candidate, full NRS and SGD at the
+  declared setting, on each pilot seed; a tuning-phase row each (no measures)."""
+  study.family = family
+  study.run(
+    [
+      (task, m, "tune", s, setting)
+      for task, (_, setting) in spec.REUSE_PILOTS.items()
+      for m in spec.REUSE_PILOT_METHODS
+      for s in spec.REUSE_PILOT_SEEDS
+    ]
+  )
 
 
 def run_task(study: Study, name: str, family: str) -> dict:
@@ -433,8 +454,9 @@ def step_costs(name: str, family: str, chosen: dict, quick: bool, path: str = CO
   method's (SGD or AdamW), timed side by side once and kept. A random-half method runs its
   own step or a plain one as training does, so its cost is measured, not computed."""
   stored = json.load(open(path)) if os.path.exists(path) and not quick else {}
-  if name in stored:
-    return stored[name]
+  names = [m for m in chosen if m in spec.task_of(name).methods or m in spec.ABLATIONS]
+  if name in stored and set(names) <= set(stored[name]):
+    return stored[name]  # (a method added later: every method is timed again, side by side)
   import jax
 
   from experiments import optimizers
@@ -449,7 +471,6 @@ def step_costs(name: str, family: str, chosen: dict, quick: bool, path: str = CO
   batch = {"x": ds.train.x[:b], "y": ds.train.y[:b], "idx": jax.numpy.arange(b)}
   if ds.unlabeled is not None:  # (read by the methods in experiments.steps.SEMI only)
     batch["u"] = ds.unlabeled.x[: base.unlabeled_batch_size]
-  names = [m for m in chosen if m in task.methods or m in spec.ABLATIONS]
   fns = {}
   n = 4 if quick else 32
   for m in names:
@@ -457,9 +478,8 @@ def step_costs(name: str, family: str, chosen: dict, quick: bool, path: str = CO
     model = train.Model(config, ds)
     tx = optimizers.make_optimizer(config, 1000, len(ds.train.y), ds.num_classes)
     own = jax.jit(steps.make_step(config.method, model.apply, tx, config, steps_per_epoch=10))
-    plain = jax.jit(steps.make_step("sgd", model.apply, tx, config))
-    p = steps.step_probability(config)
-    schedule = [own if steps.takes_expensive_step(0, i, p) else plain for i in range(n)]
+    cheap = jax.jit(steps.make_cheap_step(config.method, model.apply, tx, config))
+    schedule = [own if steps.runs_own_step(config, i) else cheap for i in range(n)]
 
     def run_of_steps(params, bs, opt_state, schedule=schedule):
       for i, step in enumerate(schedule):
@@ -480,10 +500,11 @@ def main(argv):
   use_study_xla_flags()  # (nothing has started JAX's backend yet)
   from experiments import study_report
 
-  unknown = [t for t in FLAGS.tasks if t not in (*spec.TASKS, "pilot")]
+  extra = ("pilot", "reuse_pilot")
+  unknown = [t for t in FLAGS.tasks if t not in (*spec.TASKS, *extra)]
   if unknown:
-    raise ValueError(f"--tasks: {unknown} not known; choose from {['pilot', *spec.TASKS]}.")
-  tasks = [t for t in FLAGS.tasks if t != "pilot"] if FLAGS.tasks else list(spec.TASKS)
+    raise ValueError(f"--tasks: {unknown} not known; choose from {[*extra, *spec.TASKS]}.")
+  tasks = [t for t in FLAGS.tasks if t not in extra] if FLAGS.tasks else list(spec.TASKS)
   for name in tasks:  # an unknown method or an empty grid fails before anything trains
     for m in [*spec.TASKS[name].methods, *spec.ABLATIONS]:
       tuning_axes(name, m, "absolute", False)
@@ -493,6 +514,8 @@ def main(argv):
   if lock is not None:
     try:
       family = pilot_family(study)
+      if "reuse_pilot" in FLAGS.tasks:
+        run_reuse_pilot(study, family)
       for name in tasks:
         run_task(study, name, family)
     finally:

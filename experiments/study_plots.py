@@ -65,9 +65,10 @@ def strength_curve(rows: dict, task: str, method: str, chosen: dict) -> tuple[li
 def sensitivity(rows: dict, task: str, path: str) -> None:
   """One panel per method of ``task``: validation value against its strength (log scale)."""
   from experiments.study_report import chosen
+  from experiments.study_report import ran_methods
 
   plt = _pyplot()
-  methods = list(study.TASKS[task].methods)
+  methods = ran_methods(rows, task)
   scale = 1 if study.TASKS[task].metric == "bits_per_char" else 100
   ncol = min(4, len(methods))
   nrow = -(-len(methods) // ncol)

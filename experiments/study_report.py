@@ -181,18 +181,34 @@ def _mdd(a, b, d, level: float, unpaired: bool) -> float:
   return float((stats.norm.ppf(1 - level / 2) + stats.norm.ppf(stats_.POWER)) * se)
 
 
+def step_costs(report: str) -> dict:
+  """The side-by-side step timings beside a report (``<dir>/results/study_step_costs.json``,
+  the runner's): each task's methods timed together, again whenever a method joins it."""
+  path = os.path.join(os.path.dirname(report) or ".", "results", "study_step_costs.json")
+  return json.load(open(path)) if os.path.exists(path) else {}
+
+
+def ran_methods(rows: dict, t: str) -> list:
+  """The task's methods (declared order) that have final rows; the others have not run yet
+  (declared later, or re-run with their old rows gone) and the report names them so."""
+  return [m for m in study.TASKS[t].methods if m == study.TASKS[t].subject or finals(rows, t, m)]
+
+
 def check(rows: dict, tasks: list, quick: bool) -> None:
-  """Raises unless every row names a known task and method and every task in ``tasks``
-  has all its final runs (a partial table is never written silently)."""
+  """Raises unless every row names a known task and method and every task in ``tasks`` has
+  all the final runs of its subject and of each method that has any (a partial table is
+  never written silently; a method with none is reported as not run yet)."""
   for r in rows.values():
     names = study.task_of(r["task"]).methods if r["task"] in (*study.TASKS, "pilot") else ()
+    if r["task"] in study.REUSE_PILOTS:
+      names = study.REUSE_PILOT_METHODS
     if r["method"] not in (*names, *(study.ABLATIONS if r["task"] == study.ABLATION_TASK else ())):
       raise ValueError(
         f"records: task {r['task']!r} with method {r['method']!r} is not in the study's lists."
       )
   for t in tasks:
     task = study.TASKS[t]
-    need = {m: study.final_seeds(task, quick) for m in task.methods}
+    need = {m: study.final_seeds(task, quick) for m in ran_methods(rows, t)}
     if t == study.ABLATION_TASK:
       need.update({a: study.final_seeds(task, quick, ablation=True) for a in study.ABLATIONS})
     missing = [m for m, seeds in need.items() if set(seeds) - set(finals(rows, t, m))]
@@ -231,13 +247,13 @@ def _fmt(metric):
   return f, lambda trio: "{} [{}, {}]".format(*map(f, trio))
 
 
-def cost_lines(fin, names, seeds, base) -> list:
+def cost_lines(fin, names, seeds, base, costs) -> list:
   """Step cost against the median CPU seconds per final run, each over the base method's;
   where the two differ by more than 15% (after the run's epochs), the fixed part of a run
   (compiling, evaluating, measuring), fitted over the methods, is what the step leaves out;
   so is the speed of another machine, where a method's final runs were made on one."""
   sec = {m: float(np.median([fin[m][s]["seconds"] for s in seeds])) for m in names}
-  work = {m: fin[m][seeds[0]]["step_cost"] * study.method_of(m, "absolute").epochs for m in names}
+  work = {m: costs[m] * study.method_of(m, "absolute").epochs for m in names}
   slope, fixed = np.polyfit([work[m] for m in names], [sec[m] for m in names], 1)
   off = [m for m in names if abs(sec[m] / sec[base] / work[m] - 1) > 0.15]
   ratios = ", ".join(f"{m} {sec[m] / sec[base]:.2f}" for m in names)
@@ -267,21 +283,23 @@ class TaskReport(NamedTuple):
   summary: dict  # the machine-readable summary (study_summary.json) the README renders
 
 
-def task_section(rows, t, quick) -> TaskReport:
+def task_section(rows, t, quick, path="") -> TaskReport:
   """The task's section of the report, with what the rest of the report and the summary
   read from it."""
   task = study.TASKS[t]
   seeds = study.final_seeds(task, quick)
-  fin = {m: finals(rows, t, m) for m in task.methods}
-  costs = {m: fin[m][seeds[0]]["step_cost"] for m in task.methods}
-  test = {m: [fin[m][s]["test"] for s in seeds] for m in task.methods}
+  ran = ran_methods(rows, t)
+  fin = {m: finals(rows, t, m) for m in ran}
+  timed = step_costs(path).get(t, {})  # the latest side-by-side timing; else the rows' own
+  costs = {m: timed.get(m, fin[m][seeds[0]]["step_cost"]) for m in ran}
+  test = {m: [fin[m][s]["test"] for s in seeds] for m in ran}
   f, ci = _fmt(task.metric)
   ref = task.subject
-  others = [m for m in task.methods if m != ref]
-  kinds = {m: [study.machine_kind(fin[m][s]["machine"]) for s in seeds] for m in task.methods}
+  others = [m for m in ran if m != ref]
+  kinds = {m: [study.machine_kind(fin[m][s]["machine"]) for s in seeds] for m in ran}
   cmp = compare(test, ref, others, task.metric, kinds, seeds)
   body, edges, methods = [], [], {}
-  for m in task.methods:
+  for m in ran:
     setting, pos, n = chosen(rows, t, m)
     edges += [f"{m} ({p.split(' ')[0]})" for p in pos.split(", ") if "edge" in p]
     r0 = fin[m][seeds[0]]
@@ -303,6 +321,12 @@ def task_section(rows, t, quick) -> TaskReport:
   head += [f"mean [95% CI] ({UNITS[task.metric]})", "diverged", f"{ref} - method [95% CI]"]
   head += ["Holm p", "verdict"]
   lines = [f"## {t}", "", markdown_table(head, body), ""]
+  pending = [m for m in task.methods if m not in ran]
+  if pending:
+    lines += [
+      f"Declared, not run yet on this task (no final runs recorded): {', '.join(pending)}.",
+      "",
+    ]
   if not all(c.paired for c in cmp.values()):
     straddle = ", ".join(m for m, c in cmp.items() if not c.paired)
     lines += [
@@ -312,9 +336,9 @@ def task_section(rows, t, quick) -> TaskReport:
     ]
   at_edge = ", ".join(edges) or "none"
   lines += [f"Still at an edge of its grid after the extensions: {at_edge}.", ""]
-  lines += cost_lines(fin, list(task.methods), seeds, task.methods[0]) + [""]
+  lines += cost_lines(fin, ran, seeds, ran[0], costs) + [""]
   # the variants against full NRS: the table's own verdicts (one Holm family per task)
-  variants = [m for m in study.NRS_FAMILY[1:] if m in task.methods and ref == "nrs"]
+  variants = [m for m in study.NRS_FAMILY[1:] if m in ran and ref == "nrs"]
   cheap = {m: costs[m] <= CHEAP_COST and cmp[m].verdict == "tie" for m in variants}
   goal = f"goal: step cost <= {CHEAP_COST} x and a tie at {TIE[task.metric]}"
   f_ = _fmt(task.metric)[0]
@@ -362,7 +386,7 @@ def measures_section(rows, t, fin, seeds, test) -> tuple[list, dict]:
   """Per measure: each method's mean [95% CI], NRS - method (exact signed-rank, Holm), and
   Kendall's tau against the test value, within methods (stratified: the answer) and pooled
   over methods (between methods); then the task's plain answers."""
-  methods, ref = list(study.TASKS[t].methods), study.TASKS[t].subject
+  methods, ref = list(fin), study.TASKS[t].subject
   val, diverged, failed = _measure_values(fin, methods, seeds)
   body, signs = [], {}
   for k in [*study.MEASURES, *NORMALISED]:
@@ -496,12 +520,58 @@ def machines_line(rows, t) -> str:
   )
 
 
+def reuse_pilot_section(rows: dict) -> list:
+  """The reuse pilot's table and the configurations its rule chose (issue 52); nothing until
+  every pilot run is in."""
+  table = study.reuse_pilot_table(rows)
+  if set(table) != set(study.REUSE_PILOT_METHODS):
+    return []
+  names = list(study.REUSE_PILOTS)
+  head = ["method", "passes"]
+  for t in names:
+    head += [f"{t} val %", "test %", "diverged"]
+  body = []
+  for m, cells in table.items():
+    row = [m, f"{study.method_of(m, 'absolute').passes:.3g}"]
+    for t in names:
+      v, te, d = cells[t]
+      row += [f"{100 * v:.2f}", f"{100 * te:.2f}", f"{d}/{len(study.REUSE_PILOT_SEEDS)}"]
+    body.append(row)
+  nrs_div = [f"{t} {table['nrs'][t][2]} of {len(study.REUSE_PILOT_SEEDS)}" for t in names]
+  chosen_ = study.reuse_choice(rows)
+  settings = "; ".join(
+    f"{t}: {json.dumps(st, sort_keys=True)}" for t, (_, st) in study.REUSE_PILOTS.items()
+  )
+  return [
+    "## The reuse pilot",
+    "",
+    "NRS's penalty gradient computed on a refresh step and reused on the k - 1 steps between "
+    "(`add_nrs_gradient(reuse=...)`), each candidate rule at NRS's chosen setting of the clean "
+    f"mnist1d tasks ({settings}), on the pilot's data (another data seed) with the MLP and "
+    f"the 1-D CNN, seeds {list(study.REUSE_PILOT_SEEDS)}; validation decides, test shown. "
+    "`nrs_rademacher` is full NRS with the cheaper draw. The rule: a candidate that diverged "
+    "on any pilot seed is out; of the rest, the best mean validation value over both models, "
+    "and the cheapest within 0.5 pp of it.",
+    "",
+    markdown_table(head, body),
+    "",
+    f"Full NRS diverged on {', '.join(nrs_div)} seeds at this setting (a diverged seed counts "
+    "at chance in the means). Passes: a refresh's beyond the task pass, over k (the transform "
+    "recomputes a differentiable centre: two; a fixed centre shares the task pass: one).",
+    "",
+    f"Chosen by the rule: {', '.join(chosen_) or 'none'}; declared for the study as "
+    f"{', '.join(f'{k} = {v}' for k, v in study.NRS_LOOK.items()) or 'none'}.",
+    "",
+  ]
+
+
 def write(rows: dict, tasks: list, path: str, quick: bool = False) -> None:
   """The report of ``tasks``; its header names them (not the command's spelling), so the
   report reproduces whichever way the same tasks were asked for."""
   tasks = [t for t in tasks if t != "pilot"]
   check(rows, tasks, quick)
-  used = [r for r in rows.values() if r["task"] in (*tasks, "pilot")]  # others may be running
+  # (the others may be running)
+  used = [r for r in rows.values() if r["task"] in (*tasks, "pilot", *study.REUSE_PILOTS)]
   pilot, best = [], {}
   for m in study.PILOT.methods:
     setting, pos, n = chosen(rows, "pilot", m)
@@ -513,7 +583,7 @@ def write(rows: dict, tasks: list, path: str, quick: bool = False) -> None:
     "",
     "Written by `python -m experiments.study --report_only` (`--tasks=` a subset) from "
     f"`experiments/results/study_runs.csv` for the tasks {', '.join(f'`{t}`' for t in tasks)} "
-    f"({len(used)} runs of these tasks and the pilot, {hours:.1f} CPU hours); do not edit.",
+    f"({len(used)} runs of these tasks and the pilots, {hours:.1f} CPU hours); do not edit.",
     "",
     PROTOCOL,
     "",
@@ -522,10 +592,11 @@ def write(rows: dict, tasks: list, path: str, quick: bool = False) -> None:
     "",
     markdown_table(["family", "chosen", "grid position", "tuning runs", "validation %"], pilot),
     "",
+    *reuse_pilot_section(rows),
   ]
   tests, costs, cheap, summary = {}, {}, {}, {}
   for t in tasks:
-    section = task_section(rows, t, quick)
+    section = task_section(rows, t, quick, path)
     tests[t], cheap[t], costs[t] = section.test, section.cheap, section.costs
     summary[t] = section.summary
     lines += section.lines + [machines_line(rows, t), ""]

@@ -67,6 +67,14 @@ METHODS = {
     "sam", "sam.rho", (0.1, 0.2, 0.4, 0.8), 2.0, transformer_grid=(0.0025, 0.005, 0.01, 0.02)
   ),
   "asam": Method("asam", "asam.rho", (0.25, 0.5, 1.0, 2.0), 2.0),
+  # LookSAM (k = 5, alpha 0.7): SAM's grids, a SAM step every fifth step.
+  "looksam": Method(
+    "looksam",
+    "looksam.rho",
+    (0.1, 0.2, 0.4, 0.8),
+    1.2,
+    transformer_grid=(0.0025, 0.005, 0.01, 0.02),
+  ),
   "sam_half": Method("sam", "sam.rho", (0.2, 0.4, 0.8, 1.6), 1.5, {"sam.probability": 0.5}),
   "saf": Method("saf", "saf.lam", (1.0, 2.0, 4.0, 8.0), 1.0),
   "mesa": Method("mesa", "mesa.lam", (0.5, 1.0, 2.0, 4.0), 1.5),
@@ -79,8 +87,27 @@ METHODS = {
   # With unlabeled data (consistency weight 1): NRS's radius, VAT's eps, the Pi-model's noise.
   "nrs_unlabeled": Method("nrs_unlabeled", "nrs.radius", (), 2.0, unlabeled=True),
   "vat": Method("vat", "vat.eps", (0.5, 1.0, 2.0, 4.0), 3.0, unlabeled=True),
-  "pi_model": Method("pi_model", "pi_model.noise", (0.05, 0.1, 0.2, 0.4), 2.0, unlabeled=True),
+  # The Pi-model as Laine and Aila's (issue 51): squared error, Gaussian ramp-up, its maximum
+  # weight tuned (their 100 at the top), input noise 0.15 fixed.
+  "pi_model": Method("pi_model", "pi_model.weight", (12.5, 25.0, 50.0, 100.0), 2.0, unlabeled=True),
+  # VAT plus NRS's penalty: the radius tuned on top of VAT's chosen setting (ON_TOP_OF).
+  "vat_nrs": Method("vat_nrs", "nrs.radius", (), 4.0, unlabeled=True),
 }
+# Issue 52's cheap path: the reuse pilot's choice (NRS_LOOK, below) and full NRS with the
+# cheaper Rademacher draw (a declared option of its own distribution: its own rows).
+METHODS["nrs_look"] = Method(
+  "nrs",
+  "nrs.radius",
+  (),
+  2.0,
+  {"nrs.implementation": "transform", "nrs.reuse": "orthogonal", "nrs.refresh_every": 2},
+  transformer_scale=0.1,
+)  # (its passes: 1 + 2 / 2, the transform's refresh recomputing the centre)
+METHODS["nrs_rademacher"] = Method(
+  "nrs", "nrs.radius", (), 2.0, {"nrs.noise": "rademacher"}, transformer_scale=0.1
+)
+# Methods that tune their strength alone, at another method's chosen setting.
+ON_TOP_OF = {"vat_nrs": "vat"}
 # The methods that tune the weight decay themselves (first); every other method then tunes at
 # the first one's choice (SGD's on the image tasks, AdamW's on the transformers).
 TUNES_WD = ("sgd", "sgd_2x", "adamw")
@@ -93,9 +120,10 @@ ABLATIONS = {
   **{f"nrs_{d}": {"nrs.divergence": d} for d in ("reverse_kl", "symmetric_kl", "js")},
   "nrs_max_k4": {"nrs.num_neighbors": 4, "nrs.aggregation": "max"},
 }
-IMAGE = ("sgd", "sgd_2x", "sam", "asam", "sam_half", "saf", "mesa", *NRS_FAMILY)
-TRANSFORMER = ("adamw", "sam", *NRS_FAMILY)
-SEMI = ("sgd", "sam", "nrs", "nrs_unlabeled", "vat", "pi_model")  # 10% of the labels kept
+CHEAP_PATH = ("looksam", "nrs_look", "nrs_rademacher")  # issue 52: declared after the rest
+IMAGE = ("sgd", "sgd_2x", "sam", "asam", "sam_half", "saf", "mesa", *NRS_FAMILY, *CHEAP_PATH)
+TRANSFORMER = ("adamw", "sam", *NRS_FAMILY, *CHEAP_PATH)
+SEMI = ("sgd", "sam", "nrs", "nrs_unlabeled", "vat", "pi_model", "vat_nrs")  # 10% labelled
 
 
 KINDS = ("image", "transformer", "semi")  # image: SGD's recipe; transformer: AdamW's
@@ -158,6 +186,50 @@ TASKS["mnist5k_cnn_semi10"] = Task(
   subject="nrs_unlabeled",
 )
 PILOT = Task("default", {**_M1D, "mnist1d_seed": 7}, ("nrs_absolute", "nrs_filter"), 0, "image")
+# The reuse pilot (issue 52): NRS's penalty gradient reused between refreshes, every candidate
+# rule at NRS's chosen setting of the clean mnist1d tasks (learning rate, weight decay,
+# radius), on the pilot's data, with an MLP and a 1-D CNN (a rule stable on one can diverge
+# on the other); full NRS and SGD beside them. Seeds REUSE_PILOT_SEEDS, validation decides.
+REUSE = {"nrs.implementation": "transform"}
+REUSE_CANDIDATES = {
+  **{
+    f"look_{rule}_k{k}": {**REUSE, "nrs.reuse": rule, "nrs.refresh_every": k}
+    for rule in ("plain", "orthogonal")
+    for k in (2, 5, 10)
+  },
+  **{
+    f"look_{rule}_k5_b8": {**REUSE, **B8, "nrs.reuse": rule, "nrs.refresh_every": 5}
+    for rule in ("plain", "orthogonal")
+  },
+  "rademacher": {"nrs.noise": "rademacher"},  # full NRS, the declared cheaper draw
+  # (a second round: the centre a fixed target shared with the task pass, so that a refresh
+  # costs NRS's two passes, not the transform's three)
+  **{
+    f"look_{rule}_k{k}_fixed": {
+      **REUSE,
+      "nrs.reuse": rule,
+      "nrs.refresh_every": k,
+      "nrs.stop_gradient_center": True,
+    }
+    for rule in ("plain", "orthogonal")
+    for k in (2, 5)
+  },
+}
+REUSE_PILOTS = {
+  "reuse_pilot_mlp": (
+    Task("default", {**_M1D, "mnist1d_seed": 7}, (), 0, "image"),
+    {"learning_rate": 0.4, "weight_decay": 0.002, "nrs.radius": 0.05},
+  ),
+  "reuse_pilot_cnn": (
+    Task("mnist1d_cnn", {**_M1D, "num_epochs": 60, "mnist1d_seed": 7}, (), 0, "image"),
+    {"learning_rate": 0.2, "weight_decay": 7.8125e-06, "nrs.radius": 0.05},
+  ),
+}
+REUSE_PILOT_METHODS = ("sgd", "nrs", *(f"nrs_{c}" for c in REUSE_CANDIDATES))
+REUSE_PILOT_SEEDS = (0, 1, 2, 3, 4)
+# The pilot's choice (reuse_choice over its records: one candidate passed the rule), declared
+# once, before any study row of it, and never changed: study method -> pilot candidate.
+NRS_LOOK = {"nrs_look": "nrs_look_orthogonal_k2"}
 ABLATION_TASK = "mnist1d_mlp"
 TUNE_SEEDS, FINAL_SEED0, ABLATION_SEEDS = (0, 1), 100, 10
 LR_FACTORS = (0.5, 1.0, 2.0)
@@ -196,6 +268,8 @@ COLUMNS = (
 
 
 def task_of(name: str) -> Task:
+  if name in REUSE_PILOTS:
+    return REUSE_PILOTS[name][0]
   return PILOT if name == "pilot" else TASKS[name]
 
 
@@ -205,12 +279,26 @@ def method_of(name: str, family: str = "", task: Task | None = None) -> Method:
   if name in ABLATIONS:
     k = ABLATIONS[name].get("nrs.num_neighbors", 1)
     return dataclasses.replace(method_of("nrs", family, task), passes=1.0 + k)
+  if name.removeprefix("nrs_") in REUSE_CANDIDATES:
+    fixed = REUSE_CANDIDATES[name.removeprefix("nrs_")]
+    k = fixed.get("nrs.refresh_every", 1)
+    # A refresh's passes beyond the task's: on a sub-batch its centre and neighbour; with a
+    # fixed centre (the task pass's logits) the neighbour's; else the transform recomputes
+    # the centre too (its gradient arrives computed). Full NRS (the loss route): one.
+    b = fixed.get("nrs.neighbor_batch_size")
+    transform = fixed.get("nrs.implementation") == "transform"
+    extra = (
+      2.0 * b if b else (2.0 if transform and not fixed.get("nrs.stop_gradient_center") else 1.0)
+    )
+    passes = 1.0 + extra / k
+    m = method_of("nrs", family, task)
+    return dataclasses.replace(m, passes=passes, fixed={**m.fixed, **fixed})
   if name.removeprefix("nrs_") in FAMILIES:
     name, family = "nrs", name.removeprefix("nrs_")
   if name not in METHODS:
     raise ValueError(f"method={name!r} is not known: choose from {[*METHODS, *ABLATIONS]}.")
   m = METHODS[name]
-  if name.startswith("nrs"):
+  if name.startswith("nrs") or name == "vat_nrs":
     if family not in FAMILIES:
       raise ValueError(f"NRS needs a noise family from {list(FAMILIES)}, got {family!r}.")
     m = dataclasses.replace(m, grid=FAMILIES[family], fixed={**m.fixed, "nrs.scale": family})
@@ -276,6 +364,39 @@ def pilot_choice(best: dict) -> str:
   """NRS's noise family for the whole study: the pilot method (``nrs_<family>``) with the
   best tuned validation score; the runner and the report both decide by this rule."""
   return max(PILOT.methods, key=lambda m: best[m]).removeprefix("nrs_")
+
+
+def reuse_pilot_table(rows: dict) -> dict:
+  """``{method: {task: (mean val, mean test, diverged seeds)}}`` over the reuse pilot's seeds,
+  for the methods with all their pilot rows."""
+  out: dict = {}
+  for m in REUSE_PILOT_METHODS:
+    for task, (_, setting) in REUSE_PILOTS.items():
+      runs = [rows.get(key_of(task, m, "tune", s, setting)) for s in REUSE_PILOT_SEEDS]
+      if all(runs):
+        vals = [r["val"] for r in runs]
+        tests = [r["test"] for r in runs]
+        cell = (sum(vals) / len(vals), sum(tests) / len(tests), sum(r["diverged"] for r in runs))
+        out.setdefault(m, {})[task] = cell
+  return {m: v for m, v in out.items() if len(v) == len(REUSE_PILOTS)}
+
+
+def reuse_choice(rows: dict) -> list:
+  """The reuse pilot's rule (at most two configurations): a candidate that diverged on any
+  pilot seed of either model is out; of the rest, the best mean validation value over both
+  models, and the cheapest (fewest passes) within 0.5 pp of it if that is another."""
+  table = reuse_pilot_table(rows)
+  ok = {
+    m: sum(v[0] for v in cells.values()) / len(cells)
+    for m, cells in table.items()
+    if m.startswith("nrs_look") and not any(v[2] for v in cells.values())
+  }
+  if not ok:
+    return []
+  best = max(ok, key=ok.get)
+  near = [m for m in ok if ok[m] >= ok[best] - 0.005]
+  cheapest = min(near, key=lambda m: (method_of(m, "absolute").passes, -ok[m]))
+  return [best] if cheapest == best else [best, cheapest]
 
 
 def final_seeds(task: Task, quick: bool, ablation: bool = False) -> list:

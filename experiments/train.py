@@ -170,6 +170,7 @@ def _check_run(config, mesh, ds=None) -> None:
       )
   if config.method not in steps.METHODS:
     raise ValueError(f"method={config.method!r} is not known: choose one of {steps.METHODS}.")
+  steps.runs_own_step(config, 0)  # (its keys' errors: probability, refresh_every, reuse)
 
 
 def _evaluate(model, eval_step, state, ds, train_view, mesh) -> dict:
@@ -203,7 +204,6 @@ def train_and_evaluate(config, workdir: str, finish=None) -> dict[str, Any]:
   total_steps = config.get("num_steps") or config.num_epochs * steps_per_epoch
   tx = optimizers.make_optimizer(config, total_steps, ds.num_train, ds.num_classes)
   step_fn = steps.make_step(config.method, model.apply, tx, config, steps_per_epoch)
-  probability = steps.step_probability(config)
   state = {
     "step": jnp.zeros([], jnp.int32),
     "params": model.params,
@@ -230,8 +230,9 @@ def train_and_evaluate(config, workdir: str, finish=None) -> dict[str, Any]:
     return train_step
 
   train_step = compiled_step(step_fn)
-  # Randomized two-pass methods: a plain SGD step on the other steps (two programs).
-  plain_step = compiled_step(steps.make_step("sgd", model.apply, tx, config))
+  # Randomized two-pass methods run a plain SGD step on the other steps, reuse methods their
+  # reuse step: two programs, chosen on the host (steps.runs_own_step).
+  cheap_step = compiled_step(steps.make_cheap_step(config.method, model.apply, tx, config))
   state, start = run.restore(state)
   eval_step = make_eval_step(model.apply)
   # Train metrics on the first config.train_eval_examples rows (0: the whole split).
@@ -264,8 +265,8 @@ def train_and_evaluate(config, workdir: str, finish=None) -> dict[str, Any]:
       batch = input_pipeline.train_batch(ds, step, config.batch_size, config.seed, **procs)
       if unlabeled:  # (the labels of the unlabeled examples do not exist here)
         batch["u"] = input_pipeline.unlabeled_batch(ds, step, unlabeled, config.seed, **procs)
-    expensive = steps.takes_expensive_step(config.seed, step, probability)
-    state, m = (train_step if expensive else plain_step)(state, parallel.global_batch(batch, mesh))
+    own = steps.runs_own_step(config, step)
+    state, m = (train_step if own else cheap_step)(state, parallel.global_batch(batch, mesh))
     pending.append(m)
     done = step + 1
     if bar is not None:

@@ -97,3 +97,42 @@ def test_token_level_rows_run_and_chunked_holds_less_than_the_loop():
   assert set(rows) == {"ce", "loop", "vmap", "chunked"}
   assert rows["ce"]["vs_ce"] == 1.0 and all(r["seconds"] > 0 for r in rows.values())
   assert rows["chunked"]["temp_bytes"] < rows["loop"]["temp_bytes"]
+
+
+@pytest.mark.slow
+def test_step_profile_runs_a_study_model_and_its_parts_add_up(tmp_path):
+  """experiments.step_profile on the MLP task, one timed round: every step row, and parts
+  that are differences of cumulative programs (they add up to the full NRS gradient's)."""
+  from experiments import step_profile
+
+  out = step_profile.profile("mnist1d_mlp", repeats=1)
+  assert out["model"] == "MLP" and out["batch_size"] == 128
+  assert set(out["steps"]) == {"sgd", "sam", "looksam", "nrs", "nrs rademacher", "nrs_look"}
+  assert out["steps"]["sgd"] == 1.0 and all(v > 0 for v in out["steps"].values())
+  assert list(out["parts"]) == list(step_profile.PARTS)
+
+
+def test_step_profile_tables_render_the_json(tmp_path):
+  from experiments import result_tables
+
+  d = {
+    "tasks": {
+      "mnist1d_mlp": {
+        "model": "MLP",
+        "batch_size": 128,
+        "steps": {"sgd": 1.0, "sam": 1.7, "nrs": 2.0},
+        "parts": {
+          "task pass": 0.7,
+          "draw": 0.3,
+          "neighbour pass": 0.1,
+          "divergence": 0.0,
+          "backward": 0.9,
+        },
+      }
+    }
+  }
+  path = tmp_path / "p.json"
+  path.write_text(json.dumps(d))
+  parts = result_tables.step_profile(str(path), "parts")
+  assert "| MLP | 128 | 0.70 | 0.30 | 0.10 | 0.00 | 0.90 | 2.00 |" in parts
+  assert "| MLP | 1.00 | 1.70 | 2.00 |" in result_tables.step_profile(str(path), "steps")

@@ -31,7 +31,7 @@ KEY = jax.random.key(0)
 
 def _step(method, **sub):
   config = _config(method, **sub)
-  tx = optimizers.base_optimizer(config, 10)
+  tx = optimizers.make_optimizer(config, 10)
   step = jax.jit(steps.make_step(method, apply_fn, tx, config))
   return step(PARAMS, {}, tx.init(PARAMS), BATCH, KEY)
 
@@ -133,18 +133,63 @@ def test_vat_and_pi_model_steps_match_their_losses_written_out():
   got = _step("vat", eps=2.0, xi=0.1)  # (a large xi: r_adv resolved to float32 precision)
   want = PARAMS["w"] - jax.jit(jax.grad(vat))(PARAMS)["w"]
   np.testing.assert_allclose(got[0]["w"], want, rtol=2e-5)
-  # Pi-model: CE on the first noisy draw + KL between the two draws, gradients through both.
-  _, k1, k2 = jax.random.split(KEY, 3)
+  # Pi-model: CE on the first noisy draw + w(0) * the squared error between the two draws'
+  # softmax outputs (mean over examples and classes), gradients through both; w(0) is
+  # weight * exp(-5), the Gaussian ramp-up's start.
+  k1, k2, _, _ = jax.random.split(KEY, 4)
   n1, n2 = (0.3 * jax.random.normal(k, x.shape) for k in (k1, k2))
-  pi = lambda p: ce((x + n1) @ p["w"]) + kl((x + n1) @ p["w"], (x + n2) @ p["w"])
-  got = _step("pi_model", noise=0.3)
+  sq = lambda a, b: jnp.mean((jax.nn.softmax(a) - jax.nn.softmax(b)) ** 2)
+  pi = lambda p: (
+    ce((x + n1) @ p["w"]) + 40.0 * np.exp(-5.0) * sq((x + n1) @ p["w"], (x + n2) @ p["w"])
+  )
+  got = _step("pi_model", noise=0.3, weight=40.0)
   want = PARAMS["w"] - jax.jit(jax.grad(pi))(PARAMS)["w"]
   np.testing.assert_allclose(got[0]["w"], want, rtol=2e-5)
+  assert int(got[2][0].count) == 1  # the ramp-up's step count moved on
   # nrs_unlabeled: CE + nrs_penalty over the labelled and unlabeled inputs together.
   nrs = lambda p: ce(x @ p["w"]) + nrs_jax.nrs_penalty(lambda q: x @ q["w"], p, nkey, radius=0.2)
   got = _step("nrs_unlabeled", radius=0.2)
   want = PARAMS["w"] - jax.jit(jax.grad(nrs))(PARAMS)["w"]
   np.testing.assert_allclose(got[0]["w"], want, rtol=2e-5)
+
+
+def test_pi_model_rampup_is_laine_and_ailas_gaussian():
+  total, frac = 300, 80 / 300
+  t = np.arange(0, 301, 20)
+  want = np.exp(-5.0 * (1.0 - np.minimum(t / 80.0, 1.0)) ** 2)
+  np.testing.assert_allclose(semi_steps.rampup(t, total, frac), want, rtol=1e-6)
+  assert float(semi_steps.rampup(0, total, frac)) == pytest.approx(np.exp(-5.0))
+  assert float(semi_steps.rampup(80, total, frac)) == 1.0
+
+
+def test_vat_nrs_is_vat_plus_the_nrs_penalty_on_the_same_inputs():
+  x = jnp.concatenate([BATCH["x"], BATCH["u"]])
+  ce = lambda z: optax.softmax_cross_entropy_with_integer_labels(z[:4], BATCH["y"]).mean()
+  dkey, nkey = jax.random.split(KEY)
+  r = jax.jit(
+    lambda: semi_steps.vat_perturbation(
+      lambda v: v @ PARAMS["w"], x, x @ PARAMS["w"], nkey, 0.1, 2.0
+    )
+  )()
+  vat = lambda p: jnp.mean(nrs_jax.kl(jax.lax.stop_gradient(x @ p["w"]), (x + r) @ p["w"]))
+  pen = lambda p: nrs_jax.nrs_penalty(
+    lambda q: x @ q["w"], p, jax.random.fold_in(KEY, 1), radius=0.2
+  )
+  total = lambda p: ce(x @ p["w"]) + vat(p) + 0.5 * pen(p)
+  config = _config("vat_nrs")
+  with config.unlocked():
+    config.vat.eps, config.vat.xi, config.nrs.radius, config.nrs.alpha = 2.0, 0.1, 0.2, 0.5
+  tx = optimizers.make_optimizer(config, 10)
+  got = jax.jit(steps.make_step("vat_nrs", apply_fn, tx, config))(
+    PARAMS, {}, tx.init(PARAMS), BATCH, KEY
+  )
+  want = PARAMS["w"] - jax.jit(jax.grad(total))(PARAMS)["w"]
+  np.testing.assert_allclose(got[0]["w"], want, rtol=2e-5)
+  with pytest.raises(ValueError, match="vat_nrs.*config.nrs.neighbor_batch_size"):
+    bad = _config("vat_nrs")
+    with bad.unlocked():
+      bad.nrs.neighbor_batch_size = 8
+    steps.make_step("vat_nrs", apply_fn, tx, bad)
 
 
 def test_an_unlabeled_batch_of_the_wrong_shape_or_none_is_an_error_naming_it():

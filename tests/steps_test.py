@@ -83,6 +83,35 @@ def test_saf_step_uses_the_outputs_of_epochs_ago():
   assert not np.allclose(want["w"], g_ce1["w"])  # the trajectory term is there
   assert _np_soft_kl(old, X @ np.asarray(p1["w"]), 2.0) > 0
   assert int(state[0].count) == 2
+  np.testing.assert_array_equal(np.asarray(state[0].stamps[0])[IDX], 2)  # epoch 1 wrote them
+
+
+def test_saf_never_distils_from_a_stale_or_missing_target():
+  """An example that epoch e - E did not see (drop-last batching) gets no KL term at epoch e:
+  neither the zero logits never written nor logits from 2E epochs ago."""
+  config = _config("saf", lam=0.7, tau=2.0, epochs=1)
+  tx = optimizers.make_optimizer(config, 10**6, num_train=8, num_classes=3)
+  step = jax.jit(steps.make_step("saf", apply_fn, tx, config, steps_per_epoch=1))
+  first = {**BATCH, "idx": jnp.array([3, 0, 6, 5])}  # epoch 0 writes rows 3, 0, 6, 5
+  p1, _, state, _ = step(PARAMS, {}, tx.init(PARAMS), first, KEY)
+  second = {**BATCH, "idx": jnp.array([3, 0, 1, 2])}  # epoch 1: rows 1 and 2 have no target
+  p2, _, state, _ = step(p1, {}, state, second, KEY)
+  old = np.asarray(X[:2] @ np.asarray(PARAMS["w"]))  # rows 3, 0: their epoch-0 logits
+
+  def loss(q):
+    z = BATCH["x"] @ q["w"]
+    ce = -jnp.mean(jax.nn.log_softmax(z)[jnp.arange(4), BATCH["y"]])
+    p = jax.nn.softmax(jnp.asarray(old) / 2.0, -1)
+    kl = jnp.sum(p * (jnp.log(p) - jax.nn.log_softmax(z[:2] / 2.0)), -1)
+    return ce + 0.7 * jnp.mean(kl)  # the mean over the two examples with a target
+
+  want = jax.grad(loss)(p1)["w"]
+  np.testing.assert_allclose(p1["w"] - p2["w"], want, rtol=1e-4, atol=1e-6)
+  # Epoch 2 reads epoch 1's writes only: row 5 (written at epoch 0) is stale, no term.
+  third = {**BATCH, "idx": jnp.array([5, 5, 5, 5])}
+  p3, _, _, _ = step(p2, {}, state, third, KEY)
+  _, g_ce = _hand_gradient(np.zeros((4, 3)), 0.0, 2.0, at=p2)
+  np.testing.assert_allclose(p2["w"] - p3["w"], g_ce["w"], rtol=1e-4, atol=1e-6)
 
 
 def test_mesa_step_distils_from_the_ema_teacher():
@@ -141,3 +170,70 @@ def test_sam_baseline_matches_optax_contrib_sam_opaque_step_for_step():
     for a, b in zip(jax.tree_util.tree_leaves(p1), jax.tree_util.tree_leaves(p2)):
       np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6, err_msg=f"step {t}")
   assert not np.allclose(p1["w1"], params["w1"])
+
+
+def _ce_grad(params):
+  loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(
+    BATCH["x"] @ p["w"], BATCH["y"]
+  ).mean()
+  return jax.grad(loss)(params)
+
+
+def test_looksam_refresh_is_a_sam_step_and_reuse_adds_the_orthogonal_part():
+  config = _config("looksam", rho=0.3, every=5, alpha=0.7)
+  tx = optimizers.make_optimizer(config, 100)
+  refresh = steps.make_step("looksam", apply_fn, tx, config)
+  reuse = steps.make_cheap_step("looksam", apply_fn, tx, config)
+  sam = steps.make_step(
+    "sam", apply_fn, optimizers.base_optimizer(config, 100), _config("sam", rho=0.3)
+  )
+  p1, _, s1, _ = refresh(PARAMS, {}, tx.init(PARAMS), BATCH, KEY)
+  want, _, _, _ = sam(PARAMS, {}, optimizers.base_optimizer(config, 100).init(PARAMS), BATCH, KEY)
+  np.testing.assert_allclose(p1["w"], want["w"], rtol=1e-6)  # the refresh is SAM's step
+  # The stored part, written out in float64: g_s - (g . g_s / |g|^2) g.
+  g = np.asarray(_ce_grad(PARAMS)["w"], np.float64)
+  e = 0.3 * g / np.linalg.norm(g)
+  gs = np.asarray(_ce_grad({"w": PARAMS["w"] + e})["w"], np.float64)
+  gv = gs - (np.sum(g * gs) / np.sum(g * g)) * g
+  np.testing.assert_allclose(s1[0].gv["w"], gv, rtol=1e-4, atol=1e-7)
+  # A reuse step: g + alpha |g| / |g_v| g_v at the new point (lr 1, no momentum or decay).
+  p2, _, s2, _ = reuse(p1, {}, s1, BATCH, KEY)
+  g1 = np.asarray(_ce_grad(p1)["w"], np.float64)
+  step = g1 + 0.7 * np.linalg.norm(g1) / np.linalg.norm(gv) * gv
+  lr = float(optax.cosine_decay_schedule(1.0, 100)(1))
+  np.testing.assert_allclose(p2["w"], np.asarray(p1["w"]) - lr * step, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(s2[0].gv["w"], s1[0].gv["w"])  # kept until the next refresh
+
+
+def test_reuse_schedules_and_their_config_errors():
+  config = _config("looksam", every=3)
+  assert [steps.runs_own_step(config, t) for t in range(7)] == [True, False, False] * 2 + [True]
+  config = _config("nrs", reuse="plain", refresh_every=2, implementation="transform")
+  assert [steps.runs_own_step(config, t) for t in range(4)] == [True, False, True, False]
+  for bad in (0, 2.5, True):
+    with pytest.raises(ValueError, match=r"config.looksam.every=.*int >= 1"):
+      steps.runs_own_step(_config("looksam", every=bad), 0)
+  with pytest.raises(
+    ValueError, match="config.nrs.reuse needs config.nrs.implementation='transform'"
+  ):
+    steps.runs_own_step(_config("nrs", reuse="plain", refresh_every=2), 0)
+  config = _config(
+    "nrs", reuse="plain", refresh_every=5, implementation="transform", probability=0.5
+  )
+  with pytest.raises(ValueError, match="config.nrs.probability"):
+    steps.runs_own_step(config, 0)
+
+
+def test_nrs_reuse_step_in_the_harness_adds_the_refresh_penalty_gradient():
+  config = _config(
+    "nrs", reuse="plain", refresh_every=4, implementation="transform", alpha=1.0, radius=0.1
+  )
+  tx = optimizers.make_optimizer(config, 100)
+  refresh = steps.make_step("nrs", apply_fn, tx, config)
+  reuse = steps.make_cheap_step("nrs", apply_fn, tx, config)
+  p1, _, s1, _ = refresh(PARAMS, {}, tx.init(PARAMS), BATCH, KEY)
+  p2, _, s2, _ = reuse(p1, {}, s1, BATCH, KEY)
+  lr = float(optax.cosine_decay_schedule(1.0, 100)(1))
+  want = np.asarray(p1["w"]) - lr * (np.asarray(_ce_grad(p1)["w"]) + np.asarray(s1[0].reused["w"]))
+  np.testing.assert_allclose(p2["w"], want, rtol=1e-5, atol=1e-6)
+  assert int(s2[0].refreshed_at) == 0 and int(s2[0].count) == 2

@@ -176,7 +176,7 @@ def test_the_study_resumes_from_its_records_and_writes_the_report(tmp_path, no_t
   test = study_report.finals(s.rows, "mnist1d_mlp", "sam")
   mean = np.mean([test[s]["test"] for s in seeds])
   assert f"{100 * mean:.2f} [" in sam and "| 1 |" in sam
-  # NRS is 1 pp ahead of sgd on every seed: the exact test, Holm (written out) over the 10.
+  # NRS is 1 pp ahead of sgd on every seed: the exact test, Holm (written out) over the others.
   fin = {m: study_report.finals(recs, "mnist1d_mlp", m) for m in spec.IMAGE}
   others = [m for m in spec.IMAGE if m != "nrs"]
   raw = {
@@ -184,8 +184,9 @@ def test_the_study_resumes_from_its_records_and_writes_the_report(tmp_path, no_t
     for m in others
   }
   order = sorted(others, key=raw.get)
+  n = len(others)
   adj = {
-    m: max(min(1, (10 - i) * raw[o]) for i, o in enumerate(order[: order.index(m) + 1]))
+    m: max(min(1, (n - i) * raw[o]) for i, o in enumerate(order[: order.index(m) + 1]))
     for m in others
   }
   sgd = [line for line in text.splitlines() if line.startswith("| sgd |")][0]
@@ -241,6 +242,59 @@ def test_report_only_refuses_records_that_do_not_match(tmp_path, no_timing):
   bad = dict(next(iter(rows.values())), method="rwp")
   with pytest.raises(ValueError, match="method 'rwp' is not in the study's lists"):
     study_report.write({("x",): bad}, [], str(tmp_path / "r.md"))
+
+
+def test_a_method_without_final_runs_is_named_not_run_yet(tmp_path, no_timing):
+  """A method declared after the study ran (or re-run, its old rows gone) is named in its
+  task's section and left out of the comparisons; one with some final runs is an error."""
+  s = _study(tmp_path, fake_trainer({}))
+  study.run_task(s, "mnist1d_mlp", study.pilot_family(s))
+  rows = {
+    k: r for k, r in s.rows.items() if not (r["method"] == "looksam" and r["phase"] == "final")
+  }
+  study_report.write(rows, ["mnist1d_mlp"], str(tmp_path / "r.md"))
+  text = (tmp_path / "r.md").read_text()
+  assert "Declared, not run yet on this task (no final runs recorded): looksam." in text
+  assert not [line for line in text.splitlines() if line.startswith("| looksam |")]
+  one = next(k for k, r in s.rows.items() if r["method"] == "looksam" and r["phase"] == "final")
+  with pytest.raises(ValueError, match="lack final runs of task 'mnist1d_mlp'.*looksam"):
+    study_report.write({**rows, one: s.rows[one]}, ["mnist1d_mlp"], str(tmp_path / "r.md"))
+
+
+def _pilot_rows(vals: dict) -> dict:
+  """Reuse-pilot rows: ``vals[method] = (mlp val, cnn val, diverged seeds)``."""
+  rows = {}
+  for m, (mlp, cnn, bad) in vals.items():
+    for (task, (_, setting)), v in zip(spec.REUSE_PILOTS.items(), (mlp, cnn)):
+      for s in spec.REUSE_PILOT_SEEDS:
+        r = dict(task=task, method=m, phase="tune", seed=s, val=v, test=v, diverged=int(s < bad))
+        rows[spec.key_of(task, m, "tune", s, setting)] = r
+  return rows
+
+
+def test_the_reuse_pilot_rule_drops_divergence_and_prefers_the_cheaper_near_best():
+  base = {m: (0.70, 0.90, 0) for m in spec.REUSE_PILOT_METHODS}
+  vals = {**base, "nrs_look_plain_k2": (0.80, 0.95, 0), "nrs_look_orthogonal_k10": (0.9, 0.99, 1)}
+  assert spec.reuse_choice(_pilot_rows(vals)) == ["nrs_look_plain_k2"]  # k10 diverged once
+  vals["nrs_look_plain_k5_fixed"] = (0.797, 0.947, 0)  # within 0.5 pp, fewer passes
+  assert spec.reuse_choice(_pilot_rows(vals)) == ["nrs_look_plain_k2", "nrs_look_plain_k5_fixed"]
+  vals["nrs_look_plain_k10"] = (0.70, 0.90, 0)  # cheaper still, but 7.5 pp below: not near
+  assert spec.reuse_choice(_pilot_rows(vals))[1] == "nrs_look_plain_k5_fixed"
+
+
+def test_the_declared_nrs_look_is_the_pilots_choice_in_the_committed_records():
+  """Declared once, from the pilot's records, before any study row: the declaration, its
+  options and the committed report's pilot section all agree with the rule."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  rows = spec.read_records(os.path.join(root, "experiments", "results", "study_runs.csv"))
+  assert spec.reuse_choice(rows) == list(spec.NRS_LOOK.values())
+  for name, candidate in spec.NRS_LOOK.items():
+    fixed = spec.METHODS[name].fixed
+    assert fixed == spec.REUSE_CANDIDATES[candidate.removeprefix("nrs_")]
+    assert spec.METHODS[name].passes == spec.method_of(candidate, "absolute").passes
+  with open(os.path.join(root, "experiments", "RESULTS_STUDY.md")) as f:
+    text = f.read()
+  assert f"Chosen by the rule: {', '.join(spec.NRS_LOOK.values())}" in text
 
 
 def test_bad_names_and_empty_grids_fail_before_training(monkeypatch):
@@ -440,7 +494,7 @@ def test_each_sensitivity_curve_peaks_at_the_chosen_strength():
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   rows = spec.read_records(os.path.join(root, "experiments", "results", "study_runs.csv"))
   for t in ("mnist1d_mlp", "stdlib_lm"):
-    for m in spec.TASKS[t].methods:
+    for m in study_report.ran_methods(rows, t):
       xs, ys, best = study_plots.strength_curve(rows, t, m, study_report.chosen(rows, t, m)[0])
       assert len(xs) >= 3 and best in xs, (t, m)
       pick = max if spec.TASKS[t].metric == "accuracy" else min
@@ -489,13 +543,23 @@ def test_every_declared_task_and_method_builds_its_config_and_step():
 def test_the_semi_supervised_tasks_pair_nrs_unlabeled_with_every_method(tmp_path, no_timing):
   """sgd tunes the weight decay; the consistency methods tune their strength at it; the report
   pairs nrs_unlabeled - method; their passes count the unlabeled rows (32 + 96 per step)."""
-  optima = {"nrs_unlabeled": {"nrs.radius": 0.05}, "vat": {"vat.eps": 2.0}}
+  optima = {
+    "nrs_unlabeled": {"nrs.radius": 0.05},
+    "vat": {"vat.eps": 2.0, "learning_rate": 0.1},
+    "vat_nrs": {"nrs.radius": 0.025},
+    "pi_model": {"pi_model.weight": 50.0},
+  }
   train = fake_trainer(optima)
   s = _study(tmp_path, train)
   chosen = study.run_task(s, "mnist1d_mlp_semi10", study.pilot_family(s))
   wd = chosen["sgd"]["weight_decay"]
   assert all(chosen[m]["weight_decay"] == wd for m in spec.SEMI)
-  assert chosen["vat"]["vat.eps"] == 2.0 and chosen["pi_model"]["pi_model.noise"] > 0
+  assert chosen["vat"]["vat.eps"] == 2.0 and chosen["pi_model"]["pi_model.weight"] == 50.0
+  # vat_nrs tunes the radius alone, at VAT's chosen learning rate and eps.
+  assert chosen["vat_nrs"] == {**chosen["vat"], "nrs.radius": 0.025}
+  runs = [j[4] for j in train.calls if j[1] == "vat_nrs" and j[2] == "tune"]
+  assert {(r["learning_rate"], r["vat.eps"]) for r in runs} == {(0.1, 2.0)}
+  assert {r["nrs.radius"] for r in runs} >= set(spec.FAMILIES["absolute"])
   task = spec.TASKS["mnist1d_mlp_semi10"]
   assert {m: spec.method_of(m, "absolute", task).passes for m in spec.SEMI} == {
     "sgd": 1.0,
@@ -504,6 +568,7 @@ def test_the_semi_supervised_tasks_pair_nrs_unlabeled_with_every_method(tmp_path
     "nrs_unlabeled": 8.0,
     "vat": 12.0,
     "pi_model": 8.0,
+    "vat_nrs": 16.0,
   }
   config = study.make_config(task, "vat", chosen["vat"], 100, False, "absolute")
   assert (config.labeled_fraction, config.batch_size, config.unlabeled_batch_size) == (0.1, 32, 96)
@@ -531,7 +596,7 @@ def test_cost_lines_explain_the_gap_only_when_a_fixed_part_fits(noisy):
     }
     for m, c in work.items()
   }
-  lines = study_report.cost_lines(fin, list(work), [100, 101], "sgd")
+  lines = study_report.cost_lines(fin, list(work), [100, 101], "sgd", work)
   assert lines[0].startswith("Median CPU seconds per final run over sgd's: sgd 1.00")
   if noisy:
     assert "splits no run into fixed work and steps" in lines[1] and "pull" not in lines[1]
@@ -549,16 +614,18 @@ def test_cost_lines_name_the_methods_whose_final_runs_ran_on_another_machine():
     m: {s: {"step_cost": c, "seconds": 10 + 10 * c, "machine": where[m]} for s in (100, 101)}
     for m, c in work.items()
   }
-  lines = study_report.cost_lines(fin, list(work), [100, 101], "sgd")
+  lines = study_report.cost_lines(fin, list(work), [100, 101], "sgd", work)
   assert "for nrs, nrs_half:" in lines[1]  # both differ by more than 15% (the fixed 10 s)
   assert lines[1].endswith(
     "And nrs_half ran (some or all) on other machines than sgd, at their speed."
   )
   fin["nrs_half"][101]["machine"] = "A"  # one seed on sgd's machine: still "some"
-  assert "And nrs_half ran" in study_report.cost_lines(fin, list(work), [100, 101], "sgd")[1]
+  assert "And nrs_half ran" in study_report.cost_lines(fin, list(work), [100, 101], "sgd", work)[1]
   for s in (100, 101):
     fin["nrs_half"][s]["machine"] = "A"
-  assert " ran (some or all)" not in study_report.cost_lines(fin, list(work), [100, 101], "sgd")[1]
+  assert (
+    " ran (some or all)" not in study_report.cost_lines(fin, list(work), [100, 101], "sgd", work)[1]
+  )
 
 
 def test_the_cheaper_variants_line_repeats_the_tables_verdicts():
