@@ -51,6 +51,7 @@ dist: $(STAMP)
 
 benchmark: $(STAMP)
 	$(PY) -m experiments.benchmark
+	$(PY) -m experiments.step_profile
 
 clean:
 	rm -rf $(VENV) .venv-compat workdir .pytest_cache docs/_build docs/_autosummary dist

@@ -32,6 +32,7 @@ COMPAT_TESTS = [
   "tests/options_test.py",
   "tests/penalty_test.py",
   "tests/reach_test.py",
+  "tests/reuse_test.py",
   "tests/strategies_test.py",
   "tests/transform_test.py",
 ]

@@ -275,6 +275,22 @@ def cost_lines(fin, names, seeds, base, costs) -> list:
   return lines
 
 
+def looksam_lines(test, cheap: list, task, kinds, seeds) -> list:
+  """Issue 52's goal, second half: each variant that met the goal against ``looksam`` (SAM's
+  counterpart at a comparable cost), its own Holm family; or where none met it, so."""
+  if "looksam" not in test:
+    return []
+  if not cheap:
+    return ["No NRS variant met the goal here, so none is compared with looksam.", ""]
+  cmp = compare(test, "looksam", cheap, task.metric, kinds, seeds)
+  f = _fmt(task.metric)[0]
+  said = "; ".join(f"{m}: looksam {verdict_text(c, f, TIE[task.metric])}" for m, c in cmp.items())
+  return [
+    f"The variants that met it against looksam (looksam - variant, Holm over them): {said}.",
+    "",
+  ]
+
+
 class TaskReport(NamedTuple):
   lines: list  # the task's markdown
   test: dict  # method -> per-seed test values
@@ -338,7 +354,8 @@ def task_section(rows, t, quick, path="") -> TaskReport:
   lines += [f"Still at an edge of its grid after the extensions: {at_edge}.", ""]
   lines += cost_lines(fin, ran, seeds, ran[0], costs) + [""]
   # the variants against full NRS: the table's own verdicts (one Holm family per task)
-  variants = [m for m in study.NRS_FAMILY[1:] if m in ran and ref == "nrs"]
+  variants = [m for m in (*study.NRS_FAMILY[1:], *study.NRS_LOOK, "nrs_rademacher") if m in ran]
+  variants = variants if ref == "nrs" else []
   cheap = {m: costs[m] <= CHEAP_COST and cmp[m].verdict == "tie" for m in variants}
   goal = f"goal: step cost <= {CHEAP_COST} x and a tie at {TIE[task.metric]}"
   f_ = _fmt(task.metric)[0]
@@ -346,6 +363,7 @@ def task_section(rows, t, quick, path="") -> TaskReport:
     f"{m} step {costs[m]:.2f}, {verdict_text(cmp[m], f_, TIE[task.metric])}" for m in variants
   )
   lines += [f"Cheaper NRS variants against full NRS ({goal}): {said}.", ""] if variants else []
+  lines += looksam_lines(test, [m for m in variants if cheap[m]], task, kinds, seeds)
   measured, flat = measures_section(rows, t, fin, seeds, test)
   lines += measured
   if t == study.ABLATION_TASK:

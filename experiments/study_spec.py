@@ -310,16 +310,23 @@ def method_of(name: str, family: str = "", task: Task | None = None) -> Method:
   return m
 
 
+# The vector ISA classes, widest first: a run's numbers follow the class, not the vendor
+# (experiments/isa_check.py: an Intel Xeon and an AMD EPYC with AVX-512 gave the same rows to
+# the last digit under the study's flags; an AMD EPYC with AVX2 alone did not).
+ISA_CLASSES = (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX"), ("sse4_2", "SSE4.2"))
+
+
 def machine_kind(machine: str) -> str:
-  """The kind of machine a row ran on: its CPU model and ISA (the machine column's first two
-  fields); a clear error for a row without one."""
+  """The kind of machine a row ran on, for pairing: the widest vector ISA class of the machine
+  column's ISA field (its CPU model is not part of it); a clear error for a row without one."""
   parts = (machine or "").split("; ")
   if len(parts) < 3 or not parts[0] or not parts[1]:
     raise ValueError(
       f"records: a final row's machine field {machine!r} does not read 'CPU model; ISA; "
       "versions': pairs cannot be matched to machine kinds. Fix or rerun that row."
     )
-  return "; ".join(parts[:2])
+  isa = parts[1].split()
+  return next((name for flag, name in ISA_CLASSES if flag in isa), parts[1])
 
 
 def key_of(task, method, phase, seed, setting) -> tuple:

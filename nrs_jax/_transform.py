@@ -342,10 +342,10 @@ class RefreshSchedule:
   micro-step of every ``every``-th accumulated update, never part of one.
 
   >>> s = RefreshSchedule(every=3)
-  >>> [s(t) for t in range(7)]
-  [True, False, False, True, False, False, True]
-  >>> [RefreshSchedule(2, accumulation_steps=2)(t) for t in range(6)]
-  [True, True, False, False, True, True]
+  >>> [t for t in range(10) if s(t)]  # the refresh steps
+  [0, 3, 6, 9]
+  >>> [t for t in range(10) if RefreshSchedule(2, accumulation_steps=2)(t)]
+  [0, 1, 4, 5, 8, 9]
   """
 
   every: int

@@ -196,6 +196,11 @@ def test_the_study_resumes_from_its_records_and_writes_the_report(tmp_path, no_t
   tau = stats.kendalltau([r["lambda_max"] for r in fin_runs], [r["test"] for r in fin_runs])
   assert f"pooled between methods {tau.statistic:+.2f}" in text
   assert "Ablations of nrs, each with its radius retuned" in text
+  # Issue 52's goal: the fake's NRS is 1 pp above every variant, so none ties it and none is
+  # compared with looksam; the line says so.
+  assert "No NRS variant met the goal here, so none is compared with looksam." in text
+  variants = [line for line in text.splitlines() if line.startswith("Cheaper NRS variants")][0]
+  assert "nrs_look step" in variants and "nrs_rademacher step" in variants
   assert "Rows of mnist1d_mlp were made on 1 machine(s)" in text
   assert "at an edge of its grid after the extensions" in text
   assert (tmp_path / "results" / "study_cost_accuracy.png").stat().st_size > 1000
@@ -474,6 +479,9 @@ def test_the_committed_report_is_what_the_committed_records_give(tmp_path):
     text = f.read()
   rows = spec.read_records(os.path.join(root, "experiments", "results", "study_runs.csv"))
   out = tmp_path / "RESULTS_STUDY.md"
+  (tmp_path / "results").mkdir()  # the side-by-side step costs the report reads, beside it
+  costs = os.path.join(root, "experiments", "results", "study_step_costs.json")
+  (tmp_path / "results" / "study_step_costs.json").write_text(open(costs).read())
   study_report.write(rows, list(spec.TASKS), str(out))
   assert out.read_text() == text
   # ... and so does its machine-readable summary, which the README and docs render.
