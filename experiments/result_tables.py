@@ -122,9 +122,13 @@ def step_profile(name: str = "step_profile_cpu.json", table: str = "parts") -> s
         [t["model"], str(t["batch_size"]), *(_fmt(t["parts"][p]) for p in parts), _fmt(total)]
       )
     return markdown_table(["model", "batch", *parts, "NRS gradient"], out)
-  labels = list(dict.fromkeys(k for t in tasks.values() for k in t["steps"]))
-  out = [[t["model"], *(_fmt(t["steps"].get(k)) for k in labels)] for t in tasks.values()]
-  return markdown_table(["model", *(f"`{k}`" for k in labels)], out)
+  base = {name: next(iter(t["steps"])) for name, t in tasks.items()}  # sgd, or adamw
+  labels = list(dict.fromkeys(k for n, t in tasks.items() for k in t["steps"] if k != base[n]))
+  out = [
+    [t["model"], f"`{base[n]}`", *(_fmt(t["steps"].get(k)) for k in labels)]
+    for n, t in tasks.items()
+  ]
+  return markdown_table(["model", "base (1.00)", *(f"`{k}`" for k in labels)], out)
 
 
 def strategies_before_after(

@@ -135,4 +135,4 @@ def test_step_profile_tables_render_the_json(tmp_path):
   path.write_text(json.dumps(d))
   parts = result_tables.step_profile(str(path), "parts")
   assert "| MLP | 128 | 0.70 | 0.30 | 0.10 | 0.00 | 0.90 | 2.00 |" in parts
-  assert "| MLP | 1.00 | 1.70 | 2.00 |" in result_tables.step_profile(str(path), "steps")
+  assert "| MLP | `sgd` | 1.70 | 2.00 |" in result_tables.step_profile(str(path), "steps")
