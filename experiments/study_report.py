@@ -337,6 +337,13 @@ def task_section(rows, t, quick, path="") -> TaskReport:
   head += [f"mean [95% CI] ({UNITS[task.metric]})", "diverged", f"{ref} - method [95% CI]"]
   head += ["Holm p", "verdict"]
   lines = [f"## {t}", "", markdown_table(head, body), ""]
+  old = [m for m in study.OLD_IMPLEMENTATION.get(t, ()) if m in ran]
+  if old:
+    what = "; ".join(f"{m} (now {study.RERUN[m]})" for m in old)
+    lines += [
+      f"Rows of the implementation before issue 51's changes, not re-run yet here: {what}.",
+      "",
+    ]
   pending = [m for m in task.methods if m not in ran]
   if pending:
     lines += [
