@@ -194,7 +194,17 @@ def _stored(rule: str, treedef, state: NRSState, terms: list, task: list) -> NRS
   return state._replace(reused=treedef.unflatten(stored), task_norm=norm, refreshed_at=refreshed_at)
 
 
-def _reuse_step(rule: str, treedef, updates, state: NRSState, elements: list, count, a):
+def _refreshed(rule: str | None, updates, state: NRSState, params: Any, mask: Any, terms, a):
+  """A refresh's updates (``terms`` added) and state (with ``rule``, the term it stores)."""
+  treedef: Any = jax.tree_util.tree_structure(params)
+  if rule is not None:
+    state = _stored(
+      rule, treedef, state, terms, _task_part(treedef, updates, terms, _elements(params, mask))
+    )
+  return _add_selected(treedef, updates, terms, a), state
+
+
+def _reuse_step(rule: str, updates, state: NRSState, params: Any, mask: Any, count, a):
   """A reuse step (``logits_fn=None``): the stored term added by ``rule``; eagerly, a
   ValueError before any refresh."""
   if not isinstance(state.refreshed_at, jax.core.Tracer) and int(state.refreshed_at) < 0:
@@ -203,6 +213,9 @@ def _reuse_step(rule: str, treedef, updates, state: NRSState, elements: list, co
       "stored yet. Make the first update a refresh (pass logits_fn), as "
       "nrs_jax.RefreshSchedule does at step 0."
     )
+  like = updates if params is None else params
+  treedef: Any = jax.tree_util.tree_structure(like)
+  elements = _elements(like, mask)
   stored = treedef.flatten_up_to(state.reused)
   terms = _reused_term(rule, state, stored, _task_part(treedef, updates, stored, elements))
   return _add_selected(treedef, updates, terms, a), state._replace(count=count)
@@ -310,9 +323,7 @@ def add_nrs_gradient(
       return updates, state._replace(count=count, penalty=jnp.zeros([], jnp.float32))
     a = alpha(state.count) if callable(alpha) else alpha
     if reuse_step:
-      like = updates if params is None else params
-      treedef, elements = jax.tree_util.tree_structure(like), _elements(like, mask)
-      return _reuse_step(reuse, treedef, updates, state, elements, count, a)
+      return _reuse_step(reuse, updates, state, params, mask, count, a)
     base = jax.random.wrap_key_data(state.key, impl=impl)
     step_key = jax.random.fold_in(base, state.count // resample_every)
     opts = _with_resolved_mask(options, params)
@@ -322,13 +333,8 @@ def add_nrs_gradient(
     )
     value, grads = jax.value_and_grad(penalty, allow_int=True)(params)
     terms = _selected_grads(grads, _neighbors.perturbed_leaf_mask(params, opts.mask), axis_name)
-    logged = jnp.where(a == 0, 0.0, value).astype(jnp.float32)
-    new = state._replace(count=count, penalty=logged)
-    treedef = jax.tree_util.tree_structure(params)
-    if reuse is not None:
-      task = _task_part(treedef, updates, terms, _elements(params, opts.mask))
-      new = _stored(reuse, treedef, new, terms, task)
-    return _add_selected(treedef, updates, terms, a), new
+    new = state._replace(count=count, penalty=jnp.where(a == 0, 0.0, value).astype(jnp.float32))
+    return _refreshed(reuse, updates, new, params, opts.mask, terms, a)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
