@@ -291,6 +291,18 @@ def looksam_lines(test, cheap: list, task, kinds, seeds) -> list:
   ]
 
 
+def vat_nrs_lines(test, task, kinds, seeds) -> list:
+  """Issue 51's question on the semi-supervised tasks: does NRS's penalty add to VAT?
+  ``vat_nrs - vat``, paired by seed, a family of one."""
+  if not {"vat", "vat_nrs"} <= set(test):
+    return []
+  c = compare(test, "vat_nrs", ["vat"], task.metric, kinds, seeds)["vat"]
+  f, ci = _fmt(task.metric)
+  said = f"vat_nrs - vat {ci((c.mean, c.lo, c.hi))}, p {_p_text(c)}: "
+  said += verdict_text(c, f, TIE[task.metric])
+  return [f"Does NRS's penalty add to VAT (at VAT's chosen setting, the radius tuned)? {said}.", ""]
+
+
 class TaskReport(NamedTuple):
   lines: list  # the task's markdown
   test: dict  # method -> per-seed test values
@@ -371,6 +383,7 @@ def task_section(rows, t, quick, path="") -> TaskReport:
   )
   lines += [f"Cheaper NRS variants against full NRS ({goal}): {said}.", ""] if variants else []
   lines += looksam_lines(test, [m for m in variants if cheap[m]], task, kinds, seeds)
+  lines += vat_nrs_lines(test, task, kinds, seeds)
   measured, flat = measures_section(rows, t, fin, seeds, test)
   lines += measured
   if t == study.ABLATION_TASK:

@@ -116,7 +116,6 @@ RERUN = {
 OLD_IMPLEMENTATION = {
   "mnist1d_cnn": ("asam", "saf"),
   "mnist5k_cnn_noise20": ("asam", "saf"),
-  "mnist1d_mlp_semi10": ("pi_model",),
   "mnist5k_cnn_semi10": ("pi_model",),
 }
 # Methods that tune their strength alone, at another method's chosen setting.

@@ -722,3 +722,15 @@ def test_declarations_refuse_a_task_without_a_kind_and_a_grid_of_the_wrong_type(
   lm_like = spec.Task("stdlib_lm", {}, ("adamw", "sam"), 10, "transformer")
   assert spec.method_of("sam", "absolute", lm_like).grid == (0.0025, 0.005, 0.01, 0.02)
   assert spec.method_of("nrs", "absolute", lm_like).grid == (0.00125, 0.0025, 0.005, 0.01)
+
+
+def test_the_vat_nrs_line_answers_whether_nrs_adds_to_vat():
+  """vat_nrs - vat, paired by seed (issue 51): one point below on every seed is vat_nrs
+  behind, robustly; without vat_nrs rows the line is absent."""
+  seeds = list(range(100, 120))
+  vat = [0.5 + 0.002 * i for i in range(20)]
+  test = {"vat": vat, "vat_nrs": [v - 0.01 for v in vat]}
+  task = spec.TASKS["mnist1d_mlp_semi10"]
+  line = study_report.vat_nrs_lines(test, task, None, seeds)[0]
+  assert "vat_nrs - vat -1.00 [-1.00, -1.00]" in line and "vat_nrs behind, robust" in line
+  assert study_report.vat_nrs_lines({"vat": vat}, task, None, seeds) == []
