@@ -26,7 +26,6 @@ import jax.numpy as jnp
 import nrs_jax
 from experiments import losses
 from experiments import optimizers
-from experiments import steps
 from experiments import study
 from experiments import study_spec as spec
 from experiments import timing
@@ -74,21 +73,6 @@ def step_rows(task: str, chosen: dict) -> dict:
   for label, (method, setting) in rows.items():
     out[label] = study.make_config(t, method, setting, 0, False, "absolute")
   return out
-
-
-def _run_of_steps(config, ds, batch):
-  model = train.Model(config, ds)
-  tx = optimizers.make_optimizer(config, 1000, len(ds.train.y), ds.num_classes)
-  own = jax.jit(steps.make_step(config.method, model.apply, tx, config, steps_per_epoch=10))
-  cheap = jax.jit(steps.make_cheap_step(config.method, model.apply, tx, config))
-  schedule = [own if steps.runs_own_step(config, i) else cheap for i in range(STEPS)]
-
-  def run(params, bs, opt_state):
-    for i, step in enumerate(schedule):
-      params, bs, opt_state, _ = step(params, bs, opt_state, batch, jax.random.key(i))
-    return params
-
-  return run, (model.params, model.batch_stats, tx.init(model.params))
 
 
 def part_fns(config, ds, batch) -> dict:
@@ -145,9 +129,9 @@ def profile(task: str, repeats: int) -> dict:
   configs = step_rows(task, _chosen(task))
   first = next(iter(configs.values()))
   ds = train.load_data(first)
+  batch = study.timing_batch(first, ds)
   b = first.batch_size
-  batch = {"x": ds.train.x[:b], "y": ds.train.y[:b], "idx": jnp.arange(b)}
-  fns = {label: _run_of_steps(c, ds, batch) for label, c in configs.items()}
+  fns = {label: study.run_of_steps(c, ds, batch, STEPS) for label, c in configs.items()}
   fns.update(part_fns(configs["nrs"], ds, batch))
   secs = timing.interleaved_medians(fns, repeats)
   unit = secs[next(iter(configs))] / STEPS

@@ -449,6 +449,41 @@ def run_task(study: Study, name: str, family: str) -> dict:
 COSTS = os.path.join(os.path.dirname(__file__), "results", "study_step_costs.json")
 
 
+def timing_batch(config, ds) -> dict:
+  """The first batch of the training split (and of the unlabeled one, which only the methods
+  in ``experiments.steps.SEMI`` read): what a step is timed on."""
+  import jax
+
+  b = config.batch_size
+  batch = {"x": ds.train.x[:b], "y": ds.train.y[:b], "idx": jax.numpy.arange(b)}
+  if ds.unlabeled is not None:
+    batch["u"] = ds.unlabeled.x[: config.unlabeled_batch_size]
+  return batch
+
+
+def run_of_steps(config, ds, batch, n: int) -> tuple:
+  """``(fn, args)``: ``n`` steps of ``config``'s method on ``batch`` as training runs them (its
+  own step or its cheap one, chosen on the host as train.py does), from its initial state."""
+  import jax
+
+  from experiments import optimizers
+  from experiments import steps
+  from experiments import train
+
+  model = train.Model(config, ds)
+  tx = optimizers.make_optimizer(config, 1000, len(ds.train.y), ds.num_classes)
+  own = jax.jit(steps.make_step(config.method, model.apply, tx, config, steps_per_epoch=10))
+  cheap = jax.jit(steps.make_cheap_step(config.method, model.apply, tx, config))
+  schedule = [own if steps.runs_own_step(config, i) else cheap for i in range(n)]
+
+  def run(params, bs, opt_state):
+    for i, step in enumerate(schedule):
+      params, bs, opt_state, _ = step(params, bs, opt_state, batch, jax.random.key(i))
+    return params
+
+  return run, (model.params, model.batch_stats, tx.init(model.params))
+
+
 def step_costs(name: str, family: str, chosen: dict, quick: bool, path: str = COSTS) -> dict:
   """Each method's time per step over a run of steps at its chosen setting, over the first
   method's (SGD or AdamW), timed side by side once and kept. A random-half method runs its
@@ -457,36 +492,17 @@ def step_costs(name: str, family: str, chosen: dict, quick: bool, path: str = CO
   names = [m for m in chosen if m in spec.task_of(name).methods or m in spec.ABLATIONS]
   if name in stored and set(names) <= set(stored[name]):
     return stored[name]  # (a method added later: every method is timed again, side by side)
-  import jax
-
-  from experiments import optimizers
-  from experiments import steps
   from experiments import timing
   from experiments import train
 
   task = spec.TASKS[name]
   base = make_config(task, "sgd", {}, 0, quick)
   ds = train.load_data(base)
-  b = base.batch_size
-  batch = {"x": ds.train.x[:b], "y": ds.train.y[:b], "idx": jax.numpy.arange(b)}
-  if ds.unlabeled is not None:  # (read by the methods in experiments.steps.SEMI only)
-    batch["u"] = ds.unlabeled.x[: base.unlabeled_batch_size]
-  fns = {}
+  batch = timing_batch(base, ds)
   n = 4 if quick else 32
-  for m in names:
-    config = make_config(task, m, chosen[m], 0, quick, family)
-    model = train.Model(config, ds)
-    tx = optimizers.make_optimizer(config, 1000, len(ds.train.y), ds.num_classes)
-    own = jax.jit(steps.make_step(config.method, model.apply, tx, config, steps_per_epoch=10))
-    cheap = jax.jit(steps.make_cheap_step(config.method, model.apply, tx, config))
-    schedule = [own if steps.runs_own_step(config, i) else cheap for i in range(n)]
-
-    def run_of_steps(params, bs, opt_state, schedule=schedule):
-      for i, step in enumerate(schedule):
-        params, bs, opt_state, _ = step(params, bs, opt_state, batch, jax.random.key(i))
-      return params
-
-    fns[m] = (run_of_steps, (model.params, model.batch_stats, tx.init(model.params)))
+  fns = {
+    m: run_of_steps(make_config(task, m, chosen[m], 0, quick, family), ds, batch, n) for m in names
+  }
   secs = timing.interleaved_medians(fns, 3 if quick else 15)
   out = {m: round(secs[m] / secs[names[0]], 3) for m in names}
   if not quick:  # (closed at once, so that a worker started next reads it whole)

@@ -118,17 +118,22 @@ def test_vat_direction_matches_central_differences_in_float64():
     np.testing.assert_allclose(np.linalg.norm(r, axis=1), eps, rtol=1e-10)
 
 
-def test_vat_and_pi_model_steps_match_their_losses_written_out():
+def _both_batches_and_vat_direction():
+  """The labelled and unlabeled inputs together, the CE on the labelled rows, and VAT's
+  r_adv at PARAMS as the step draws it (its key: the second of the step key's split; a
+  large xi of 0.1 and eps 2.0, so that r_adv resolves to float32 precision)."""
   x = jnp.concatenate([BATCH["x"], BATCH["u"]])
   ce = lambda z: optax.softmax_cross_entropy_with_integer_labels(z[:4], BATCH["y"]).mean()
+  _, nkey = jax.random.split(KEY)
+  at = lambda v: v @ PARAMS["w"]
+  r = jax.jit(lambda: semi_steps.vat_perturbation(at, x, x @ PARAMS["w"], nkey, 0.1, 2.0))()
+  return x, ce, r, nkey
+
+
+def test_vat_and_pi_model_steps_match_their_losses_written_out():
+  x, ce, r, nkey = _both_batches_and_vat_direction()
   kl = lambda p, q: jnp.mean(nrs_jax.kl(p, q))
   # VAT: CE + KL(p(x) fixed || p(x + r_adv)), r_adv drawn with the step's key split.
-  dkey, nkey = jax.random.split(KEY)
-  r = jax.jit(
-    lambda: semi_steps.vat_perturbation(
-      lambda v: v @ PARAMS["w"], x, x @ PARAMS["w"], nkey, 0.1, 2.0
-    )
-  )()
   vat = lambda p: ce(x @ p["w"]) + kl(jax.lax.stop_gradient(x @ p["w"]), (x + r) @ p["w"])
   got = _step("vat", eps=2.0, xi=0.1)  # (a large xi: r_adv resolved to float32 precision)
   want = PARAMS["w"] - jax.jit(jax.grad(vat))(PARAMS)["w"]
@@ -163,14 +168,7 @@ def test_pi_model_rampup_is_laine_and_ailas_gaussian():
 
 
 def test_vat_nrs_is_vat_plus_the_nrs_penalty_on_the_same_inputs():
-  x = jnp.concatenate([BATCH["x"], BATCH["u"]])
-  ce = lambda z: optax.softmax_cross_entropy_with_integer_labels(z[:4], BATCH["y"]).mean()
-  dkey, nkey = jax.random.split(KEY)
-  r = jax.jit(
-    lambda: semi_steps.vat_perturbation(
-      lambda v: v @ PARAMS["w"], x, x @ PARAMS["w"], nkey, 0.1, 2.0
-    )
-  )()
+  x, ce, r, _ = _both_batches_and_vat_direction()
   vat = lambda p: jnp.mean(nrs_jax.kl(jax.lax.stop_gradient(x @ p["w"]), (x + r) @ p["w"]))
   pen = lambda p: nrs_jax.nrs_penalty(
     lambda q: x @ q["w"], p, jax.random.fold_in(KEY, 1), radius=0.2
