@@ -114,7 +114,6 @@ RERUN = {
   "pi_model": "Laine and Aila's",
 }
 OLD_IMPLEMENTATION = {
-  "mnist1d_cnn": ("asam", "saf"),
   "mnist5k_cnn_noise20": ("asam", "saf"),
   "mnist5k_cnn_semi10": ("pi_model",),
 }
