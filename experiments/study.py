@@ -2,6 +2,7 @@
 
   python -m experiments.study --workdir workdir/study     # train (or resume), then report
   python -m experiments.study --report_only              # the report from the records alone
+  python -m experiments.study --tasks=T --methods=M,...   # only some methods of task T
 
 Every method tunes the same way (:func:`tune_task`; a choice at an edge extends its axis), then
 trains on final seeds shared by every method, so that differences pair by seed; NRS's noise
@@ -41,6 +42,12 @@ def define_flags() -> None:
   flags.DEFINE_string("records", "experiments/results/study_runs.csv", "One row per run.")
   flags.DEFINE_string("report", "experiments/RESULTS_STUDY.md", "The report to write.")
   flags.DEFINE_list("tasks", [], "A declared subset of tasks (default: all; pilot: only it).")
+  flags.DEFINE_list(
+    "methods",
+    [],
+    "Train only these declared methods (and the ones they tune at or on top of; default: all). "
+    "Step costs are then read from the stored timing, not timed again.",
+  )
   flags.DEFINE_integer("workers", 2, "Runs in parallel (one CPU core each).")
   flags.DEFINE_bool("quick", False, "Two epochs, two values per axis (the test suite's runs).")
   flags.DEFINE_bool("report_only", False, "Write the report from the records; train nothing.")
@@ -391,30 +398,45 @@ def pilot_family(study: Study) -> str:
   return spec.pilot_choice(best)
 
 
-def tune_task(study: Study, name: str, family: str) -> dict:
+def task_methods(name: str, only=()) -> tuple[tuple, tuple]:
+  """``(methods, ablations)`` the runner trains on task ``name``: every declared one, or
+  those in ``only`` with what they stand on (the weight-decay methods, whose decay they tune
+  at; the method each tunes on top of; NRS under an ablation)."""
+  task = spec.TASKS[name]
+  ablations = tuple(spec.ABLATIONS) if name == spec.ABLATION_TASK else ()
+  if not only:
+    return task.methods, ablations
+  ablations = tuple(a for a in ablations if a in only)
+  need = {*only, *spec.TUNES_WD, *(spec.ON_TOP_OF[m] for m in only if m in spec.ON_TOP_OF)}
+  need |= {"nrs"} if ablations else set()
+  return tuple(m for m in task.methods if m in need), ablations
+
+
+def tune_task(study: Study, name: str, family: str, only=()) -> dict:
   """The task's chosen settings. First the weight-decay methods (SGD and SGD 2x, or AdamW)
   tune learning rate x weight decay; then every other method tunes learning rate x its own
   strength at the first one's weight decay (on the transformers around AdamW's learning
-  rate); each ablation then retunes the radius at NRS's chosen learning rate and decay."""
+  rate); each ablation then retunes the radius at NRS's chosen learning rate and decay.
+  ``only``: a subset of the methods (:func:`task_methods`)."""
   task, quick = spec.TASKS[name], study.quick
+  methods, ablations = task_methods(name, only)
   study.family = family
-  first = [m for m in task.methods if m in spec.TUNES_WD]
+  first = [m for m in methods if m in spec.TUNES_WD]
   chosen = study.tune(name, {m: tuning_axes(name, m, family, quick) for m in first})
   wd = chosen[first[0]]["weight_decay"]
   lr = chosen[first[0]]["learning_rate"] if task.kind == "transformer" else None
-  later = [m for m in task.methods if m in spec.ON_TOP_OF]
-  rest = {
-    m: tuning_axes(name, m, family, quick, lr) for m in task.methods if m not in (*first, *later)
-  }
+  later = [m for m in methods if m in spec.ON_TOP_OF]
+  rest = {m: tuning_axes(name, m, family, quick, lr) for m in methods if m not in (*first, *later)}
   chosen.update(study.tune(name, rest, {"weight_decay": wd}))
   for m in later:  # the strength alone, at the other method's chosen setting
     chosen.update(
       study.tune(name, {m: tuning_axes(name, m, family, quick)}, chosen[spec.ON_TOP_OF[m]])
     )
-  if name == spec.ABLATION_TASK:
+  if ablations:
     base = {k: v for k, v in chosen["nrs"].items() if k != "nrs.radius"}
-    ablations = {a: tuning_axes(name, a, family, quick) for a in spec.ABLATIONS}
-    chosen.update(study.tune(name, ablations, base))
+    chosen.update(
+      study.tune(name, {a: tuning_axes(name, a, family, quick) for a in ablations}, base)
+    )
   return chosen
 
 
@@ -432,17 +454,19 @@ def run_reuse_pilot(study: Study, family: str) -> None:
   )
 
 
-def run_task(study: Study, name: str, family: str) -> dict:
-  """Tunes every method of a task, times each one's step at its chosen setting, trains the
-  final seeds (the ablations on the first 10 of them); returns the chosen settings."""
+def run_task(study: Study, name: str, family: str, only=()) -> dict:
+  """Tunes every method of a task (or ``only`` some, :func:`task_methods`), times each one's
+  step at its chosen setting, trains the final seeds (the ablations on the first 10 of them);
+  returns the chosen settings. Under ``only`` the step costs are the stored ones: methods are
+  timed side by side when the whole task runs."""
   task = spec.TASKS[name]
-  chosen = tune_task(study, name, family)
-  study.costs[name] = step_costs(name, family, chosen, study.quick)
+  methods, ablations = task_methods(name, only)
+  chosen = tune_task(study, name, family, only)
+  study.costs[name] = stored_costs(name) if only else step_costs(name, family, chosen, study.quick)
   seeds = spec.final_seeds(task, study.quick)
-  study.run([(name, m, "final", s, chosen[m]) for m in task.methods for s in seeds])
-  if name == spec.ABLATION_TASK:
-    seeds = spec.final_seeds(task, study.quick, ablation=True)
-    study.run([(name, a, "final", s, chosen[a]) for a in spec.ABLATIONS for s in seeds])
+  study.run([(name, m, "final", s, chosen[m]) for m in methods for s in seeds])
+  seeds = spec.final_seeds(task, study.quick, ablation=True)
+  study.run([(name, a, "final", s, chosen[a]) for a in ablations for s in seeds])
   return chosen
 
 
@@ -484,6 +508,11 @@ def run_of_steps(config, ds, batch, n: int) -> tuple:
   return run, (model.params, model.batch_stats, tx.init(model.params))
 
 
+def stored_costs(name: str, path: str = COSTS) -> dict:
+  """Task ``name``'s step costs as last timed (empty where it never was)."""
+  return json.load(open(path)).get(name, {}) if os.path.exists(path) else {}
+
+
 def step_costs(name: str, family: str, chosen: dict, quick: bool, path: str = COSTS) -> dict:
   """Each method's time per step over a run of steps at its chosen setting, over the first
   method's (SGD or AdamW), timed side by side once and kept. A random-half method runs its
@@ -521,6 +550,12 @@ def main(argv):
   if unknown:
     raise ValueError(f"--tasks: {unknown} not known; choose from {[*extra, *spec.TASKS]}.")
   tasks = [t for t in FLAGS.tasks if t not in extra] if FLAGS.tasks else list(spec.TASKS)
+  declared = {m for t in tasks for m in (*spec.TASKS[t].methods, *task_methods(t)[1])}
+  if set(FLAGS.methods) - declared:
+    raise ValueError(
+      f"--methods: {sorted(set(FLAGS.methods) - declared)} not declared on the tasks run "
+      f"({', '.join(tasks)}); choose from {sorted(declared)}."
+    )
   for name in tasks:  # an unknown method or an empty grid fails before anything trains
     for m in [*spec.TASKS[name].methods, *spec.ABLATIONS]:
       tuning_axes(name, m, "absolute", False)
@@ -533,7 +568,7 @@ def main(argv):
       if "reuse_pilot" in FLAGS.tasks:
         run_reuse_pilot(study, family)
       for name in tasks:
-        run_task(study, name, family)
+        run_task(study, name, family, FLAGS.methods)
     finally:
       lock.release()
     if FLAGS.train_only:

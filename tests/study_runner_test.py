@@ -212,8 +212,32 @@ def test_help_exits_zero_and_lists_the_flags():
     timeout=120,
   )
   assert out.returncode == 0, out.stderr
-  for flag in ("records", "workdir", "tasks", "workers", "report_only", "quick", "train_only"):
+  flags = (
+    "records",
+    "workdir",
+    "tasks",
+    "methods",
+    "workers",
+    "report_only",
+    "quick",
+    "train_only",
+  )
+  for flag in flags:
     assert f"--{flag}:" in out.stdout or f"--[no]{flag}:" in out.stdout, flag
+
+
+def test_an_undeclared_method_is_a_clear_error_before_anything_trains(tmp_path):
+  out = subprocess.run(
+    [sys.executable, "-m", "experiments.study", "--tasks=mnist1d_vit", "--methods=asam,vat"]
+    + [f"--records={tmp_path / 'runs.csv'}", f"--workdir={tmp_path / 'w'}"],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert out.returncode != 0
+  assert "--methods: ['asam', 'vat'] not declared on the tasks run (mnist1d_vit)" in out.stderr
+  assert not (tmp_path / "runs.csv").exists()
 
 
 def test_machine_names_the_cpu_isa_and_versions(monkeypatch):

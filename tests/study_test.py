@@ -548,6 +548,35 @@ def test_every_declared_task_and_method_builds_its_config_and_step():
         assert sub == config.batch_size // (4 if m == "nrs_cheap" else 8) and sub >= 1
 
 
+def test_only_some_methods_train_with_what_they_stand_on_and_the_stored_step_costs(
+  tmp_path, monkeypatch
+):
+  """``--methods``: a method re-run alone trains with the weight-decay methods it tunes at and
+  the method it tunes on top of, no other and no ablation; its step cost is the stored one
+  (timing side by side waits for the whole task); the whole task later trains the rest."""
+  stored = {"sgd": 1.0, "vat": 9.0, "vat_nrs": 12.0}
+  monkeypatch.setattr(study, "stored_costs", lambda name: stored)
+  monkeypatch.setattr(study, "step_costs", lambda *a: pytest.fail("timed under --methods"))
+  train = fake_trainer({"vat_nrs": {"nrs.radius": 0.025}})
+  s = _study(tmp_path, train)
+  family = study.pilot_family(s)
+  del train.calls[:]
+  study.run_task(s, "mnist1d_mlp_semi10", family, only=("vat_nrs",))
+  assert {j[1] for j in train.calls} == {"sgd", "vat", "vat_nrs"}
+  finals = {j[1] for j in train.calls if j[2] == "final"}
+  assert finals == {"sgd", "vat", "vat_nrs"} and s.costs["mnist1d_mlp_semi10"] is stored
+  rows = [r for r in s.rows.values() if (r["method"], r["phase"]) == ("vat_nrs", "final")]
+  assert {r["step_cost"] for r in rows} == {12.0}
+  assert study.task_methods("mnist1d_mlp", ("asam",)) == (("sgd", "sgd_2x", "asam"), ())
+  assert study.task_methods("mnist1d_mlp", ("nrs_k2",)) == (("sgd", "sgd_2x", "nrs"), ("nrs_k2",))
+  monkeypatch.setattr(
+    study, "step_costs", lambda name, family, chosen, quick: dict.fromkeys(chosen, 1.0)
+  )
+  del train.calls[:]
+  study.run_task(s, "mnist1d_mlp_semi10", family)
+  assert {j[1] for j in train.calls} == set(spec.SEMI) - {"sgd", "vat", "vat_nrs"}
+
+
 def test_the_semi_supervised_tasks_pair_nrs_unlabeled_with_every_method(tmp_path, no_timing):
   """sgd tunes the weight decay; the consistency methods tune their strength at it; the report
   pairs nrs_unlabeled - method; their passes count the unlabeled rows (32 + 96 per step)."""
