@@ -115,7 +115,6 @@ RERUN = {
 }
 OLD_IMPLEMENTATION = {
   "mnist5k_cnn_noise20": ("asam", "saf"),
-  "mnist5k_cnn_semi10": ("pi_model",),
 }
 # Methods that tune their strength alone, at another method's chosen setting.
 ON_TOP_OF = {"vat_nrs": "vat"}
