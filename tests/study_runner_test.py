@@ -80,13 +80,11 @@ def test_sigkill_leaves_no_orphans_and_one_runner_holds_the_records(tmp_path):
     _wait(lambda: len(_children(a.pid)) >= 2 and runs(), 240, "runner a's workers to train")
     kids = _children(a.pid)
 
-    b = subprocess.run(
-      [sys.executable, "-m", "experiments.study", "--quick", "--train_only"]
-      + [f"--records={tmp_path / 'runs.csv'}", f"--workdir={tmp_path / 'other'}"],
-      cwd=ROOT,
-      capture_output=True,
-      text=True,
-      timeout=120,
+    b = _study_cli(
+      "--quick",
+      "--train_only",
+      f"--records={tmp_path / 'runs.csv'}",
+      f"--workdir={tmp_path / 'other'}",
     )
     assert b.returncode != 0
     assert f"another study runner (pid {a.pid}) is using --records" in b.stderr, b.stderr[-2000:]
@@ -202,38 +200,27 @@ def test_a_failing_run_stops_the_queue_names_the_job_and_keeps_the_finished_rows
   assert os.listdir(tmp_path / "w2" / "mnist1d_mlp" / "sgd" / "final" / tag) == ["seed101"]
 
 
+def _study_cli(*args: str) -> subprocess.CompletedProcess:
+  """``python -m experiments.study *args`` from the repository root, its output captured."""
+  cmd = [sys.executable, "-m", "experiments.study", *args]
+  return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
 def test_help_exits_zero_and_lists_the_flags():
   """The bug: absl's --help exits 1 ("Try --helpfull") and lists none of the study's flags."""
-  out = subprocess.run(
-    [sys.executable, "-m", "experiments.study", "--help"],
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=120,
-  )
+  out = _study_cli("--help")
   assert out.returncode == 0, out.stderr
-  flags = (
-    "records",
-    "workdir",
-    "tasks",
-    "methods",
-    "workers",
-    "report_only",
-    "quick",
-    "train_only",
-  )
+  flags = "records workdir tasks methods workers report_only quick train_only".split()
   for flag in flags:
     assert f"--{flag}:" in out.stdout or f"--[no]{flag}:" in out.stdout, flag
 
 
 def test_an_undeclared_method_is_a_clear_error_before_anything_trains(tmp_path):
-  out = subprocess.run(
-    [sys.executable, "-m", "experiments.study", "--tasks=mnist1d_vit", "--methods=asam,vat"]
-    + [f"--records={tmp_path / 'runs.csv'}", f"--workdir={tmp_path / 'w'}"],
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=120,
+  out = _study_cli(
+    "--tasks=mnist1d_vit",
+    "--methods=asam,vat",
+    f"--records={tmp_path / 'runs.csv'}",
+    f"--workdir={tmp_path / 'w'}",
   )
   assert out.returncode != 0
   assert "--methods: ['asam', 'vat'] not declared on the tasks run (mnist1d_vit)" in out.stderr
