@@ -508,16 +508,24 @@ def run_of_steps(config, ds, batch, n: int) -> tuple:
   return run, (model.params, model.batch_stats, tx.init(model.params))
 
 
+def _timings(path: str) -> dict:
+  """Every task's step costs as last timed (``task -> method -> cost``)."""
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
 def stored_costs(name: str, path: str = COSTS) -> dict:
   """Task ``name``'s step costs as last timed (empty where it never was)."""
-  return json.load(open(path)).get(name, {}) if os.path.exists(path) else {}
+  return _timings(path).get(name, {})
 
 
 def step_costs(name: str, family: str, chosen: dict, quick: bool, path: str = COSTS) -> dict:
   """Each method's time per step over a run of steps at its chosen setting, over the first
   method's (SGD or AdamW), timed side by side once and kept. A random-half method runs its
   own step or a plain one as training does, so its cost is measured, not computed."""
-  stored = json.load(open(path)) if os.path.exists(path) and not quick else {}
+  stored = {} if quick else _timings(path)
   names = [m for m in chosen if m in spec.task_of(name).methods or m in spec.ABLATIONS]
   if name in stored and set(names) <= set(stored[name]):
     return stored[name]  # (a method added later: every method is timed again, side by side)
