@@ -130,7 +130,6 @@ def profile(task: str, repeats: int) -> dict:
   first = next(iter(configs.values()))
   ds = train.load_data(first)
   batch = study.timing_batch(first, ds)
-  b = first.batch_size
   fns = {label: study.run_of_steps(c, ds, batch, STEPS) for label, c in configs.items()}
   fns.update(part_fns(configs["nrs"], ds, batch))
   secs = timing.interleaved_medians(fns, repeats)
@@ -142,7 +141,7 @@ def profile(task: str, repeats: int) -> dict:
   }
   return {
     "model": MODEL[task],
-    "batch_size": b,
+    "batch_size": first.batch_size,
     "steps": {label: round(secs[label] / (STEPS * unit), 3) for label in configs},
     "parts": {p: round(parts[p], 3) for p in PARTS},
   }
