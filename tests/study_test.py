@@ -709,7 +709,7 @@ def test_the_lm_report_reads_bits_per_character_as_lower_is_better(tmp_path, no_
   row = {ln.split(" | ")[0][2:]: ln for ln in text.splitlines() if ln.startswith("| ")}
   assert "| -0.010 [-0.010, -0.010] |" in row["adamw"] and "nrs ahead" in row["adamw"]
   assert row["sam"].endswith("| nrs behind, robust |")  # sam: up to 0.001 fewer bits on every seed
-  assert "a tie at +-0.01 bits per character)" in text
+  assert "a robust tie at +-0.01 bits per character, no difference)" in text
   assert "with test bits per character, stratified by method, p < 0.05): yes (tau +0.9" in text
   assert "pooled between methods +1.00" in text
 
@@ -763,3 +763,30 @@ def test_the_vat_nrs_line_answers_whether_nrs_adds_to_vat():
   line = study_report.vat_nrs_lines(test, task, None, seeds)[0]
   assert "vat_nrs - vat -1.00 [-1.00, -1.00]" in line and "vat_nrs behind, robust" in line
   assert study_report.vat_nrs_lines({"vat": vat}, task, None, seeds) == []
+
+
+def test_the_goal_needs_a_cheap_step_and_a_robust_tie_with_no_difference_seen():
+  """Issue 52's goal against full NRS: a fragile tie, or an equivalence that detects a
+  difference within the margin, is not a tie the README may claim, so it does not meet it."""
+  tie = study_report.Comparison(0.1, -0.2, 0.4, 0.5, 0.01, "tie", True, False, True, "", 0.3)
+  assert study_report.meets_goal(1.15, tie)
+  assert not study_report.meets_goal(1.16, tie)
+  assert not study_report.meets_goal(1.1, tie._replace(robust=False, fragile="not without 103"))
+  assert not study_report.meets_goal(1.1, tie._replace(detected=True))
+  assert not study_report.meets_goal(1.1, tie._replace(verdict="nrs ahead"))
+  assert not study_report.meets_goal(1.1, tie._replace(verdict="inconclusive", robust=None))
+
+
+def test_a_variant_that_met_the_goal_is_compared_with_looksam_by_its_difference():
+  """The looksam line names each difference ``looksam - variant`` with its interval and the
+  verdict once (it once read "nrs_b8: looksam looksam behind")."""
+  rng = np.random.default_rng(0)
+  base = rng.normal(0.9, 0.01, 20)
+  test = {"looksam": base - 0.02, "nrs_b8": base, "nrs": base}
+  task = spec.TASKS["mnist5k_cnn_noise20"]
+  lines = study_report.looksam_lines(test, ["nrs_b8"], task, None, list(range(100, 120)))
+  assert lines[0].startswith("The variants that met it against looksam (Holm over them): ")
+  assert "looksam - nrs_b8 -2.00 [" in lines[0] and "looksam behind, robust" in lines[0]
+  assert "looksam looksam" not in lines[0]
+  none = study_report.looksam_lines(test, [], task, None, list(range(100, 120)))
+  assert none[0] == "No NRS variant met the goal here, so none is compared with looksam."
