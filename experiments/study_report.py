@@ -385,9 +385,8 @@ def task_section(rows, t, quick, path="") -> TaskReport:
   variants = variants if ref == "nrs" else []
   cheap = {m: meets_goal(costs[m], cmp[m]) for m in variants}
   goal = f"goal: step cost <= {CHEAP_COST} x, a robust tie at {TIE[task.metric]}, no difference"
-  f_ = _fmt(task.metric)[0]
   said = "; ".join(
-    f"{m} step {costs[m]:.2f}, {verdict_text(cmp[m], f_, TIE[task.metric])}" for m in variants
+    f"{m} step {costs[m]:.2f}, {verdict_text(cmp[m], f, TIE[task.metric])}" for m in variants
   )
   lines += [f"Cheaper NRS variants against full NRS ({goal}): {said}.", ""] if variants else []
   lines += looksam_lines(test, [m for m in variants if cheap[m]], task, kinds, seeds)
